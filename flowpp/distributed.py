@@ -1,0 +1,32 @@
+"""Rank-consistent data-dependent initialisation under ``torch.distributed``.
+
+ActNorm and the coupling-net convolutions initialise from the statistics of the
+first batch they see. Under DDP every rank sees a different batch, so each would
+initialise differently, and DDP would silently average gradients of different
+models. Here rank 0 initialises from its batch and every parameter and buffer is
+then broadcast from it, so all ranks start identical.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@torch.no_grad()
+def data_dependent_init(model: nn.Module, batch: torch.Tensor, src: int = 0, group=None) -> None:
+    """Run the init forward pass on rank ``src`` and broadcast the result to all ranks.
+
+    Without an initialised process group this is a plain local init.
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or dist.get_rank(group) == src:
+        was_training = model.training
+        model.train()
+        model(batch)
+        model.train(was_training)
+    if not distributed:
+        return
+    for tensor in [*model.parameters(), *model.buffers()]:
+        dist.broadcast(tensor.data, src=src, group=group)

@@ -1,0 +1,1 @@
+"""Everything around the Flow++ model: config, data, Ray, MLflow and the CLI."""
