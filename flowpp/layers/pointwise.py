@@ -26,11 +26,11 @@ class Pointwise(nn.Module):
 
     def forward(self, x, cond=None):
         halves = split_halves(x, self.split)
-        out = [torch.einsum("oc,bchw->bohw", w, h) for w, h in zip(self.weight, halves)]
+        out = [torch.einsum("oc,bchw->bohw", w, h) for w, h in zip(self.weight, halves, strict=True)]
         return merge_halves(*out, self.split), x.new_zeros(x.shape[0]) + self._logdet(halves[0])
 
     def inverse(self, y, cond=None):
         halves = split_halves(y, self.split)
         inv = torch.linalg.inv(self.weight.double()).to(y.dtype)
-        out = [torch.einsum("oc,bchw->bohw", w, h) for w, h in zip(inv, halves)]
+        out = [torch.einsum("oc,bchw->bohw", w, h) for w, h in zip(inv, halves, strict=True)]
         return merge_halves(*out, self.split)
