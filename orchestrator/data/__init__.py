@@ -1,0 +1,1 @@
+"""Shards: preparation (sources -> WebDataset tars + manifest) and streaming to ranks."""

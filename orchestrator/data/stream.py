@@ -1,0 +1,271 @@
+"""Shards -> uint8 batches for one rank: deterministic, resumable, robust.
+
+``ShardStream(manifest_url, rank=, world_size=, batch_size=, ...)`` iterates one
+epoch of batches ``{"images": (B, 3, S, S) uint8, "labels": (B,), "keys": [...]}``
+through a DataLoader with workers, and can be checkpointed mid-epoch with
+``state_dict()`` / ``load_state_dict()`` (see ``plan.py`` for the layout).
+
+Faults never change the number of batches a rank yields (which would hang DDP):
+- a sample that fails to decode is replaced by the worker's previous good image,
+  counted, and logged with shard and key;
+- a truncated tar: the rest of that shard is treated the same way, with one warning;
+- a sha256 mismatch (``verify=True``), a missing object or bucket, or a transient
+  storage error that outlasts its retries raises an error naming the URL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tarfile
+from collections import Counter
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from orchestrator import storage
+from orchestrator.data.plan import Plan
+
+log = logging.getLogger(__name__)
+
+STATS = ("corrupt_samples", "truncated_samples", "truncated_shards", "shards_read")
+
+
+class ShardIntegrityError(RuntimeError):
+    pass
+
+
+def load_manifest(url: str, options: storage.StorageOptions | None = None) -> dict:
+    try:
+        doc = json.loads(storage.read_bytes(url, options))
+    except ValueError as exc:
+        raise ValueError(f"{url}: not a valid manifest ({exc})") from None
+    for k in ("shards", "format", "image_size"):
+        if k not in doc:
+            raise ValueError(f"{url}: manifest has no {k!r}")
+    base = url.rsplit("/", 1)[0]
+    for shard in doc["shards"]:
+        shard["url"] = storage.join(base, shard["url"])
+    return doc
+
+
+def parse_shard(data: bytes, url: str) -> tuple[list[tuple[str, dict]], bool]:
+    """[(key, {ext: bytes})] in tar order, and whether the tar ended early."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    samples: list[tuple[str, dict]] = []
+    try:
+        files = ({**f, "__url__": url} for f in tar_file_iterator(io.BytesIO(data)))
+        for sample in group_by_keys(files):
+            samples.append((sample["__key__"], sample))
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        log.warning("%s: truncated or unreadable after %d samples (%s); skipping the rest of the shard",
+                    url, len(samples), type(exc).__name__)
+        # the last group may be incomplete: drop it
+        return samples[:-1] if samples else samples, True
+    return samples, False
+
+
+def decode_image(sample: dict, fmt: str, size: int) -> np.ndarray:
+    """(3, S, S) uint8; raises ValueError on anything but a valid image of that size."""
+    if fmt == "raw":
+        buf = sample.get("raw")
+        if buf is None or len(buf) != 3 * size * size:
+            raise ValueError(f"raw payload of {0 if buf is None else len(buf)} bytes")
+        return np.frombuffer(buf, np.uint8).reshape(size, size, 3).transpose(2, 0, 1)
+    from PIL import Image
+
+    with Image.open(io.BytesIO(sample["png"])) as im:
+        arr = np.asarray(im.convert("RGB"))
+    if arr.shape != (size, size, 3):
+        raise ValueError(f"image of shape {arr.shape}")
+    return arr.transpose(2, 0, 1)
+
+
+class _WorkerReader:
+    """Reads one (rank, worker)'s chunks and yields its batches, from ``skip`` on."""
+
+    def __init__(self, manifest, plan: Plan, rank, worker, skip, verify, options):
+        self.manifest, self.plan, self.rank, self.worker = manifest, plan, rank, worker
+        self.skip, self.verify, self.options = skip, verify, options
+        self.fmt, self.size = manifest["format"], manifest["image_size"]
+        self.stats = Counter()
+        self._cache: tuple[int, list, bool] | None = None
+        self._last_good: np.ndarray | None = None
+
+    def _shard(self, idx: int):
+        if self._cache is None or self._cache[0] != idx:
+            entry = self.manifest["shards"][idx]
+            data = storage.read_bytes(entry["url"], self.options)
+            if self.verify:
+                digest = hashlib.sha256(data).hexdigest()
+                if digest != entry["sha256"]:
+                    raise ShardIntegrityError(
+                        f"{entry['url']}: sha256 {digest[:16]}... does not match the manifest's "
+                        f"{entry['sha256'][:16]}...; the shard changed or is corrupt")
+            samples, truncated = parse_shard(data, entry["url"])
+            self.stats["shards_read"] += 1
+            if truncated:
+                self.stats["truncated_shards"] += 1
+            self._cache = (idx, samples, truncated)
+        return self._cache
+
+    def _sample(self, shard_idx: int, offset: int):
+        _, samples, _ = self._shard(shard_idx)
+        url = self.manifest["shards"][shard_idx]["url"]
+        if offset >= len(samples):
+            self.stats["truncated_samples"] += 1
+            return f"{url}#{offset}", None, -1
+        key, sample = samples[offset]
+        try:
+            img = decode_image(sample, self.fmt, self.size)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a corrupt sample
+            log.warning("corrupt sample %s in %s (%s); substituting the previous image", key, url, exc)
+            self.stats["corrupt_samples"] += 1
+            return key, None, -1
+        label = int(sample["cls"]) if "cls" in sample else -1
+        return key, img, label
+
+    def batches(self):
+        b = self.plan.batch_size
+        order = self.plan.sample_order(self.rank, self.worker)[self.skip * b :]
+        pending: list = []
+        for n in range(0, len(order), b):
+            keys, imgs, labels = [], [], []
+            for shard_idx, offset in order[n : n + b]:
+                key, img, label = self._sample(shard_idx, offset)
+                if img is None:
+                    pending.append(len(imgs))
+                else:
+                    self._last_good = img
+                keys.append(key)
+                imgs.append(img)
+                labels.append(label)
+            if self._last_good is None:
+                raise RuntimeError(f"rank {self.rank} worker {self.worker}: no decodable sample yet")
+            imgs = [self._last_good if im is None else im for im in imgs]
+            yield {
+                "images": torch.from_numpy(np.stack(imgs)),
+                "labels": torch.tensor(labels, dtype=torch.int64),
+                "keys": keys,
+                "worker": self.worker,
+                "index": self.skip + n // b,
+                "stats": dict(self.stats),
+            }
+
+
+class _ShardDataset(IterableDataset):
+    def __init__(self, manifest, plan_dict, rank, skips, verify, options):
+        self.manifest, self.plan_dict, self.rank = manifest, plan_dict, rank
+        self.skips, self.verify, self.options = skips, verify, options
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info else 0
+        plan = Plan.from_dict([s["num_samples"] for s in self.manifest["shards"]], self.plan_dict)
+        reader = _WorkerReader(self.manifest, plan, self.rank, worker, self.skips[worker], self.verify,
+                               self.options)
+        yield from reader.batches()
+
+
+class ShardStream:
+    """One rank's view of a sharded split. Iterate it for the rest of the current epoch."""
+
+    def __init__(self, manifest_url: str, *, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, epoch: int = 0, num_workers: int = 0, shuffle_buffer: int = 1000,
+                 verify: bool = False, options: storage.StorageOptions | None = None,
+                 manifest: dict | None = None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if batch_size < 1 or shuffle_buffer < 1:
+            raise ValueError("batch_size and shuffle_buffer must be >= 1")
+        self.options = options or storage.StorageOptions()
+        self.manifest = manifest or load_manifest(manifest_url, self.options)
+        self.manifest_url = manifest_url
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.num_workers, self.shuffle_buffer, self.verify = num_workers, shuffle_buffer, verify
+        self.counts = [s["num_samples"] for s in self.manifest["shards"]]
+        self.plan = self._new_plan(seed, epoch)
+        self.consumed = 0
+        self.stats: Counter = Counter()
+        if self.plan.num_batches == 0:
+            raise ValueError(
+                f"{manifest_url}: {self.plan.total} samples cannot give {world_size} ranks "
+                f"a batch of {batch_size} each")
+
+    def _new_plan(self, seed, epoch, **kw) -> Plan:
+        return Plan(self.counts, seed, epoch, self.world_size, self.batch_size, self.num_workers,
+                    self.shuffle_buffer, **kw)
+
+    @property
+    def epoch(self) -> int:
+        return self.plan.epoch
+
+    def __len__(self) -> int:
+        """Batches left in the current epoch."""
+        return self.plan.num_batches - self.consumed
+
+    def _loader_batches(self, skips):
+        if self.num_workers == 0:
+            plan = self.plan
+            readers = [_WorkerReader(self.manifest, plan, self.rank, 0, skips[0], self.verify, self.options)]
+            yield from readers[0].batches()
+            return
+        ds = _ShardDataset(self.manifest, self.plan.to_dict(), self.rank, skips, self.verify, self.options)
+        loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
+                            prefetch_factor=2, multiprocessing_context="fork")
+        yield from loader
+
+    def __iter__(self):
+        schedule = self.plan.schedule()
+        skips = self.plan.consumed_per_worker(self.consumed)
+        waiting: dict[tuple[int, int], dict] = {}
+        last_stats: dict[int, dict] = {}
+        source = self._loader_batches(skips)
+        while self.consumed < len(schedule):
+            want = schedule[self.consumed]
+            while want not in waiting:
+                batch = next(source)
+                waiting[(batch["worker"], batch["index"])] = batch
+            batch = waiting.pop(want)
+            self._account(batch, last_stats)
+            self.consumed += 1
+            yield {k: batch[k] for k in ("images", "labels", "keys")}
+        self._next_epoch()
+
+    def _account(self, batch, last_stats) -> None:
+        prev = last_stats.get(batch["worker"], {})
+        for k, v in batch["stats"].items():
+            self.stats[k] += v - prev.get(k, 0)
+        last_stats[batch["worker"]] = batch["stats"]
+
+    def _next_epoch(self) -> None:
+        self.stats["dropped_samples"] += self.plan.dropped + self.plan.dropped_now
+        self.plan = self._new_plan(self.plan.seed, self.plan.epoch + 1)
+        self.consumed = 0
+
+    # -- checkpointing -----------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Identical on every rank (ranks move in lockstep): rank 0's copy is enough."""
+        return {"version": 1, "plan": self.plan.to_dict(), "consumed": self.consumed,
+                "stats": dict(self.stats), "num_samples": sum(self.counts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("num_samples") != sum(self.counts):
+            raise ValueError(f"stream state is for {state.get('num_samples')} samples, "
+                             f"but {self.manifest_url} has {sum(self.counts)}")
+        saved = Plan.from_dict(self.counts, state["plan"])
+        layout = (self.world_size, self.batch_size, self.num_workers, self.shuffle_buffer)
+        if (saved.world_size, saved.batch_size, saved.num_workers, saved.shuffle_buffer) == layout:
+            self.plan, self.consumed = saved, state["consumed"]
+        else:
+            self.plan = saved.replan(state["consumed"], world_size=self.world_size,
+                                     batch_size=self.batch_size, num_workers=self.num_workers,
+                                     shuffle_buffer=self.shuffle_buffer)
+            self.consumed = 0
+            log.info("re-planned epoch %d for %d ranks: %d samples left, %d dropped (< one global batch)",
+                     self.plan.epoch, self.world_size, self.plan.total, self.plan.dropped_now)
+        self.stats = Counter(state.get("stats", {}))
