@@ -63,6 +63,52 @@ def _cmd_smoke(args) -> int:
     return 0 if ok else 1
 
 
+def _storage_options(args):
+    from orchestrator.storage import StorageOptions
+
+    return StorageOptions(endpoint_url=args.s3_endpoint, region=args.s3_region)
+
+
+def _cmd_prepare(args) -> int:
+    import logging
+
+    from orchestrator import storage
+    from orchestrator.data.prepare import PrepareOptions, prepare
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    splits = ["train", "valid"] if args.split == "both" else [args.split]
+    sopts = _storage_options(args)
+    for split in splits:
+        opts = PrepareOptions(
+            source=args.source,
+            input=args.input or "",
+            output=storage.join(args.output, split),
+            split=split,
+            format=args.format,
+            image_size=args.image_size,
+            shard_bytes=int(args.shard_mb * 2**20),
+            on_error=args.on_error,
+            seed=args.seed,
+            count=args.count if split == "train" else args.valid_count,
+            upload_workers=args.upload_workers,
+        )
+        m = prepare(opts, sopts)
+        size_mib = m["total_bytes"] / 2**20
+        where = storage.join(opts.output, "manifest.json")
+        print(
+            f"{split}: {m['num_samples']} samples, {m['num_shards']} shards, {size_mib:.1f} MiB, "
+            f"{m['skipped']['count']} skipped, {m['_kept_shards']} kept -> {where}"
+        )
+    return 0
+
+
+def _add_storage_args(p) -> None:
+    p.add_argument(
+        "--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)"
+    )
+    p.add_argument("--s3-region", default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flowpp",
@@ -77,6 +123,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_smoke)
+
+    p = sub.add_parser("prepare", help="write WebDataset shards and a manifest from an image source")
+    p.add_argument(
+        "source",
+        choices=["vdo", "npz", "folder", "demo"],
+        help="vdo: van den Oord's train_64x64.tar/valid_64x64.tar (or folders); npz: Chrabaszcz "
+        "et al.'s batches; folder: any images, box-downsampled; demo: scikit-image photo patches",
+    )
+    p.add_argument("--input", help="file or folder holding the source (not needed for demo)")
+    p.add_argument("--output", required=True, help="fsspec URL; shards go under OUTPUT/{train,valid}/")
+    p.add_argument("--split", default="both", choices=["train", "valid", "both"])
+    p.add_argument("--format", default="png", choices=["png", "raw"])
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--shard-mb", type=float, default=64.0, help="target shard size in MiB")
+    p.add_argument(
+        "--on-error",
+        default="raise",
+        choices=["raise", "skip"],
+        help="an unreadable input image: stop naming the file, or skip it and count it",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--count", type=int, default=0, help="demo: train images (default 4096)")
+    p.add_argument("--valid-count", type=int, default=0, help="demo: validation images (default 512)")
+    p.add_argument("--upload-workers", type=int, default=4)
+    _add_storage_args(p)
+    p.set_defaults(func=_cmd_prepare)
     return parser
 
 

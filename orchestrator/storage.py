@@ -25,10 +25,26 @@ log = logging.getLogger(__name__)
 
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 _TRANSIENT_MARKERS = (
-    "SlowDown", "reduce your request rate", "ServiceUnavailable", "InternalError", "RequestTimeout",
-    "Throttl", "Connection reset", "ConnectionReset", "Connection aborted", "Server disconnected",
-    "500", "502", "503", "504", "timed out", "Timeout", "EndpointConnectionError", "ClientPayloadError",
-    "IncompleteRead", "Connection closed",
+    "SlowDown",
+    "reduce your request rate",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestTimeout",
+    "Throttl",
+    "Connection reset",
+    "ConnectionReset",
+    "Connection aborted",
+    "Server disconnected",
+    "500",
+    "502",
+    "503",
+    "504",
+    "timed out",
+    "Timeout",
+    "EndpointConnectionError",
+    "ClientPayloadError",
+    "IncompleteRead",
+    "Connection closed",
 )
 
 
@@ -59,7 +75,9 @@ class StorageOptions:
     secret: str | None = field(default=None, repr=False)
 
     def resolved_endpoint(self) -> str | None:
-        return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        return (
+            self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        )
 
     def fsspec_kwargs(self, protocol: str) -> dict:
         if protocol not in ("s3", "s3a"):
@@ -142,8 +160,15 @@ def _with_retries(what: str, url: str, options: StorageOptions, fn):
                 raise StorageTransientError(
                     f"{what} {url}: still failing after {attempt} attempts ({detail})"
                 ) from None
-            log.warning("%s %s: transient error, retry %d/%d in %.1fs: %s",
-                        what, url, attempt, options.max_attempts - 1, delay, detail)
+            log.warning(
+                "%s %s: transient error, retry %d/%d in %.1fs: %s",
+                what,
+                url,
+                attempt,
+                options.max_attempts - 1,
+                delay,
+                detail,
+            )
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
@@ -194,7 +219,9 @@ def check_bucket(url: str, options: StorageOptions | None = None) -> None:
 
 def register_webdataset_s3(options: StorageOptions | None = None) -> None:
     """Let plain ``webdataset.WebDataset("s3://...")`` read through this module's filesystem."""
-    from webdataset import gopen
+    import importlib
+
+    gopen = importlib.import_module("webdataset.gopen")  # the module, not the function of that name
 
     def open_s3(url, mode="rb", bufsize=8192, **kw):
         fs, path = filesystem(url, options)

@@ -9,3 +9,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+from tests.s3fixtures import aws_env, s3, s3_endpoint  # noqa: E402,F401  (fixtures)

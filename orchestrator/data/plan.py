@@ -142,13 +142,30 @@ class Plan:
 
     def replan(self, consumed_batches: int, *, world_size, batch_size, num_workers, shuffle_buffer) -> Plan:
         """The rest of this epoch, laid out for another world size, batch or worker count."""
-        return Plan(self.counts, self.seed, self.epoch, world_size, batch_size, num_workers, shuffle_buffer,
-                    segments=self.remaining_segments(consumed_batches), generation=self.generation + 1,
-                    dropped=self.dropped)
+        return Plan(
+            self.counts,
+            self.seed,
+            self.epoch,
+            world_size,
+            batch_size,
+            num_workers,
+            shuffle_buffer,
+            segments=self.remaining_segments(consumed_batches),
+            generation=self.generation + 1,
+            dropped=self.dropped,
+        )
 
     def to_dict(self) -> dict:
-        keys = ("seed", "epoch", "world_size", "batch_size", "num_workers", "shuffle_buffer", "generation",
-                "dropped")
+        keys = (
+            "seed",
+            "epoch",
+            "world_size",
+            "batch_size",
+            "num_workers",
+            "shuffle_buffer",
+            "generation",
+            "dropped",
+        )
         d = {k: asdict(self)[k] for k in keys}
         d["segments"] = [list(s) for s in self.segments]
         return d

@@ -82,8 +82,17 @@ def shard_tar(samples: list[tuple[str, bytes, int]], fmt: str) -> bytes:
 
 
 def _fingerprint(opts: PrepareOptions, inputs: list[Path]) -> str:
-    parts = [opts.source, opts.split, opts.format, opts.image_size, opts.shard_bytes, opts.on_error,
-             opts.seed, opts.count, [(p.name, p.stat().st_size if p.is_file() else 0) for p in inputs]]
+    parts = [
+        opts.source,
+        opts.split,
+        opts.format,
+        opts.image_size,
+        opts.shard_bytes,
+        opts.on_error,
+        opts.seed,
+        opts.count,
+        [(p.name, p.stat().st_size if p.is_file() else 0) for p in inputs],
+    ]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
@@ -142,16 +151,20 @@ def prepare(opts: PrepareOptions, sopts: storage.StorageOptions | None = None) -
     inputs = split_inputs(opts.source, Path(opts.input), opts.split) if opts.source != "demo" else []
     fingerprint = _fingerprint(opts, inputs)
     previous = _previous_shards(opts.output, fingerprint, sopts)
-    items = iter_items(opts.source, inputs, split=opts.split, count=opts.count,
-                       size=opts.image_size, seed=opts.seed)
+    items = iter_items(
+        opts.source, inputs, split=opts.split, count=opts.count, size=opts.image_size, seed=opts.seed
+    )
     started = time.perf_counter()
     shards, kept = _write_shards(opts, sopts, items, previous, fingerprint)
     manifest = {
         "version": 1,
         "fingerprint": fingerprint,
         "split": opts.split,
-        "source": {"kind": opts.source, "inputs": [p.name for p in inputs],
-                   "dataset": _dataset_name(opts.source)},
+        "source": {
+            "kind": opts.source,
+            "inputs": [p.name for p in inputs],
+            "dataset": _dataset_name(opts.source),
+        },
         "format": opts.format,
         "image_size": opts.image_size,
         "num_samples": sum(s["num_samples"] for s in shards),
@@ -161,16 +174,25 @@ def prepare(opts: PrepareOptions, sopts: storage.StorageOptions | None = None) -
         "shards": shards,
     }
     storage.write_bytes(storage.join(opts.output, MANIFEST), json.dumps(manifest, indent=1).encode(), sopts)
-    log.info("%s: %d samples in %d shards (%d kept from an earlier run) in %.1fs",
-             opts.output, manifest["num_samples"], len(shards), kept["count"], time.perf_counter() - started)
+    log.info(
+        "%s: %d samples in %d shards (%d kept from an earlier run) in %.1fs",
+        opts.output,
+        manifest["num_samples"],
+        len(shards),
+        kept["count"],
+        time.perf_counter() - started,
+    )
     manifest["_kept_shards"] = kept["count"]
     return manifest
 
 
 def _dataset_name(source: str) -> str:
-    return {"vdo": "imagenet64-vdo (van den Oord et al. 2016)",
-            "npz": "imagenet64-chrabaszcz (Chrabaszcz et al. 2017)",
-            "folder": "image folder", "demo": "scikit-image photograph patches"}[source]
+    return {
+        "vdo": "imagenet64-vdo (van den Oord et al. 2016)",
+        "npz": "imagenet64-chrabaszcz (Chrabaszcz et al. 2017)",
+        "folder": "image folder",
+        "demo": "scikit-image photograph patches",
+    }[source]
 
 
 def _write_shards(opts, sopts, items, previous, fingerprint):
@@ -204,10 +226,19 @@ def _write_shards(opts, sopts, items, previous, fingerprint):
         index = len(shards)
         name = f"{opts.split}-{index:06d}.tar"
         data = shard_tar(pending, opts.format)
-        entry = {"index": index, "url": name, "num_samples": len(pending), "bytes": len(data),
-                 "sha256": hashlib.sha256(data).hexdigest(), "first_item": first_item, "last_item": last_item}
+        entry = {
+            "index": index,
+            "url": name,
+            "num_samples": len(pending),
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "first_item": first_item,
+            "last_item": last_item,
+        }
         shards.append(entry)
-        uploads.append((entry, pool.submit(storage.write_bytes, storage.join(opts.output, name), data, sopts)))
+        uploads.append(
+            (entry, pool.submit(storage.write_bytes, storage.join(opts.output, name), data, sopts))
+        )
         pending, size, first_item = [], 0, last_item + 1
 
     try:

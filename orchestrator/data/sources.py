@@ -25,8 +25,15 @@ SOURCES = ("vdo", "npz", "folder", "demo")
 
 # Colour photographs shipped in scikit-image's wheel (skimage/data), split by photograph.
 DEMO_PHOTOS = {
-    "train": ("astronaut.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
-              "motorcycle_left.png", "motorcycle_right.png", "retina.jpg"),
+    "train": (
+        "astronaut.png",
+        "coffee.png",
+        "hubble_deep_field.jpg",
+        "ihc.png",
+        "motorcycle_left.png",
+        "motorcycle_right.png",
+        "retina.jpg",
+    ),
     "valid": ("chelsea.png", "rocket.jpg"),
 }
 
@@ -59,12 +66,14 @@ def _shuffled(seq: list, rng: np.random.Generator | None) -> list:
 def _vdo_items(path: Path, rng=None) -> Iterator[Item]:
     if path.is_dir():
         for f in _shuffled(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS), rng):
-            yield Item(key=_safe_key(str(f.relative_to(path).with_suffix(""))), ref=str(f),
-                       data=f.read_bytes())
+            yield Item(
+                key=_safe_key(str(f.relative_to(path).with_suffix(""))), ref=str(f), data=f.read_bytes()
+            )
         return
     with tarfile.open(path) as tar:
-        members = sorted((m for m in tar if m.isreg() and m.name.lower().endswith(IMAGE_EXTS)),
-                         key=lambda m: m.name)
+        members = sorted(
+            (m for m in tar if m.isreg() and m.name.lower().endswith(IMAGE_EXTS)), key=lambda m: m.name
+        )
         members = _shuffled(members, rng)
         for m in members:
             stem = m.name.rsplit(".", 1)[0].lstrip("./")
@@ -84,8 +93,12 @@ def _npz_items(path: Path, rng=None) -> Iterator[Item]:
     images = data.reshape(-1, 3, side, side).transpose(0, 2, 3, 1)
     stem = _safe_key(path.stem)
     for i in _shuffled(list(range(images.shape[0])), rng):
-        yield Item(key=f"{stem}_{i:07d}", ref=f"{path}[{i}]", label=int(labels[i]),
-                   array=np.ascontiguousarray(images[i]))
+        yield Item(
+            key=f"{stem}_{i:07d}",
+            ref=f"{path}[{i}]",
+            label=int(labels[i]),
+            array=np.ascontiguousarray(images[i]),
+        )
 
 
 def _folder_items(path: Path, rng=None) -> Iterator[Item]:
@@ -116,8 +129,11 @@ def _demo_items(split: str, count: int, size: int, seed: int) -> Iterator[Item]:
         side = int(rng.integers(size, min(h, w) // 2 + 1))  # random scale, at least 1:1
         y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
         patch = Image.fromarray(img[y : y + side, x : x + side]).resize((size, size), Image.BOX)
-        yield Item(key=f"{Path(name).stem}_{i:06d}", ref=f"skimage/data/{name}@{y},{x},{side}",
-                   array=np.asarray(patch))
+        yield Item(
+            key=f"{Path(name).stem}_{i:06d}",
+            ref=f"skimage/data/{name}@{y},{x},{side}",
+            array=np.asarray(patch),
+        )
 
 
 def split_inputs(source: str, path: Path, split: str) -> list[Path]:
@@ -139,8 +155,16 @@ def split_inputs(source: str, path: Path, split: str) -> list[Path]:
     return [path]
 
 
-def iter_items(source: str, inputs: list[Path], *, split: str = "train", count: int = 0,
-               size: int = 64, seed: int = 0, shuffle: bool = True) -> Iterator[Item]:
+def iter_items(
+    source: str,
+    inputs: list[Path],
+    *,
+    split: str = "train",
+    count: int = 0,
+    size: int = 64,
+    seed: int = 0,
+    shuffle: bool = True,
+) -> Iterator[Item]:
     """Items of one split. ``shuffle`` permutes each input's items with ``seed`` so that
     shards are not sorted by class or name (the stream shuffles shards and within chunks)."""
     if source == "demo":
@@ -175,5 +199,7 @@ def decode(item: Item, size: int) -> np.ndarray:
         except Exception as exc:  # noqa: BLE001 - PIL raises many types
             raise CorruptInputError(f"cannot decode {item.ref}: {type(exc).__name__}: {exc}") from None
     if arr.shape != (size, size, 3) or arr.dtype != np.uint8:
-        raise CorruptInputError(f"{item.ref}: got pixels {arr.shape} {arr.dtype}, expected ({size}, {size}, 3) uint8")
+        raise CorruptInputError(
+            f"{item.ref}: got pixels {arr.shape} {arr.dtype}, expected ({size}, {size}, 3) uint8"
+        )
     return arr

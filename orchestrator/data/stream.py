@@ -62,8 +62,12 @@ def parse_shard(data: bytes, url: str) -> tuple[list[tuple[str, dict]], bool]:
         for sample in group_by_keys(files):
             samples.append((sample["__key__"], sample))
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        log.warning("%s: truncated or unreadable after %d samples (%s); skipping the rest of the shard",
-                    url, len(samples), type(exc).__name__)
+        log.warning(
+            "%s: truncated or unreadable after %d samples (%s); skipping the rest of the shard",
+            url,
+            len(samples),
+            type(exc).__name__,
+        )
         # the last group may be incomplete: drop it
         return samples[:-1] if samples else samples, True
     return samples, False
@@ -105,8 +109,17 @@ class _WorkerReader:
                 if digest != entry["sha256"]:
                     raise ShardIntegrityError(
                         f"{entry['url']}: sha256 {digest[:16]}... does not match the manifest's "
-                        f"{entry['sha256'][:16]}...; the shard changed or is corrupt")
+                        f"{entry['sha256'][:16]}...; the shard changed or is corrupt"
+                    )
             samples, truncated = parse_shard(data, entry["url"])
+            if not truncated and len(samples) < entry["num_samples"]:
+                log.warning(
+                    "%s: truncated: %d of %d samples; skipping the rest of the shard",
+                    entry["url"],
+                    len(samples),
+                    entry["num_samples"],
+                )
+                truncated = True
             self.stats["shards_read"] += 1
             if truncated:
                 self.stats["truncated_shards"] += 1
@@ -166,18 +179,30 @@ class _ShardDataset(IterableDataset):
         info = get_worker_info()
         worker = info.id if info else 0
         plan = Plan.from_dict([s["num_samples"] for s in self.manifest["shards"]], self.plan_dict)
-        reader = _WorkerReader(self.manifest, plan, self.rank, worker, self.skips[worker], self.verify,
-                               self.options)
+        reader = _WorkerReader(
+            self.manifest, plan, self.rank, worker, self.skips[worker], self.verify, self.options
+        )
         yield from reader.batches()
 
 
 class ShardStream:
     """One rank's view of a sharded split. Iterate it for the rest of the current epoch."""
 
-    def __init__(self, manifest_url: str, *, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, epoch: int = 0, num_workers: int = 0, shuffle_buffer: int = 1000,
-                 verify: bool = False, options: storage.StorageOptions | None = None,
-                 manifest: dict | None = None):
+    def __init__(
+        self,
+        manifest_url: str,
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        epoch: int = 0,
+        num_workers: int = 0,
+        shuffle_buffer: int = 1000,
+        verify: bool = False,
+        options: storage.StorageOptions | None = None,
+        manifest: dict | None = None,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if batch_size < 1 or shuffle_buffer < 1:
@@ -194,11 +219,20 @@ class ShardStream:
         if self.plan.num_batches == 0:
             raise ValueError(
                 f"{manifest_url}: {self.plan.total} samples cannot give {world_size} ranks "
-                f"a batch of {batch_size} each")
+                f"a batch of {batch_size} each"
+            )
 
     def _new_plan(self, seed, epoch, **kw) -> Plan:
-        return Plan(self.counts, seed, epoch, self.world_size, self.batch_size, self.num_workers,
-                    self.shuffle_buffer, **kw)
+        return Plan(
+            self.counts,
+            seed,
+            epoch,
+            self.world_size,
+            self.batch_size,
+            self.num_workers,
+            self.shuffle_buffer,
+            **kw,
+        )
 
     @property
     def epoch(self) -> int:
@@ -215,8 +249,14 @@ class ShardStream:
             yield from readers[0].batches()
             return
         ds = _ShardDataset(self.manifest, self.plan.to_dict(), self.rank, skips, self.verify, self.options)
-        loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
-                            prefetch_factor=2, multiprocessing_context="fork")
+        loader = DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            prefetch_factor=2,
+            multiprocessing_context="fork",
+        )
         yield from loader
 
     def __iter__(self):
@@ -250,22 +290,38 @@ class ShardStream:
     # -- checkpointing -----------------------------------------------------------------
     def state_dict(self) -> dict:
         """Identical on every rank (ranks move in lockstep): rank 0's copy is enough."""
-        return {"version": 1, "plan": self.plan.to_dict(), "consumed": self.consumed,
-                "stats": dict(self.stats), "num_samples": sum(self.counts)}
+        return {
+            "version": 1,
+            "plan": self.plan.to_dict(),
+            "consumed": self.consumed,
+            "stats": dict(self.stats),
+            "num_samples": sum(self.counts),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("num_samples") != sum(self.counts):
-            raise ValueError(f"stream state is for {state.get('num_samples')} samples, "
-                             f"but {self.manifest_url} has {sum(self.counts)}")
+            raise ValueError(
+                f"stream state is for {state.get('num_samples')} samples, "
+                f"but {self.manifest_url} has {sum(self.counts)}"
+            )
         saved = Plan.from_dict(self.counts, state["plan"])
         layout = (self.world_size, self.batch_size, self.num_workers, self.shuffle_buffer)
         if (saved.world_size, saved.batch_size, saved.num_workers, saved.shuffle_buffer) == layout:
             self.plan, self.consumed = saved, state["consumed"]
         else:
-            self.plan = saved.replan(state["consumed"], world_size=self.world_size,
-                                     batch_size=self.batch_size, num_workers=self.num_workers,
-                                     shuffle_buffer=self.shuffle_buffer)
+            self.plan = saved.replan(
+                state["consumed"],
+                world_size=self.world_size,
+                batch_size=self.batch_size,
+                num_workers=self.num_workers,
+                shuffle_buffer=self.shuffle_buffer,
+            )
             self.consumed = 0
-            log.info("re-planned epoch %d for %d ranks: %d samples left, %d dropped (< one global batch)",
-                     self.plan.epoch, self.world_size, self.plan.total, self.plan.dropped_now)
+            log.info(
+                "re-planned epoch %d for %d ranks: %d samples left, %d dropped (< one global batch)",
+                self.plan.epoch,
+                self.world_size,
+                self.plan.total,
+                self.plan.dropped_now,
+            )
         self.stats = Counter(state.get("stats", {}))

@@ -1,0 +1,43 @@
+"""Small inputs in exactly the formats of the real sources, and shard helpers."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def random_image(rng, size=64) -> np.ndarray:
+    return rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def make_vdo_tar(path: Path, n: int, size: int = 64, seed: int = 0, corrupt: tuple[int, ...] = ()) -> Path:
+    """Like train_64x64.tar: a tar with a folder of unlabelled PNGs."""
+    rng = np.random.default_rng(seed)
+    folder = path.name.replace(".tar", "")
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            data = b"not a png at all" if i in corrupt else png_bytes(random_image(rng, size))
+            info = tarfile.TarInfo(f"{folder}/{i:08d}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def make_npz_batch(path: Path, n: int, seed: int = 0) -> tuple[Path, np.ndarray, np.ndarray]:
+    """Like train_data_batch_K.npz: data uint8 (n, 12288) as R, G, B planes; labels 1..1000."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8)
+    data = images.transpose(0, 3, 1, 2).reshape(n, 12288)
+    labels = rng.integers(1, 1001, n)
+    np.savez(path, data=data, labels=labels, mean=data.mean(0))
+    return path, images, labels
