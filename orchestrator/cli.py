@@ -102,6 +102,38 @@ def _cmd_prepare(args) -> int:
     return 0
 
 
+def _load(args):
+    from orchestrator.config import JobSpecError, load_job
+
+    try:
+        return load_job(args.job, args.set or [])
+    except JobSpecError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _cmd_train(args) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    spec = _load(args)  # validated before any Ray resource is used
+    from orchestrator.launch import run_training
+
+    result = run_training(spec)
+    if result.error:
+        print(f"training failed: {result.error}", file=sys.stderr)
+        return 1
+    print(f"done: {spec.name}: {result.metrics}")
+    return 0
+
+
+def _cmd_submit(args) -> int:
+    spec = _load(args)
+    from orchestrator.submit import submit
+
+    return submit(spec, args.job, args.set or [], follow=not args.no_wait)
+
+
 def _add_storage_args(p) -> None:
     p.add_argument(
         "--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)"
@@ -123,6 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_smoke)
+
+    p = sub.add_parser("train", help="run a job spec with Ray Train (inside `ray job submit`, or embedded)")
+    p.add_argument("job", help="a job YAML, e.g. jobs/imagenet64.yaml")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. train.lr=3e-4")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "submit", help="submit a job spec to the Ray cluster in its `ray:` section, stream logs"
+    )
+    p.add_argument("job")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--no-wait", action="store_true", help="print the submission id and return")
+    p.set_defaults(func=_cmd_submit)
 
     p = sub.add_parser("prepare", help="write WebDataset shards and a manifest from an image source")
     p.add_argument(

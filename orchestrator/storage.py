@@ -228,3 +228,31 @@ def register_webdataset_s3(options: StorageOptions | None = None) -> None:
         return fs.open(path, mode)
 
     gopen.gopen_schemes["s3"] = open_s3
+
+
+def pyarrow_filesystem(url: str, options: StorageOptions | None = None):
+    """(pyarrow filesystem or None, path) for Ray's ``RunConfig(storage_path=...)``.
+
+    Local paths become absolute; s3:// gets an explicit S3FileSystem when a custom
+    endpoint is set (credentials still from the environment or instance role).
+    """
+    options = options or StorageOptions()
+    protocol = protocol_of(url)
+    if protocol == "file":
+        path = url.removeprefix("file://")
+        return None, os.path.abspath(path)
+    endpoint = options.resolved_endpoint()
+    if protocol in ("s3", "s3a") and endpoint:
+        from pyarrow import fs as pafs
+
+        scheme, _, host = endpoint.partition("://")
+        s3 = pafs.S3FileSystem(
+            endpoint_override=host,
+            scheme=scheme or "https",
+            region=options.region or "us-east-1",
+            access_key=options.key,
+            secret_key=options.secret,
+            anonymous=options.anon,
+        )
+        return s3, url.split("://", 1)[1]
+    return None, url

@@ -1,0 +1,277 @@
+"""The typed job spec, loaded from jobs/*.yaml, strict, validated before any cluster work.
+
+One tree of pydantic models with ``extra="forbid"``. ``load_job`` reads YAML,
+expands ``${VAR:-default}`` from the environment, applies dotted ``--set``
+overrides and validates; every problem is reported at once, each with its path.
+The result is plain data: ``spec.model_dump()`` goes to YAML, MLflow params and
+Ray Tune's param_space alike.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v):
+        return None if v == "" else v
+
+
+class ModelSpec(_Strict):
+    preset: str = "debug"
+    """A name from flowpp.presets: debug, cifar10, imagenet32, imagenet64, imagenet64_5bit."""
+    num_components: int | None = Field(None, ge=1, le=256)
+    """Override the preset's logistic mixture components K."""
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    checkpoint: Literal["none", "attention", "all"] = "none"
+    """Activation checkpointing: none, the attention blocks, or every coupling block."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 runs the coupling nets under autocast; the mixture maths stays float32."""
+    image_size: int | None = Field(None, ge=4)
+    """Override the preset's image size (the data must match)."""
+    stages: list[str] | None = None
+    """Override the preset's main-flow stages, e.g. [s2d, "stripe:2", s2d, "channel:2", "stripe:2"]."""
+
+    def flow_config(self):
+        """The flowpp.FlowConfig this spec describes."""
+        from flowpp import get_preset
+
+        changes: dict[str, Any] = {"checkpoint": self.checkpoint, "bf16": self.precision == "bf16"}
+        for k in ("num_components", "dropout", "image_size"):
+            if getattr(self, k) is not None:
+                changes[k] = getattr(self, k)
+        if self.stages is not None:
+            changes["stages"] = tuple(self.stages)
+        return get_preset(self.preset, **changes)
+
+
+class DataSpec(_Strict):
+    train: str
+    """URL of the training split's manifest.json (s3://, file://, a path, any fsspec URL)."""
+    valid: str
+    num_workers: int = Field(1, ge=0)
+    """DataLoader workers per rank."""
+    shuffle_buffer: int = Field(1000, ge=1)
+    verify: bool = False
+    """Check every shard's sha256 against the manifest as it is read."""
+    prepare: Literal["demo"] | None = None
+    """Write this dataset to ``train``/``valid`` first if their manifests are missing."""
+    prepare_count: int = Field(4096, ge=16)
+    prepare_valid_count: int = Field(512, ge=16)
+
+
+class TrainSpec(_Strict):
+    global_batch_size: int = Field(72, ge=1)
+    """Images per optimiser step across all workers (the official recipe: 72)."""
+    lr: float = Field(4e-4, gt=0)
+    warmup_steps: int = Field(10_000, ge=0)
+    max_steps: int = Field(300_000, ge=1)
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    seed: int = 0
+    log_every: int = Field(100, ge=1)
+    checkpoint_every: int = Field(1000, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    eval_every: int = Field(5000, ge=1)
+    eval_batches: int = Field(0, ge=0)
+    """Validation batches per rank at each evaluation (0: the whole split)."""
+    eval_samples: int = Field(1, ge=1)
+    """Dequantization samples per image at evaluation (>1: importance-weighted bound)."""
+    sample_grid: int = Field(16, ge=0)
+    """Images in the sample grid PNG at each evaluation (0: none)."""
+    max_nonfinite_steps: int = Field(20, ge=1)
+    """Consecutive non-finite losses that stop the run (each one is skipped and counted)."""
+
+
+class ScalingSpec(_Strict):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = Field(3, ge=-1)
+    """Worker-group restarts from the last checkpoint before the run fails (-1: unlimited)."""
+
+
+class StorageSpec(_Strict):
+    path: str = "file://./runs"
+    """Ray's storage_path for checkpoints: local, file:// or s3://."""
+    endpoint_url: str | None = None
+    """S3-compatible endpoint; credentials come from the AWS environment, never from here."""
+    region: str | None = None
+
+
+class MlflowSpec(_Strict):
+    tracking_uri: str = "sqlite:///runs/mlflow.db"
+    experiment: str = "flowpp"
+    registered_model: str = "flowpp"
+    enabled: bool = True
+
+
+class RaySpec(_Strict):
+    address: str | None = None
+    """Dashboard address for ``flowpp submit`` (http://127.0.0.1:8265), or None to run here."""
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+    entrypoint_num_cpus: float = Field(0.0, ge=0)
+    entrypoint_num_gpus: float = Field(0.0, ge=0)
+
+
+class JobSpec(_Strict):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """The run's name. Deterministic: re-submitting the same job resumes it."""
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
+    ray: RaySpec = Field(default_factory=RaySpec)
+    tune: dict[str, Any] | None = None
+    """A Ray Tune search over this job (see orchestrator.tune)."""
+
+    @property
+    def per_worker_batch(self) -> int:
+        return self.train.global_batch_size // self.scaling.num_workers
+
+
+class JobSpecError(ValueError):
+    """Every problem in a job spec, one per line, each with its path."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s) in the job spec:\n{lines}")
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(text: str) -> str:
+    """``${VAR}`` and ``${VAR:-default}`` from the environment."""
+    return _ENV.sub(
+        lambda m: os.environ.get(m.group(1), m.group(2) if m.group(2) is not None else m.group(0)), text
+    )
+
+
+def _set(tree: dict, dotted: str, raw: str, problems: list[str]) -> None:
+    path = dotted.split(".")
+    node = tree
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            problems.append(f"--set {dotted}: {part} is not a section")
+            return
+    node[path[-1]] = yaml.safe_load(raw) if raw != "" else None
+
+
+def semantic_problems(spec: JobSpec) -> list[str]:
+    """Cross-field checks that pydantic's per-field validation cannot see."""
+    from flowpp.presets import PRESETS
+
+    problems = []
+    if spec.model.preset not in PRESETS:
+        problems.append(f"model.preset: unknown preset {spec.model.preset!r}; choose from {sorted(PRESETS)}")
+    if spec.train.global_batch_size % spec.scaling.num_workers:
+        problems.append(
+            f"train.global_batch_size: {spec.train.global_batch_size} is not divisible by "
+            f"scaling.num_workers={spec.scaling.num_workers}"
+        )
+    for field in ("train", "valid"):
+        url = getattr(spec.data, field)
+        if not url.endswith(".json"):
+            problems.append(f"data.{field}: {url!r} should point at a manifest .json file")
+    if spec.storage.path.startswith(("http://", "https://")):
+        problems.append(
+            f"storage.path: {spec.storage.path!r} is not a filesystem URL (use s3://, file:// or a path)"
+        )
+    if spec.train.warmup_steps > spec.train.max_steps and spec.train.max_steps > 1:
+        problems.append(
+            f"train.warmup_steps: {spec.train.warmup_steps} exceeds train.max_steps={spec.train.max_steps}"
+        )
+    if spec.scaling.use_gpu is False and spec.model.precision == "bf16":
+        pass  # bf16 autocast runs on CPU too
+    return problems
+
+
+def validate(tree: Any, source: str = "job spec") -> JobSpec:
+    if not isinstance(tree, dict):
+        raise JobSpecError(
+            source, [f"(top level): expected a mapping of sections, got {type(tree).__name__}"]
+        )
+    try:
+        spec = JobSpec.model_validate(tree)
+    except ValidationError as exc:
+        problems = [
+            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()
+        ]
+        raise JobSpecError(source, problems) from None
+    problems = semantic_problems(spec)
+    if problems:
+        raise JobSpecError(source, problems)
+    return spec
+
+
+def load_job(path: str | Path, overrides: list[str] = ()) -> JobSpec:
+    """Read, expand, override and validate a job YAML; raises JobSpecError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise JobSpecError(str(path), ["file not found"])
+    try:
+        tree = yaml.safe_load(expand_env(path.read_text()))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        raise JobSpecError(
+            str(path), [f"YAML syntax error at {where}: {getattr(exc, 'problem', exc)}"]
+        ) from None
+    tree = tree or {}
+    problems: list[str] = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+            continue
+        if isinstance(tree, dict):
+            _set(tree, key.strip(), value.strip(), problems)
+    if problems:
+        raise JobSpecError(str(path), problems)
+    return validate(tree, str(path))
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"train.lr": 4e-4, ...}: the spec as MLflow params."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+_SECRET_KEYS = re.compile(r"(secret|password|token|credential|access_key)", re.I)
+
+
+def public_tree(tree: Any) -> Any:
+    """The spec with every secret-looking key (and environment value) removed."""
+    if isinstance(tree, dict):
+        return {k: public_tree(v) for k, v in tree.items() if not _SECRET_KEYS.search(str(k))}
+    if isinstance(tree, list):
+        return [public_tree(v) for v in tree]
+    return tree
+
+
+def public_params(spec: JobSpec) -> dict[str, str]:
+    """Flattened spec for MLflow, with anything that looks like a secret removed."""
+    flat = flatten(spec.model_dump())
+    return {k: str(v)[:500] for k, v in flat.items() if not _SECRET_KEYS.search(k)}

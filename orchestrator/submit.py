@@ -1,0 +1,51 @@
+"""``flowpp submit``: the same entrypoint as ``ray job submit``, through JobSubmissionClient."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+
+from orchestrator.config import JobSpec
+
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def entrypoint(job_path: str, overrides: list[str]) -> str:
+    sets = " ".join(f"--set {shlex.quote(o)}" for o in overrides)
+    return f"python -m orchestrator train {shlex.quote(job_path)} {sets}".strip()
+
+
+def submit(spec: JobSpec, job_path: str, overrides: list[str], follow: bool = True) -> int:
+    from ray.job_submission import JobSubmissionClient
+
+    if not spec.ray.address:
+        print("ray.address is not set in the job spec (e.g. http://127.0.0.1:8265)", file=sys.stderr)
+        return 2
+    client = JobSubmissionClient(spec.ray.address)
+    runtime_env = {"working_dir": ".", **spec.ray.runtime_env}
+    job_id = client.submit_job(
+        entrypoint=entrypoint(job_path, overrides),
+        runtime_env=runtime_env,
+        entrypoint_num_cpus=spec.ray.entrypoint_num_cpus or None,
+        entrypoint_num_gpus=spec.ray.entrypoint_num_gpus or None,
+    )
+    print(f"submitted {job_id} to {spec.ray.address}", flush=True)
+    if not follow:
+        return 0
+    return follow_logs(client, job_id)
+
+
+def follow_logs(client, job_id: str, poll_s: float = 1.0) -> int:
+    seen = 0
+    while True:
+        status = str(client.get_job_status(job_id)).rsplit(".", 1)[-1]
+        logs = client.get_job_logs(job_id)
+        if len(logs) > seen:
+            sys.stdout.write(logs[seen:])
+            sys.stdout.flush()
+            seen = len(logs)
+        if status in TERMINAL:
+            print(f"job {job_id}: {status}")
+            return 0 if status == "SUCCEEDED" else 1
+        time.sleep(poll_s)
