@@ -135,9 +135,7 @@ def _cmd_submit(args) -> int:
 
 
 def _add_storage_args(p) -> None:
-    p.add_argument(
-        "--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)"
-    )
+    p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)")
     p.add_argument("--s3-region", default=None)
 
 
@@ -161,9 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. train.lr=3e-4")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser(
-        "submit", help="submit a job spec to the Ray cluster in its `ray:` section, stream logs"
-    )
+    p = sub.add_parser("submit", help="submit a job spec to the Ray cluster in its `ray:` section, stream logs")
     p.add_argument("job")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--no-wait", action="store_true", help="print the submission id and return")

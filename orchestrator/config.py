@@ -91,6 +91,9 @@ class TrainSpec(_Strict):
     """Images in the sample grid PNG at each evaluation (0: none)."""
     max_nonfinite_steps: int = Field(20, ge=1)
     """Consecutive non-finite losses that stop the run (each one is skipped and counted)."""
+    trace_dir: str | None = None
+    """A local directory where every rank appends, per step, the sample keys it trained on (an audit
+    trail of the data plan across restarts) and, at the end, a hash of its parameters."""
 
 
 class ScalingSpec(_Strict):
@@ -157,9 +160,7 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 def expand_env(text: str) -> str:
     """``${VAR}`` and ``${VAR:-default}`` from the environment."""
-    return _ENV.sub(
-        lambda m: os.environ.get(m.group(1), m.group(2) if m.group(2) is not None else m.group(0)), text
-    )
+    return _ENV.sub(lambda m: os.environ.get(m.group(1), m.group(2) if m.group(2) is not None else m.group(0)), text)
 
 
 def _set(tree: dict, dotted: str, raw: str, problems: list[str]) -> None:
@@ -190,13 +191,9 @@ def semantic_problems(spec: JobSpec) -> list[str]:
         if not url.endswith(".json"):
             problems.append(f"data.{field}: {url!r} should point at a manifest .json file")
     if spec.storage.path.startswith(("http://", "https://")):
-        problems.append(
-            f"storage.path: {spec.storage.path!r} is not a filesystem URL (use s3://, file:// or a path)"
-        )
+        problems.append(f"storage.path: {spec.storage.path!r} is not a filesystem URL (use s3://, file:// or a path)")
     if spec.train.warmup_steps > spec.train.max_steps and spec.train.max_steps > 1:
-        problems.append(
-            f"train.warmup_steps: {spec.train.warmup_steps} exceeds train.max_steps={spec.train.max_steps}"
-        )
+        problems.append(f"train.warmup_steps: {spec.train.warmup_steps} exceeds train.max_steps={spec.train.max_steps}")
     if spec.scaling.use_gpu is False and spec.model.precision == "bf16":
         pass  # bf16 autocast runs on CPU too
     return problems
@@ -204,15 +201,11 @@ def semantic_problems(spec: JobSpec) -> list[str]:
 
 def validate(tree: Any, source: str = "job spec") -> JobSpec:
     if not isinstance(tree, dict):
-        raise JobSpecError(
-            source, [f"(top level): expected a mapping of sections, got {type(tree).__name__}"]
-        )
+        raise JobSpecError(source, [f"(top level): expected a mapping of sections, got {type(tree).__name__}"])
     try:
         spec = JobSpec.model_validate(tree)
     except ValidationError as exc:
-        problems = [
-            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()
-        ]
+        problems = [f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()]
         raise JobSpecError(source, problems) from None
     problems = semantic_problems(spec)
     if problems:
@@ -230,9 +223,7 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> JobSpec:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
-        raise JobSpecError(
-            str(path), [f"YAML syntax error at {where}: {getattr(exc, 'problem', exc)}"]
-        ) from None
+        raise JobSpecError(str(path), [f"YAML syntax error at {where}: {getattr(exc, 'problem', exc)}"]) from None
     tree = tree or {}
     problems: list[str] = []
     for item in overrides:

@@ -47,9 +47,7 @@ def ensure_data(spec: JobSpec) -> None:
         if storage.object_size(url, opts) is not None:
             continue
         if spec.data.prepare is None:
-            raise storage.StorageNotFoundError(
-                f"data.{split}: no manifest at {url} (run `flowpp prepare` first)"
-            )
+            raise storage.StorageNotFoundError(f"data.{split}: no manifest at {url} (run `flowpp prepare` first)")
         from orchestrator.data.prepare import PrepareOptions, prepare
 
         size = spec.model.flow_config().image_size
@@ -134,12 +132,8 @@ def run_training(spec: JobSpec):
         from orchestrator.registry import ensure_run
 
         run_id = ensure_run(spec.mlflow.tracking_uri, spec.mlflow.experiment, spec.name)
-        log.info(
-            "MLflow run %s in experiment %r at %s", run_id, spec.mlflow.experiment, spec.mlflow.tracking_uri
-        )
+        log.info("MLflow run %s in experiment %r at %s", run_id, spec.mlflow.experiment, spec.mlflow.tracking_uri)
     _init_ray(spec)
     result = make_trainer(spec, run_id).fit()
-    log.info(
-        "finished: %s; checkpoint %s", result.metrics, result.checkpoint.path if result.checkpoint else None
-    )
+    log.info("finished: %s; checkpoint %s", result.metrics, result.checkpoint.path if result.checkpoint else None)
     return result

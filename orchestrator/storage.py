@@ -75,9 +75,7 @@ class StorageOptions:
     secret: str | None = field(default=None, repr=False)
 
     def resolved_endpoint(self) -> str | None:
-        return (
-            self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        )
+        return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
     def fsspec_kwargs(self, protocol: str) -> dict:
         if protocol not in ("s3", "s3a"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import tempfile
 import time
@@ -67,9 +68,7 @@ def make_streams(spec: JobSpec, rank: int, world: int) -> tuple[ShardStream, Sha
         shuffle_buffer=spec.data.shuffle_buffer,
         **common,
     )
-    valid = ShardStream(
-        spec.data.valid, batch_size=spec.per_worker_batch, num_workers=0, shuffle_buffer=1, **common
-    )
+    valid = ShardStream(spec.data.valid, batch_size=spec.per_worker_batch, num_workers=0, shuffle_buffer=1, **common)
     return train, valid
 
 
@@ -158,9 +157,7 @@ def save_checkpoint(directory: Path, *, model, ema, opt, step, stream, stats, ra
             },
             directory / "state.pt",
         )
-        (directory / "meta.json").write_text(
-            json.dumps({"step": step, "stream": stream.state_dict(), "stats": stats})
-        )
+        (directory / "meta.json").write_text(json.dumps({"step": step, "stream": stream.state_dict(), "stats": stats}))
 
 
 def load_checkpoint(directory: Path, *, model, ema, opt, stream, rank) -> tuple[int, dict]:
@@ -214,9 +211,7 @@ def train_loop(config: dict) -> None:
     restored = ray.train.get_checkpoint()
     if restored:
         with restored.as_directory() as d:
-            step, stats = load_checkpoint(
-                Path(d), model=model, ema=ema, opt=opt, stream=train_stream, rank=rank
-            )
+            step, stats = load_checkpoint(Path(d), model=model, ema=ema, opt=opt, stream=train_stream, rank=rank)
         log.info("rank %d resumed from step %d (%s)", rank, step, restored.path)
     else:
         init_batch = next(
@@ -273,9 +268,7 @@ def _run(spec, ddp_model, model, ema, opt, train_stream, valid_stream, mlf, step
             if out["skipped"]:
                 consecutive += 1
                 stats["nonfinite_skipped"] = stats.get("nonfinite_skipped", 0) + 1
-                log.warning(
-                    "step %d: non-finite loss or gradient, step skipped (%d in a row)", step, consecutive
-                )
+                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, consecutive)
                 if consecutive >= spec.train.max_nonfinite_steps:
                     raise NonFiniteLossError(
                         f"{consecutive} consecutive non-finite losses at step {step} (train.max_nonfinite_steps="
@@ -289,6 +282,7 @@ def _run(spec, ddp_model, model, ema, opt, train_stream, valid_stream, mlf, step
                 window["grad_norm"] += out["grad_norm"]
                 window["n"] += 1
             window["images"] += x.shape[0] * world
+            _trace(spec, rank, {"step": step, "keys": batch["keys"], "skipped": out["skipped"]})
             step += 1
             metrics, checkpoint = {}, None
             if step % spec.train.log_every == 0 or step == spec.train.max_steps:
@@ -309,8 +303,31 @@ def _run(spec, ddp_model, model, ema, opt, train_stream, valid_stream, mlf, step
                     ray.train.report(metrics)
             if step >= spec.train.max_steps:
                 break
+    _trace(spec, rank, {"final_step": step, "params_sha256": _param_digest(model)})
     if rank == 0:
         _finish(spec, model, ema, valid_stream, mlf)
+
+
+def _trace(spec, rank, record: dict) -> None:
+    if not spec.train.trace_dir:
+        return
+    import ray
+
+    record = {**record, "rank": rank, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+    path = Path(spec.train.trace_dir) / f"rank{rank}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _param_digest(model) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _window_metrics(window, step, spec, stats) -> dict:

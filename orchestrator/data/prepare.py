@@ -151,9 +151,7 @@ def prepare(opts: PrepareOptions, sopts: storage.StorageOptions | None = None) -
     inputs = split_inputs(opts.source, Path(opts.input), opts.split) if opts.source != "demo" else []
     fingerprint = _fingerprint(opts, inputs)
     previous = _previous_shards(opts.output, fingerprint, sopts)
-    items = iter_items(
-        opts.source, inputs, split=opts.split, count=opts.count, size=opts.image_size, seed=opts.seed
-    )
+    items = iter_items(opts.source, inputs, split=opts.split, count=opts.count, size=opts.image_size, seed=opts.seed)
     started = time.perf_counter()
     shards, kept = _write_shards(opts, sopts, items, previous, fingerprint)
     manifest = {
@@ -236,9 +234,7 @@ def _write_shards(opts, sopts, items, previous, fingerprint):
             "last_item": last_item,
         }
         shards.append(entry)
-        uploads.append(
-            (entry, pool.submit(storage.write_bytes, storage.join(opts.output, name), data, sopts))
-        )
+        uploads.append((entry, pool.submit(storage.write_bytes, storage.join(opts.output, name), data, sopts)))
         pending, size, first_item = [], 0, last_item + 1
 
     try:

@@ -66,14 +66,10 @@ def _shuffled(seq: list, rng: np.random.Generator | None) -> list:
 def _vdo_items(path: Path, rng=None) -> Iterator[Item]:
     if path.is_dir():
         for f in _shuffled(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS), rng):
-            yield Item(
-                key=_safe_key(str(f.relative_to(path).with_suffix(""))), ref=str(f), data=f.read_bytes()
-            )
+            yield Item(key=_safe_key(str(f.relative_to(path).with_suffix(""))), ref=str(f), data=f.read_bytes())
         return
     with tarfile.open(path) as tar:
-        members = sorted(
-            (m for m in tar if m.isreg() and m.name.lower().endswith(IMAGE_EXTS)), key=lambda m: m.name
-        )
+        members = sorted((m for m in tar if m.isreg() and m.name.lower().endswith(IMAGE_EXTS)), key=lambda m: m.name)
         members = _shuffled(members, rng)
         for m in members:
             stem = m.name.rsplit(".", 1)[0].lstrip("./")
@@ -199,7 +195,5 @@ def decode(item: Item, size: int) -> np.ndarray:
         except Exception as exc:  # noqa: BLE001 - PIL raises many types
             raise CorruptInputError(f"cannot decode {item.ref}: {type(exc).__name__}: {exc}") from None
     if arr.shape != (size, size, 3) or arr.dtype != np.uint8:
-        raise CorruptInputError(
-            f"{item.ref}: got pixels {arr.shape} {arr.dtype}, expected ({size}, {size}, 3) uint8"
-        )
+        raise CorruptInputError(f"{item.ref}: got pixels {arr.shape} {arr.dtype}, expected ({size}, {size}, 3) uint8")
     return arr

@@ -179,9 +179,7 @@ class _ShardDataset(IterableDataset):
         info = get_worker_info()
         worker = info.id if info else 0
         plan = Plan.from_dict([s["num_samples"] for s in self.manifest["shards"]], self.plan_dict)
-        reader = _WorkerReader(
-            self.manifest, plan, self.rank, worker, self.skips[worker], self.verify, self.options
-        )
+        reader = _WorkerReader(self.manifest, plan, self.rank, worker, self.skips[worker], self.verify, self.options)
         yield from reader.batches()
 
 
@@ -218,8 +216,7 @@ class ShardStream:
         self.stats: Counter = Counter()
         if self.plan.num_batches == 0:
             raise ValueError(
-                f"{manifest_url}: {self.plan.total} samples cannot give {world_size} ranks "
-                f"a batch of {batch_size} each"
+                f"{manifest_url}: {self.plan.total} samples cannot give {world_size} ranks a batch of {batch_size} each"
             )
 
     def _new_plan(self, seed, epoch, **kw) -> Plan:

@@ -91,9 +91,7 @@ def test_any_folder_is_box_downsampled(tmp_path):
 
 
 def test_demo_source_splits_by_photograph(tmp_path):
-    rc = cli_main(
-        ["prepare", "demo", "--output", str(tmp_path / "demo"), "--count", "64", "--valid-count", "16"]
-    )
+    rc = cli_main(["prepare", "demo", "--output", str(tmp_path / "demo"), "--count", "64", "--valid-count", "16"])
     assert rc == 0
     train = load_manifest(str(tmp_path / "demo" / "train" / "manifest.json"))
     valid = load_manifest(str(tmp_path / "demo" / "valid" / "manifest.json"))

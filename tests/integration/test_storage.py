@@ -58,9 +58,7 @@ def test_persistent_transient_errors_end_in_a_clear_error(shards_on_s3):
     try:
         opts = storage.StorageOptions(endpoint_url=proxy.endpoint, backoff_s=0.01, max_attempts=3)
         stream = ShardStream(s3.url("d", "train", "manifest.json"), batch_size=8, options=opts)
-        with pytest.raises(
-            storage.StorageTransientError, match=r"s3://.*\.tar: still failing after 3 attempts"
-        ):
+        with pytest.raises(storage.StorageTransientError, match=r"s3://.*\.tar: still failing after 3 attempts"):
             next(iter(stream))
     finally:
         proxy.close()

@@ -19,9 +19,7 @@ pytestmark = pytest.mark.integration
 def _shards(tmp_path, out, n=60, shard_bytes=30_000, sopts=None, **kw):
     make_vdo_tar(tmp_path / "train_64x64.tar", n)
     prepare(
-        PrepareOptions(
-            source="vdo", input=str(tmp_path), output=out, shard_bytes=shard_bytes, progress=False, **kw
-        ),
+        PrepareOptions(source="vdo", input=str(tmp_path), output=out, shard_bytes=shard_bytes, progress=False, **kw),
         sopts,
     )
     return storage.join(out, "manifest.json")
@@ -126,9 +124,7 @@ def test_resume_on_more_ranks_reads_the_rest_exactly_once(local_manifest):
 
 
 def test_state_from_another_dataset_is_refused(local_manifest, tmp_path):
-    other = (
-        _shards(tmp_path / "o", str(tmp_path / "o" / "s"), n=20) if (tmp_path / "o").mkdir() is None else None
-    )
+    other = _shards(tmp_path / "o", str(tmp_path / "o" / "s"), n=20) if (tmp_path / "o").mkdir() is None else None
     state = ShardStream(other, batch_size=4).state_dict()
     with pytest.raises(ValueError, match="samples"):
         ShardStream(local_manifest, batch_size=4).load_state_dict(state)
@@ -191,8 +187,6 @@ def test_missing_object_and_bucket_name_the_url(s3_manifest):
         ShardStream("s3://no-such-bucket-xyz/m.json", batch_size=4, options=s3.options)
     with pytest.raises(storage.StorageNotFoundError, match="no-such-bucket-xyz"):
         prepare(
-            PrepareOptions(
-                source="demo", input="", output="s3://no-such-bucket-xyz/x", count=4, progress=False
-            ),
+            PrepareOptions(source="demo", input="", output="s3://no-such-bucket-xyz/x", count=4, progress=False),
             s3.options,
         )

@@ -1,0 +1,124 @@
+"""The job spec: every file in jobs/ validates; bad specs list every problem with its path."""
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import JobSpecError, expand_env, load_job, public_params, validate
+
+pytestmark = pytest.mark.unit
+
+JOBS = sorted((Path(__file__).resolve().parents[2] / "jobs").glob("*.yaml"))
+GOOD = """
+name: t
+data: {train: s3://b/train/manifest.json, valid: s3://b/valid/manifest.json}
+"""
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "job.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("path", JOBS, ids=[p.name for p in JOBS])
+def test_every_job_file_validates(path):
+    spec = load_job(path)
+    assert spec.model.flow_config() is not None
+    assert spec.train.global_batch_size % spec.scaling.num_workers == 0
+
+
+def test_there_are_jobs():
+    assert {"demo.yaml", "imagenet64.yaml"} <= {p.name for p in JOBS}
+
+
+def test_imagenet64_is_the_official_recipe():
+    spec = load_job(Path(JOBS[0]).parent / "imagenet64.yaml")
+    assert spec.model.preset == "imagenet64" and spec.model.checkpoint == "attention"
+    t = spec.train
+    assert (t.global_batch_size, t.lr, t.warmup_steps, t.grad_clip, t.ema_decay) == (72, 4e-4, 10000, 1.0, 0.999)
+    assert spec.scaling.use_gpu and spec.data.train.startswith("s3://") and spec.storage.path.startswith("s3://")
+
+
+MISTAKES = {
+    "unknown key": ("train: {lrr: 0.1}", "train.lrr: Extra inputs are not permitted"),
+    "wrong type": ("train: {max_steps: lots}", "train.max_steps: Input should be a valid integer"),
+    "out of range": ("train: {lr: -1}", "train.lr: Input should be greater than 0"),
+    "bad choice": ("model: {checkpoint: sometimes}", "model.checkpoint: Input should be 'none', 'attention' or 'all'"),
+    "unknown preset": ("model: {preset: imagenet128}", "model.preset: unknown preset 'imagenet128'"),
+    "indivisible batch": (
+        "train: {global_batch_size: 10}\nscaling: {num_workers: 4}",
+        "train.global_batch_size: 10 is not divisible by scaling.num_workers=4",
+    ),
+    "bad name": ("name: 'has spaces'", "name: String should match pattern"),
+    "not a manifest": (
+        "data: {train: s3://b/train/, valid: s3://b/v/manifest.json}",
+        "data.train: 's3://b/train/' should point at a manifest",
+    ),
+    "unknown section": ("trian: {lr: 1}", "trian: Extra inputs are not permitted"),
+    "bad placement": ("scaling: {placement_strategy: RANDOM}", "scaling.placement_strategy: Input should be"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MISTAKES))
+def test_each_kind_of_mistake_is_named_with_its_path(tmp_path, kind):
+    extra, expected = MISTAKES[kind]
+    text = (
+        GOOD + extra
+        if not extra.startswith(("name:", "data:"))
+        else GOOD.replace(GOOD.strip().splitlines()[0 if extra.startswith("name:") else 1], extra)
+    )
+    with pytest.raises(JobSpecError) as err:
+        load_job(_write(tmp_path, text))
+    assert expected in str(err.value), str(err.value)
+
+
+def test_all_problems_are_reported_at_once(tmp_path):
+    text = GOOD + "train: {lrr: 1, max_steps: lots}\nmodel: {checkpoint: x}\nscaling: {num_workers: 0}\n"
+    with pytest.raises(JobSpecError) as err:
+        load_job(_write(tmp_path, text))
+    assert len(err.value.problems) == 4
+    for path in ("train.lrr", "train.max_steps", "model.checkpoint", "scaling.num_workers"):
+        assert path in str(err.value)
+
+
+def test_missing_section_yaml_syntax_and_top_level(tmp_path):
+    with pytest.raises(JobSpecError, match="data: Field required"):
+        load_job(_write(tmp_path, "name: t\n"))
+    with pytest.raises(JobSpecError, match=r"YAML syntax error at line 3"):
+        load_job(_write(tmp_path, "name: t\ntrain: {lr: [1, 2\n"))
+    with pytest.raises(JobSpecError, match="expected a mapping"):
+        validate([1, 2])
+    with pytest.raises(JobSpecError, match="file not found"):
+        load_job(tmp_path / "nope.yaml")
+
+
+def test_set_overrides_any_field(tmp_path):
+    spec = load_job(
+        _write(tmp_path, GOOD),
+        [
+            "train.lr=3e-4",
+            "model.num_components=8",
+            "scaling.use_gpu=true",
+            "model.stages=[s2d, 'stripe:2']",
+            "mlflow.experiment=x",
+        ],
+    )
+    assert spec.train.lr == 3e-4 and spec.model.num_components == 8 and spec.scaling.use_gpu
+    assert spec.model.stages == ["s2d", "stripe:2"] and spec.mlflow.experiment == "x"
+    assert spec.model.flow_config().num_components == 8
+    with pytest.raises(JobSpecError, match="train.nope: Extra inputs"):
+        load_job(_write(tmp_path, GOOD), ["train.nope=1"])
+    with pytest.raises(JobSpecError, match="expected KEY=VALUE"):
+        load_job(_write(tmp_path, GOOD), ["train.lr"])
+
+
+def test_env_expansion_and_secret_free_params(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWPP_X", "s3://from-env")
+    assert expand_env("${FLOWPP_X}/a ${NOPE_Q:-dflt} ${NOPE_Q}") == "s3://from-env/a dflt ${NOPE_Q}"
+    spec = load_job(
+        _write(tmp_path, GOOD + "ray:\n  runtime_env:\n    env_vars: {AWS_SECRET_ACCESS_KEY: hush, A: b}\n")
+    )
+    params = public_params(spec)
+    assert "train.lr" in params and "ray.runtime_env.env_vars.A" in params
+    assert not any("hush" in v for v in params.values()) and not any("SECRET" in k for k in params)
