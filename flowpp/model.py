@@ -29,9 +29,7 @@ from flowpp.presets import FlowConfig, NetConfig
 class FlowStep(nn.Module):
     """[ActNorm, (Pointwise), coupling, flip] on one split."""
 
-    def __init__(
-        self, shape, split, *, num_components, net: NetConfig, dropout, pointwise, bf16, context_channels=0
-    ):
+    def __init__(self, shape, split, *, num_components, net: NetConfig, dropout, pointwise, bf16, context_channels=0):
         super().__init__()
         self.actnorm = ActNorm(shape)
         self.pointwise = Pointwise(half_shape(shape, split)[0], split) if pointwise else None

@@ -115,9 +115,7 @@ class GatedAttention(nn.Module):
 class CouplingBlock(nn.Module):
     """One block of a coupling net: [gated conv, LN, (gated attention, LN)]."""
 
-    def __init__(
-        self, channels, *, context_channels, attention, num_heads, dropout, use_nin, layer_norm, weight_norm
-    ):
+    def __init__(self, channels, *, context_channels, attention, num_heads, dropout, use_nin, layer_norm, weight_norm):
         super().__init__()
         self.conv = GatedConv(channels, context_channels, use_nin, dropout, weight_norm)
         self.norm1 = LayerNorm(channels) if layer_norm else nn.Identity()

@@ -117,11 +117,14 @@ def _cmd_train(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     spec = _load(args)  # validated before any Ray resource is used
+    import ray.train
+
     from orchestrator.launch import run_training
 
-    result = run_training(spec)
-    if result.error:
-        print(f"training failed: {result.error}", file=sys.stderr)
+    try:
+        result = run_training(spec)
+    except ray.train.TrainingFailedError as exc:
+        print(f"training failed: {exc}", file=sys.stderr)
         return 1
     print(f"done: {spec.name}: {result.metrics}")
     return 0

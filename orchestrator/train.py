@@ -265,6 +265,7 @@ def _run(spec, ddp_model, model, ema, opt, train_stream, valid_stream, mlf, step
         for batch in train_stream:
             x = batch["images"].to(device).long()
             out = train_step(ddp_model, opt, x, step, spec, num_dims)
+            _trace(spec, rank, {"step": step, "keys": batch["keys"], "skipped": out["skipped"]})
             if out["skipped"]:
                 consecutive += 1
                 stats["nonfinite_skipped"] = stats.get("nonfinite_skipped", 0) + 1
@@ -282,7 +283,6 @@ def _run(spec, ddp_model, model, ema, opt, train_stream, valid_stream, mlf, step
                 window["grad_norm"] += out["grad_norm"]
                 window["n"] += 1
             window["images"] += x.shape[0] * world
-            _trace(spec, rank, {"step": step, "keys": batch["keys"], "skipped": out["skipped"]})
             step += 1
             metrics, checkpoint = {}, None
             if step % spec.train.log_every == 0 or step == spec.train.max_steps:

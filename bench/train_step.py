@@ -1,0 +1,246 @@
+"""Train-step cost of activation checkpointing: ``checkpoint=none|attention|all``.
+
+Run from the repository root::
+
+    python bench/train_step.py [--configs cifar10,narrow] [--modes none,attention,all]
+                               [--steps 3] [--warmup 1] [--cifar-batch 4] [--device auto] [--threads 2]
+
+For every (config, checkpoint mode) it times one full train step -- forward, backward,
+``clip_grad_norm_(1.0)`` and an Adam step -- on random integer pixels and reports images/s,
+the mean step time and the peak training memory. Configs:
+
+- ``cifar10``: the preset at its own width (F=96, 10 blocks, K=32, dropout 0.2, pointwise),
+  batch ``--cifar-batch``;
+- ``narrow``: the same flow on 3x32x32 with hidden width 32, 10 blocks, K=32, 4 heads and
+  attention on, in the main flow's and the dequantizer's nets (the dequantizer keeps its block
+  count), batch 16.
+
+It also times ``model.sample(16)`` (eval mode) at ``narrow``.
+
+Every measurement runs in a fresh subprocess (this script with ``--worker``, JSON on stdout),
+after model build, optimizer and data-dependent init. Peak memory: on CUDA,
+``torch.cuda.max_memory_allocated`` over the warm-up and timed steps (everything allocated:
+parameters, gradients, Adam state, activations); on CPU, the growth of the resident set over
+them: peak ``ru_maxrss`` after the steps minus the RSS from ``/proc/self/statm`` just before the
+first step (the high-water mark is reset there through ``/proc/self/clear_refs`` when the kernel
+allows, so earlier peaks cannot hide it). The growth covers gradients, Adam state and
+activations, not the parameters. Warm-up steps are not timed but count towards the peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from flowpp import build_model, get_preset
+from flowpp.distributed import data_dependent_init
+
+CONFIGS = ("cifar10", "narrow")
+MODES = ("none", "attention", "all")
+NARROW_BATCH, SAMPLE_N = 16, 16
+GOAL_MEM, GOAL_TIME = 0.40, 0.30  # attention vs none: >= 40% less memory at <= 30% more time
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_config(name: str, mode: str):
+    cfg = get_preset("cifar10").replace(checkpoint=mode)
+    if name == "cifar10":
+        return cfg
+    if name != "narrow":
+        raise ValueError(f"unknown config {name!r}; choose from {CONFIGS}")
+    net = dataclasses.replace(cfg.net, hidden=32, num_blocks=10, num_heads=4, attention=True)
+    dq = dataclasses.replace(cfg.dequant, net=dataclasses.replace(cfg.dequant.net, hidden=32, num_heads=4))
+    return cfg.replace(net=net, dequant=dq, num_components=32, image_size=32)
+
+
+def setup(name: str, mode: str, batch: int, device: torch.device):
+    """A data-dependently initialised model on ``device`` and a fixed batch of random pixels."""
+    cfg = make_config(name, mode)
+    torch.manual_seed(0)
+    x = torch.randint(0, cfg.num_levels, (batch, *cfg.shape), dtype=torch.int64).to(device)
+    model = build_model(cfg).to(device)
+    data_dependent_init(model, x)
+    return model, x
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def reset_rss_peak() -> bool:
+    """Reset the process's RSS high-water mark (Linux >= 4.0); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_train(name: str, mode: str, batch: int, steps: int, warmup: int, device: torch.device) -> dict:
+    model, x = setup(name, mode, batch, device)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        loss = model.bits_per_dim(x).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return loss.item()
+
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base_kib, reset = 0, True
+    else:
+        base_kib, reset = rss_kib(), reset_rss_peak()
+    for _ in range(warmup):
+        step()
+    times, loss = [], float("nan")
+    for _ in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        loss = step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_kib) / 1024
+    step_s = sum(times) / len(times)
+    return {"step_ms": 1e3 * step_s, "images_s": batch / step_s, "peak_mib": peak_mib, "loss": loss,
+            "peak_reset": reset, "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
+
+
+def measure_sample(steps: int, warmup: int, device: torch.device) -> dict:
+    model, _ = setup("narrow", "none", NARROW_BATCH, device)
+    model.eval()
+    for _ in range(warmup):
+        model.sample(SAMPLE_N)
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        model.sample(SAMPLE_N)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    call_s = sum(times) / len(times)
+    return {"call_s": call_s, "images_s": SAMPLE_N / call_s}
+
+
+def spawn(args: argparse.Namespace, worker: str, config: str = "narrow", mode: str = "none") -> dict:
+    """Run one measurement in a fresh interpreter and return its JSON result."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--configs", config,
+           "--modes", mode, "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
+           "--threads", str(args.threads), "--cifar-batch", str(args.cifar_batch)]  # fmt: skip
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {worker} {config}/{mode} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def pct(new: float, old: float) -> float:
+    return 100.0 * (new - old) / old
+
+
+def report(args: argparse.Namespace, results: dict, sample: dict | None) -> None:
+    cuda = args.device.startswith("cuda")
+    mem_label = "peak mem (MiB, CUDA)" if cuda else "peak mem (MiB, RSS growth)"
+    print(f"\ndevice: {args.device}, threads: {args.threads}, steps: {args.steps}, warm-up: {args.warmup}\n")
+    print(f"| config | checkpoint | batch | images/s | step (ms) | {mem_label} |")
+    print("|---|---|---:|---:|---:|---:|")
+    for (config, mode), r in results.items():
+        batch = args.cifar_batch if config == "cifar10" else NARROW_BATCH
+        cells = f"{r['images_s']:.2f} | {r['step_ms']:.0f} | {r['peak_mib']:.0f}"
+        print(f"| {config} | {mode} | {batch} | {cells} |")
+    if sample is not None:
+        print("\n| config | call | s/call | images/s |\n|---|---|---:|---:|")
+        print(f"| narrow | sample({SAMPLE_N}), eval | {sample['call_s']:.2f} | {sample['images_s']:.2f} |")
+    if not all(r["peak_reset"] for r in results.values()):
+        print("\nnote: the RSS high-water mark could not be reset; earlier peaks may hide the step peak")
+    print(f"\ngoal: attention checkpointing cuts peak training memory by >= {GOAL_MEM:.0%} "
+          f"at <= {GOAL_TIME:.0%} extra step time")  # fmt: skip
+    for config in dict.fromkeys(c for c, _ in results):
+        none, attn = results.get((config, "none")), results.get((config, "attention"))
+        if none is None or attn is None:
+            print(f"- {config}: needs both `none` and `attention` runs")
+            continue
+        mem_cut = -pct(attn["peak_mib"], none["peak_mib"])
+        extra = pct(attn["step_ms"], none["step_ms"])
+        met = mem_cut >= 100 * GOAL_MEM and extra <= 100 * GOAL_TIME
+        print(f"- {config}: attention vs none: peak memory -{mem_cut:.1f}%, step time {extra:+.1f}% "
+              f"-> goal {'MET' if met else 'NOT met'}")  # fmt: skip
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma list of cifar10,narrow")
+    p.add_argument("--modes", default=",".join(MODES), help="comma list of none,attention,all")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default: 3 on CPU, 20 on CUDA)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
+    p.add_argument("--cifar-batch", type=int, default=None, help="cifar10 batch (4 CPU, 64 CUDA)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--no-sample", action="store_true", help="skip the model.sample timing")
+    p.add_argument("--worker", choices=("train", "sample"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = args.device.startswith("cuda")
+    args.steps = args.steps if args.steps is not None else (20 if cuda else 3)
+    args.cifar_batch = args.cifar_batch if args.cifar_batch is not None else (64 if cuda else 4)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.worker == "train":
+        config, mode = args.configs, args.modes
+        batch = args.cifar_batch if config == "cifar10" else NARROW_BATCH
+        print(json.dumps(measure_train(config, mode, batch, args.steps, args.warmup, device)))
+        return
+    if args.worker == "sample":
+        print(json.dumps(measure_sample(args.steps, args.warmup, device)))
+        return
+    configs, modes = args.configs.split(","), args.modes.split(",")
+    for name in configs:
+        make_config(name, "none")  # fail fast on an unknown name
+    if bad := [m for m in modes if m not in MODES]:
+        raise SystemExit(f"unknown mode(s) {bad}; choose from {MODES}")
+    t0, results = time.perf_counter(), {}
+    for config in configs:
+        for mode in modes:
+            print(f"measuring {config} checkpoint={mode} ...", flush=True)
+            results[(config, mode)] = r = spawn(args, "train", config, mode)
+            print(f"  {r['step_ms']:.0f} ms/step, {r['peak_mib']:.0f} MiB, loss {r['loss']:.3f}", flush=True)
+    sample = None
+    if not args.no_sample:
+        print(f"measuring narrow sample({SAMPLE_N}) ...", flush=True)
+        sample = spawn(args, "sample")
+    report(args, results, sample)
+    print(f"\nwall time: {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

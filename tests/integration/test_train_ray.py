@@ -1,0 +1,204 @@
+"""The training job on real Ray: worker loss, driver loss, non-finite losses, two nodes.
+
+All small: the debug preset on 16x16 demo patches, 2 workers of 1 CPU each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from orchestrator.config import validate
+from orchestrator.data.stream import ShardStream
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def job(tmp_path: Path, **train) -> dict:
+    data = f"file://{tmp_path}/data"
+    return {
+        "name": "t-" + tmp_path.name[-12:].replace("_", "-").strip("-") or "t",
+        "model": {"preset": "debug"},
+        "data": {
+            "train": f"{data}/train/manifest.json",
+            "valid": f"{data}/valid/manifest.json",
+            "prepare": "demo",
+            "prepare_count": 192,
+            "prepare_valid_count": 32,
+            "num_workers": 1,
+            "shuffle_buffer": 32,
+        },
+        "train": {
+            "global_batch_size": 8,
+            "lr": 2e-3,
+            "warmup_steps": 2,
+            "max_steps": 30,
+            "log_every": 5,
+            "checkpoint_every": 10,
+            "keep_checkpoints": 2,
+            "eval_every": 30,
+            "eval_batches": 2,
+            "sample_grid": 4,
+            "trace_dir": str(tmp_path / "trace"),
+            **train,
+        },
+        "scaling": {"num_workers": 2, "cpus_per_worker": 1, "max_failures": 2},
+        "storage": {"path": str(tmp_path / "runs")},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "t", "registered_model": "t"},
+    }
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=3, include_dashboard=False, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    yield
+    ray.shutdown()
+
+
+def trace(tmp_path: Path, rank: int) -> list[dict]:
+    path = tmp_path / "trace" / f"rank{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def expected_keys(spec, rank: int, steps: int) -> list[list[str]]:
+    """The batches an uninterrupted run would train on, epoch after epoch."""
+    s = ShardStream(
+        spec.data.train,
+        batch_size=spec.per_worker_batch,
+        rank=rank,
+        world_size=2,
+        seed=spec.train.seed,
+        num_workers=spec.data.num_workers,
+        shuffle_buffer=spec.data.shuffle_buffer,
+    )
+    out = []
+    while len(out) < steps:
+        out.extend(b["keys"] for b in s)
+    return out[:steps]
+
+
+def registered_step(tmp_path: Path) -> int:
+    """Step of the latest checkpoint Ray Train has registered (persisted in its snapshot)."""
+    for snap in (tmp_path / "runs").glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snap.read_text()).get("latest_checkpoint_result")
+        except ValueError:
+            continue
+        if latest:
+            return int(latest["metrics"]["step"])
+    return -1
+
+
+def ray_train_workers() -> list[psutil.Process]:
+    me = psutil.Process()
+    return [p for p in me.children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
+
+
+def test_killed_worker_restarts_from_the_last_checkpoint_without_skipping_data(tmp_path, local_ray):
+    from orchestrator.launch import run_training
+
+    spec = validate(job(tmp_path, max_steps=40))
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(result=run_training(spec)))
+    thread.start()
+    deadline = time.monotonic() + 300
+    while registered_step(tmp_path) < 10 or trace(tmp_path, 1)[-1]["step"] < registered_step(tmp_path) + 2:
+        assert time.monotonic() < deadline and thread.is_alive(), "no checkpoint was registered"
+        time.sleep(0.05)
+    checkpointed = registered_step(tmp_path)
+    victims = [p for p in ray_train_workers() if p.pid == trace(tmp_path, 1)[-1]["pid"]]
+    assert victims, "could not find the rank-1 training worker"
+    os.kill(victims[0].pid, signal.SIGKILL)  # from outside, by pid
+    thread.join(timeout=600)
+    result = box["result"]
+    assert result.error is None and result.metrics["step"] == 40
+
+    for rank in (0, 1):
+        records = [r for r in trace(tmp_path, rank) if "step" in r]
+        pids = {r["pid"] for r in records}
+        assert len(pids) >= 2, "the worker group was not restarted"
+        restart = next(i for i, r in enumerate(records) if i and r["step"] <= records[i - 1]["step"])
+        resumed_at = records[restart]["step"]
+        # the last registered checkpoint before the kill (one more may have landed meanwhile)
+        assert resumed_at in (checkpointed, checkpointed + 10), (resumed_at, checkpointed)
+        final = {r["step"]: r["keys"] for r in records}
+        assert sorted(final) == list(range(40))
+        assert [final[s] for s in range(40)] == expected_keys(spec, rank, 40)
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run_keeping_the_checkpoint(tmp_path, local_ray):
+    import ray.train
+
+    from orchestrator.launch import run_training
+
+    # lr ramps by 0.01 per step: fine for the first steps, then the loss blows up
+    spec = validate(
+        job(
+            tmp_path,
+            lr=10.0,
+            warmup_steps=1000,
+            max_steps=1000,
+            checkpoint_every=4,
+            max_nonfinite_steps=3,
+            eval_every=1000,
+        )
+    )
+    spec = spec.model_copy(update={"scaling": spec.scaling.model_copy(update={"max_failures": 0})})
+    with pytest.raises(ray.train.TrainingFailedError, match="3 consecutive non-finite losses"):
+        run_training(spec)
+    records = [r for r in trace(tmp_path, 0) if "step" in r]
+    skipped = [r["step"] for r in records if r["skipped"]]
+    assert len(skipped) >= 3 and skipped[-3:] == list(range(skipped[-1] - 2, skipped[-1] + 1))
+    kept = registered_step(tmp_path)  # the last good checkpoint is kept
+    assert 0 < kept <= skipped[-3]
+    snap = json.loads(next((tmp_path / "runs").glob("*/checkpoint_manager_snapshot.json")).read_text())
+    ckpt = next((tmp_path / "runs").glob(f"*/{snap['latest_checkpoint_result']['checkpoint_dir_name']}"))
+    assert json.loads((ckpt / "meta.json").read_text())["step"] == kept
+
+
+def test_killed_driver_then_resubmitted_job_resumes(tmp_path):
+    spec = job(tmp_path, max_steps=40)
+    path = tmp_path / "job.yaml"
+    path.write_text(json.dumps(spec))  # JSON is YAML
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "orchestrator", "train", str(path)]
+    driver = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while registered_step(tmp_path) < 10:
+            assert time.monotonic() < deadline and driver.poll() is None, "no checkpoint was registered"
+            time.sleep(0.05)
+        checkpointed = registered_step(tmp_path)
+        family = psutil.Process(driver.pid).children(recursive=True)
+        driver.kill()  # the driver, by pid: its embedded Ray goes with it
+        driver.wait()
+    finally:
+        for p in family if "family" in dir() else []:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [r for r in trace(tmp_path, 0) if "step" in r]
+    second_run = [r for r in records if r["pid"] not in {records[0]["pid"]}]
+    resumed_at = second_run[0]["step"]
+    assert resumed_at in (checkpointed, checkpointed + 10)  # from the checkpoint, not from 0
+    assert f"resumed from step {resumed_at}" in out.stderr + out.stdout
