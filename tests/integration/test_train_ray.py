@@ -5,6 +5,7 @@ All small: the debug preset on 16x16 demo patches, 2 workers of 1 CPU each.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -177,6 +178,7 @@ def test_killed_driver_then_resubmitted_job_resumes(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "orchestrator", "train", str(path)]
+    family: list[psutil.Process] = []
     driver = subprocess.Popen(
         cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -190,11 +192,9 @@ def test_killed_driver_then_resubmitted_job_resumes(tmp_path):
         driver.kill()  # the driver, by pid: its embedded Ray goes with it
         driver.wait()
     finally:
-        for p in family if "family" in dir() else []:
-            try:
+        for p in family:  # the driver's embedded Ray processes, by pid
+            with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
-            except psutil.NoSuchProcess:
-                pass
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     records = [r for r in trace(tmp_path, 0) if "step" in r]
