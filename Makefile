@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test unit lint bench demo clean
+.PHONY: setup test unit lint bench demo down clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,8 +28,19 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/train_step.py
 
+# The main job end to end on the local stack: S3 (moto), MLflow server and Ray head on loopback,
+# then a real `ray job submit` that prepares the demo shards into the bucket, trains, evaluates
+# and registers the model. The stack stays up for browsing; `make down` stops it.
+DEMO_ARGS ?=
 demo: setup
-	$(BIN)/flowpp smoke --steps 100
+	infra/local/up
+	set -a; . runs/local/env; set +a; \
+	$(BIN)/ray job submit --address "$$RAY_DASHBOARD" --working-dir . -- \
+	  python -m orchestrator train jobs/demo.yaml $(DEMO_ARGS)
+	@. runs/local/env; echo "MLflow: $$MLFLOW_TRACKING_URI   Ray: $$RAY_DASHBOARD   stop with: make down"
+
+down:
+	infra/local/down
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
