@@ -1,6 +1,6 @@
 """Train-step cost of activation checkpointing: ``checkpoint=none|attention|all``.
 
-Run from the repository root::
+Run from the repository root (``make setup`` installs the package; else prefix ``PYTHONPATH=.``)::
 
     python bench/train_step.py [--configs cifar10,narrow] [--modes none,attention,all]
                                [--steps 3] [--warmup 1] [--cifar-batch 4] [--device auto] [--threads 2]
@@ -25,10 +25,12 @@ them: peak ``ru_maxrss`` after the steps minus the RSS from ``/proc/self/statm``
 first step (the high-water mark is reset there through ``/proc/self/clear_refs`` when the kernel
 allows, so earlier peaks cannot hide it). The growth covers gradients, Adam state and
 activations, not the parameters. Warm-up steps are not timed but count towards the peak.
-CPU workers run with glibc's ``MALLOC_MMAP_THRESHOLD_`` at 128 KiB (``--mmap-threshold``):
+On CPU the memory comes from a second worker that runs 2 untimed steps with glibc's
+``MALLOC_MMAP_THRESHOLD_`` at 128 KiB (``--mmap-threshold``; 0: one worker, glibc defaults):
 by default glibc keeps freed blocks of up to 32 MiB cached in its heap, so RSS stays above
-the live tensors and hides part of what checkpointing frees. Both columns time the same
-steps: the mean, and the best (less sensitive to other load on the machine).
+the live tensors and hides part of what checkpointing frees, while the forced mmap/munmap
+slows steps by ~50%, so timing runs keep glibc's defaults. Step times: the mean, and the
+best (less sensitive to other load on the machine).
 """
 
 from __future__ import annotations
@@ -86,6 +88,18 @@ def rss_kib() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
+def timed(fn, steps: int, device: torch.device) -> tuple[list[float], object]:
+    """Seconds of each of ``steps`` calls of ``fn``, and its last result."""
+    times, out = [], None
+    for _ in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times, out
+
+
 def reset_rss_peak() -> bool:
     """Reset the process's RSS high-water mark (Linux >= 4.0); False where not allowed."""
     try:
@@ -117,13 +131,7 @@ def measure_train(name: str, mode: str, batch: int, steps: int, warmup: int, dev
         base_kib, reset = rss_kib(), reset_rss_peak()
     for _ in range(warmup):
         step()
-    times, loss = [], float("nan")
-    for _ in range(steps):
-        sync(device)
-        t0 = time.perf_counter()
-        loss = step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
+    times, loss = timed(step, steps, device)
     if device.type == "cuda":
         peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
     else:
@@ -138,30 +146,33 @@ def measure_sample(steps: int, warmup: int, device: torch.device) -> dict:
     model.eval()
     for _ in range(warmup):
         model.sample(SAMPLE_N)
-    times = []
-    for _ in range(steps):
-        sync(device)
-        t0 = time.perf_counter()
-        model.sample(SAMPLE_N)
-        sync(device)
-        times.append(time.perf_counter() - t0)
+    times, _ = timed(lambda: model.sample(SAMPLE_N), steps, device)
     call_s = sum(times) / len(times)
     return {"call_s": call_s, "images_s": SAMPLE_N / call_s}
 
 
-def spawn(args: argparse.Namespace, worker: str, config: str = "narrow", mode: str = "none") -> dict:
+def spawn(args, worker: str, config="narrow", mode="none", steps=None, warmup=None, mmap_threshold=0) -> dict:
     """Run one measurement in a fresh interpreter and return its JSON result."""
+    steps, warmup = args.steps if steps is None else steps, args.warmup if warmup is None else warmup
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--configs", config,
-           "--modes", mode, "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
+           "--modes", mode, "--steps", str(steps), "--warmup", str(warmup), "--device", args.device,
            "--threads", str(args.threads), "--cifar-batch", str(args.cifar_batch)]  # fmt: skip
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path}
-    if args.mmap_threshold and not args.device.startswith("cuda"):
-        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+    if mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"worker {worker} {config}/{mode} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_train(args: argparse.Namespace, config: str, mode: str) -> dict:
+    result = spawn(args, "train", config, mode)
+    if args.mmap_threshold and not args.device.startswith("cuda"):
+        memory = spawn(args, "train", config, mode, steps=2, warmup=0, mmap_threshold=args.mmap_threshold)
+        result.update(peak_mib=memory["peak_mib"], peak_reset=memory["peak_reset"])
+    return result
 
 
 def pct(new: float, old: float) -> float:
@@ -173,7 +184,7 @@ def report(args: argparse.Namespace, results: dict, sample: dict | None) -> None
     mem_label = "peak mem (MiB, CUDA)" if cuda else "peak mem (MiB, RSS growth)"
     head = f"device: {args.device}, threads: {args.threads}, steps: {args.steps}, warm-up: {args.warmup}"
     if args.mmap_threshold and not cuda:
-        head += f", MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}"
+        head += f"; memory: 2 steps at MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}"
     print(f"\n{head}\n")
     print(f"| config | checkpoint | batch | images/s | mean step (ms) | best step (ms) | {mem_label} |")
     print("|---|---|---:|---:|---:|---:|---:|")
@@ -242,7 +253,7 @@ def main(argv=None) -> None:
     for config in configs:
         for mode in modes:
             print(f"measuring {config} checkpoint={mode} ...", flush=True)
-            results[(config, mode)] = r = spawn(args, "train", config, mode)
+            results[(config, mode)] = r = run_train(args, config, mode)
             print(f"  {r['step_ms']:.0f} ms/step, {r['peak_mib']:.0f} MiB, loss {r['loss']:.3f}", flush=True)
     sample = None
     if not args.no_sample:
