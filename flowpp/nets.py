@@ -14,9 +14,50 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _elu_grad(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x > 0, torch.ones_like(x), torch.exp(x.clamp_max(0)))
+
+
+class _ConcatELU(torch.autograd.Function):
+    """elu([x, -x]) that keeps only x for backward, not the doubled (B, 2C, H, W) tensor."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return F.elu(torch.cat([x, -x], dim=1))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        g_pos, g_neg = grad.chunk(2, dim=1)
+        return g_pos * _elu_grad(x) - g_neg * _elu_grad(-x)
+
+
+class _GatedResidual(torch.autograd.Function):
+    """x + a * sigmoid(b) for h = [a, b], keeping only h for backward (sigmoid is recomputed)."""
+
+    @staticmethod
+    def forward(ctx, x, h):
+        a, b = h.chunk(2, dim=1)
+        ctx.save_for_backward(h)
+        return x + a * torch.sigmoid(b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h,) = ctx.saved_tensors
+        a, b = h.chunk(2, dim=1)
+        s = torch.sigmoid(b)
+        return grad, torch.cat([grad * s, grad * a * s * (1 - s)], dim=1)
+
+
 def concat_elu(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, 2C, H, W)."""
-    return F.elu(torch.cat([x, -x], dim=1))
+    return _ConcatELU.apply(x)
+
+
+def gated_residual(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """x + a * sigmoid(b) with (a, b) = h split on channels."""
+    return _GatedResidual.apply(x, h)
 
 
 class Conv2d(nn.Module):
@@ -84,9 +125,7 @@ class GatedConv(nn.Module):
         h = self.conv_in(concat_elu(x))
         if self.context_proj is not None:
             h = h + self.context_proj(concat_elu(context))
-        h = self.conv_out(self.dropout(concat_elu(h)))
-        a, b = h.chunk(2, dim=1)
-        return x + a * torch.sigmoid(b)
+        return gated_residual(x, self.conv_out(self.dropout(concat_elu(h))))
 
 
 class GatedAttention(nn.Module):
@@ -106,10 +145,11 @@ class GatedAttention(nn.Module):
         heads, d = self.num_heads, c // self.num_heads
         qkv = self.qkv(x + pos_emb)  # (B, 3C, H, W)
         qkv = qkv.reshape(b, 3, heads, d, h * w).permute(1, 0, 2, 4, 3)  # (3, B, heads, T, d)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, T, d)
+        # contiguous (T, d) blocks keep SDPA on its fused kernels, which never build the (T, T) map
+        q, k, v = (t.contiguous() for t in qkv)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, d)
         out = out.transpose(2, 3).reshape(b, c, h, w)
-        a, g = self.proj(self.dropout(out)).chunk(2, dim=1)
-        return x + a * torch.sigmoid(g)
+        return gated_residual(x, self.proj(self.dropout(out)))
 
 
 class CouplingBlock(nn.Module):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from flowpp.layers.reshape import half_shape, merge_halves, split_halves
 from flowpp.logistic import (
@@ -44,25 +45,43 @@ class MixLogisticCoupling(nn.Module):
         self.bf16 = bf16
         self.net = CouplingNet(c, c * (2 + 3 * num_components), (h, w), **net_kwargs)
 
-    def _params(self, x1: torch.Tensor, cond):
-        """Mixture parameters for x2, each (B, C, H, W[, K]) in at least float32."""
+    def _raw(self, x1: torch.Tensor, cond) -> torch.Tensor:
+        """The coupling net's output for x1, (B, C * (2 + 3K), H, W), in at least float32."""
         with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             raw = self.net(x1, cond)
-        b, _, h, w = x1.shape
-        raw = raw.to(torch.promote_types(x1.dtype, torch.float32))
+        return raw.to(torch.promote_types(x1.dtype, torch.float32))
+
+    def _split_params(self, raw: torch.Tensor):
+        """(a, shift, (logits, means, log_scales)), each (B, C, H, W[, K])."""
+        b, _, h, w = raw.shape
         raw = raw.reshape(b, -1, 2 + 3 * self.num_components, h, w).movedim(2, -1)
         a, shift = torch.tanh(raw[..., 0]), raw[..., 1]
         logits, means, log_scales = raw[..., 2:].chunk(3, dim=-1)
         return a, shift, (logits, means, log_scales.clamp_min(MIN_LOG_SCALE))
 
-    def forward(self, x, cond=None):
-        x1, x2 = split_halves(x, self.split)
-        a, shift, mix = self._params(x1, cond)
+    def _params(self, x1: torch.Tensor, cond):
+        return self._split_params(self._raw(x1, cond))
+
+    def _transform(self, x2: torch.Tensor, raw: torch.Tensor):
+        """y2 and the per-sample logdet from x2 and the net's raw output."""
+        a, shift, mix = self._split_params(raw)
         x2f = x2.to(a.dtype)
         log_y, log_1my = mixlogistic_log_cdf(x2f, *mix), mixlogistic_log_sf(x2f, *mix)
         y2 = (log_y - log_1my) * torch.exp(a) + shift  # logit(y) = log y - log(1 - y)
         logdet = mixlogistic_log_pdf(x2f, *mix) - log_y - log_1my + a
-        return merge_halves(x1, y2.to(x.dtype), self.split), logdet.flatten(1).sum(1).to(x.dtype)
+        return y2, logdet.flatten(1).sum(1)
+
+    def forward(self, x, cond=None):
+        x1, x2 = split_halves(x, self.split)
+        raw = self._raw(x1, cond)
+        if torch.is_grad_enabled() and raw.requires_grad:
+            # The mixture maths makes several (B, C, H, W, K) intermediates. Storing them for
+            # backward costs more memory than the coupling net's own activations at small widths;
+            # recomputing them is cheap elementwise work, so only x2 and raw are kept.
+            y2, logdet = checkpoint(self._transform, x2, raw, use_reentrant=False)
+        else:
+            y2, logdet = self._transform(x2, raw)
+        return merge_halves(x1, y2.to(x.dtype), self.split), logdet.to(x.dtype)
 
     def inverse(self, y, cond=None):
         y1, y2 = split_halves(y, self.split)

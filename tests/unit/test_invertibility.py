@@ -112,3 +112,14 @@ def test_dequantizer_flow_with_context():
     u, _ = fwd(eps)
     assert ((u > 0) & (u < 1)).all()
     _check(fwd, lambda v: dq.inverse_transform(v, ctx[: v.shape[0]]), eps)
+
+
+def test_memory_lean_activations_have_exact_gradients():
+    from flowpp.nets import concat_elu, gated_residual
+
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(2, 6, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(concat_elu, (x,))
+    assert torch.autograd.gradcheck(gated_residual, (x, h))
+    ref = torch.nn.functional.elu(torch.cat([x, -x], 1))
+    torch.testing.assert_close(concat_elu(x), ref)
