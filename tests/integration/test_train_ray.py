@@ -165,10 +165,14 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run_keeping_the_checkpoint(t
     skipped = [r["step"] for r in records if r["skipped"]]
     assert len(skipped) >= 3 and skipped[-3:] == list(range(skipped[-1] - 2, skipped[-1] + 1))
     kept = registered_step(tmp_path)  # the last good checkpoint is kept
-    assert 0 < kept <= skipped[-3]
+    assert 0 < kept <= skipped[-1]  # skipped steps leave the weights untouched: still a good checkpoint
     snap = json.loads(next((tmp_path / "runs").glob("*/checkpoint_manager_snapshot.json")).read_text())
     ckpt = next((tmp_path / "runs").glob(f"*/{snap['latest_checkpoint_result']['checkpoint_dir_name']}"))
     assert json.loads((ckpt / "meta.json").read_text())["step"] == kept
+    import torch
+
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
 def test_killed_driver_then_resubmitted_job_resumes(tmp_path):
