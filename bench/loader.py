@@ -1,6 +1,7 @@
 """Loader throughput: ``ShardStream`` vs a plain webdataset pipeline, local disk vs S3.
 
-Run from the repository root (CPU only; needs the ``test`` extras for moto and boto3)::
+Run from the repository root (``make setup`` installs the package and the ``test`` extras it
+needs, moto and boto3; else prefix ``PYTHONPATH=.``). CPU only, about 35 s with the defaults::
 
     python bench/loader.py [--images 4096] [--shard-mb 4] [--batch-size 64] [--repeats 2]
 

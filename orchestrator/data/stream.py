@@ -15,6 +15,7 @@ Faults never change the number of batches a rank yields (which would hang DDP):
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import json
@@ -162,7 +163,7 @@ class _WorkerReader:
             imgs = [self._last_good if im is None else im for im in imgs]
             yield {
                 "images": torch.from_numpy(np.stack(imgs)),
-                "labels": torch.tensor(labels, dtype=torch.int64),
+                "labels": labels,  # a list: one shared-memory tensor per batch is cheaper to ship
                 "keys": keys,
                 "worker": self.worker,
                 "index": self.skip + n // b,
@@ -270,7 +271,11 @@ class ShardStream:
             batch = waiting.pop(want)
             self._account(batch, last_stats)
             self.consumed += 1
-            yield {k: batch[k] for k in ("images", "labels", "keys")}
+            yield {
+                "images": batch["images"],
+                "labels": torch.tensor(batch["labels"], dtype=torch.int64),
+                "keys": batch["keys"],
+            }
         self._next_epoch()
 
     def _account(self, batch, last_stats) -> None:
