@@ -15,7 +15,6 @@ Faults never change the number of batches a rank yields (which would hang DDP):
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import io
 import json
