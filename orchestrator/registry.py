@@ -31,7 +31,7 @@ def ensure_run(tracking_uri: str, experiment: str, job_name: str) -> str:
     mlflow = _mlflow(tracking_uri)
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, _artifact_root(tracking_uri))
     runs = client.search_runs(
         [exp_id],
         filter_string=f"tags.`{JOB_TAG}` = '{job_name}'",
@@ -42,6 +42,13 @@ def ensure_run(tracking_uri: str, experiment: str, job_name: str) -> str:
         return runs[0].info.run_id
     run = client.create_run(exp_id, run_name=job_name, tags={JOB_TAG: job_name})
     return run.info.run_id
+
+
+def _artifact_root(tracking_uri: str) -> str | None:
+    """Beside a sqlite store, not in ./mlruns of whatever directory the process runs in."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return None  # a tracking server decides (the local stack proxies artifacts to S3)
 
 
 class RunLogger:
