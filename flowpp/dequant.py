@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from flowpp.layers import merge_halves, sigmoid_logdet, split_halves
+from flowpp.layers import sigmoid_logdet, split_halves
 from flowpp.nets import ContextNet
 
 
@@ -66,4 +66,4 @@ class VariationalDequantizer(nn.Module):
         return u, standard_normal_log_prob(eps) - logdet
 
 
-__all__ = ["UniformDequantizer", "VariationalDequantizer", "merge_halves", "standard_normal_log_prob"]
+__all__ = ["UniformDequantizer", "VariationalDequantizer", "standard_normal_log_prob"]

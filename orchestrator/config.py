@@ -194,8 +194,6 @@ def semantic_problems(spec: JobSpec) -> list[str]:
         problems.append(f"storage.path: {spec.storage.path!r} is not a filesystem URL (use s3://, file:// or a path)")
     if spec.train.warmup_steps > spec.train.max_steps and spec.train.max_steps > 1:
         problems.append(f"train.warmup_steps: {spec.train.warmup_steps} exceeds train.max_steps={spec.train.max_steps}")
-    if spec.scaling.use_gpu is False and spec.model.precision == "bf16":
-        pass  # bf16 autocast runs on CPU too
     return problems
 
 
