@@ -50,6 +50,45 @@ class _GatedResidual(torch.autograd.Function):
         return grad, torch.cat([grad * s, grad * a * s * (1 - s)], dim=1)
 
 
+class _ConcatELUConv(torch.autograd.Function):
+    """conv2d(elu([x, -x]) * keep / (1 - p)) that keeps x and the bool keep-mask for backward.
+
+    The (B, 2C, H, W) conv input is recomputed in backward instead of stored: it is the
+    largest tensor a gated conv would otherwise save, and elementwise to rebuild.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding, keep, p):
+        e = F.elu(torch.cat([x, -x], dim=1))
+        if keep is not None:
+            e = e * keep / (1 - p)
+        out = F.conv2d(e, weight, bias, padding=padding)
+        ctx.save_for_backward(x, weight, keep)
+        ctx.conf = (padding, p, out.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, keep = ctx.saved_tensors
+        padding, p, dtype = ctx.conf
+        e = F.elu(torch.cat([x, -x], dim=1)).to(dtype)
+        if keep is not None:
+            e = e * keep / (1 - p)
+        mask = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        g_e, g_w, g_b = torch.ops.aten.convolution_backward(
+            grad.to(dtype), e, weight.to(dtype), [weight.shape[0]], [1, 1], [padding, padding],
+            [1, 1], False, [0, 0], 1, mask,
+        )  # fmt: skip
+        g_x = None
+        if g_e is not None:
+            if keep is not None:
+                g_e = g_e * keep / (1 - p)
+            g_pos, g_neg = g_e.to(x.dtype).chunk(2, dim=1)
+            g_x = g_pos * _elu_grad(x) - g_neg * _elu_grad(-x)
+        g_w = g_w.to(weight.dtype) if g_w is not None else None
+        return g_x, g_w, g_b.to(weight.dtype) if g_b is not None else None, None, None, None
+
+
 def concat_elu(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, 2C, H, W)."""
     return _ConcatELU.apply(x)
@@ -93,6 +132,17 @@ class Conv2d(nn.Module):
             self._data_init(x)
         return F.conv2d(x, self._effective_weight(), self.bias, padding=self.padding)
 
+    def forward_elu(self, x: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+        """self(dropout(concat_elu(x))), storing only x (and a bool mask) for backward."""
+        keep = None
+        if dropout > 0 and self.training:
+            b, c, h, w = x.shape
+            keep = torch.rand(b, 2 * c, h, w, device=x.device) >= dropout
+        if not self.initialized:
+            e = F.elu(torch.cat([x, -x], dim=1))
+            self._data_init(e if keep is None else e * keep / (1 - dropout))
+        return _ConcatELUConv.apply(x, self._effective_weight(), self.bias, self.padding, keep, dropout)
+
 
 class LayerNorm(nn.Module):
     """Layer norm over the channel axis of (B, C, H, W), as the official ``norm``."""
@@ -117,15 +167,15 @@ class GatedConv(nn.Module):
         self.context_proj = (
             Conv2d(2 * context_channels, channels, 1, weight_norm=weight_norm) if context_channels else None
         )
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
         k = 1 if use_nin else 3
         self.conv_out = Conv2d(2 * channels, 2 * channels, k, init_scale=0.1, weight_norm=weight_norm)
 
     def forward(self, x, context=None):
-        h = self.conv_in(concat_elu(x))
+        h = self.conv_in.forward_elu(x)
         if self.context_proj is not None:
-            h = h + self.context_proj(concat_elu(context))
-        return gated_residual(x, self.conv_out(self.dropout(concat_elu(h))))
+            h = h + self.context_proj.forward_elu(context)
+        return gated_residual(x, self.conv_out.forward_elu(h, self.dropout))
 
 
 class GatedAttention(nn.Module):
@@ -165,8 +215,12 @@ class CouplingBlock(nn.Module):
     def forward(self, x, context=None, pos_emb=None):
         x = self.norm1(self.conv(x, context))
         if self.attn is not None:
-            x = self.norm2(self.attn(x, pos_emb))
+            x = self.attend(x, pos_emb)
         return x
+
+    def attend(self, x, pos_emb):
+        """The attention block: gated attention, then its layer norm (what ``checkpoint=attention`` wraps)."""
+        return self.norm2(self.attn(x, pos_emb))
 
 
 class CouplingNet(nn.Module):
