@@ -130,6 +130,24 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_tune(args) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    spec = _load(args)
+    if spec.tune is None:
+        print(f"{args.job}: no `tune:` section; see jobs/tune-mixtures.yaml", file=sys.stderr)
+        return 2
+    from orchestrator.tune import SearchError, run_search
+
+    try:
+        rows = run_search(spec, resume=args.resume)
+    except SearchError as exc:
+        print(f"tune: {exc}", file=sys.stderr)
+        return 1
+    return 0 if any(r.status != "error" for r in rows) else 1
+
+
 def _cmd_submit(args) -> int:
     spec = _load(args)
     from orchestrator.submit import submit
@@ -161,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", help="a job YAML, e.g. jobs/imagenet64.yaml")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. train.lr=3e-4")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("tune", help="run the Ray Tune search in a job spec's `tune:` section, one TorchTrainer a trial")
+    p.add_argument("job", help="a job YAML with a `tune:` section, e.g. jobs/tune-mixtures.yaml")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. tune.num_samples=2")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search from its trials' checkpoints")
+    p.set_defaults(func=_cmd_tune)
 
     p = sub.add_parser("submit", help="submit a job spec to the Ray cluster in its `ray:` section, stream logs")
     p.add_argument("job")

@@ -118,6 +118,8 @@ class MlflowSpec(_Strict):
     experiment: str = "flowpp"
     registered_model: str = "flowpp"
     enabled: bool = True
+    register_model: bool = True
+    """Log the final EMA model and register a new version (Tune trials leave that to the search)."""
 
 
 class RaySpec(_Strict):
@@ -126,6 +128,53 @@ class RaySpec(_Strict):
     runtime_env: dict[str, Any] = Field(default_factory=dict)
     entrypoint_num_cpus: float = Field(0.0, ge=0)
     entrypoint_num_gpus: float = Field(0.0, ge=0)
+
+
+class Distribution(_Strict):
+    """One hyperparameter's values: exactly one of the keys."""
+
+    grid: list[Any] | None = None
+    """Every value, each in its own trial (times ``num_samples``)."""
+    choice: list[Any] | None = None
+    """One value drawn per trial."""
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+    """Integers in [low, high)."""
+
+    def kind(self) -> str:
+        return next(k for k in type(self).model_fields if getattr(self, k) is not None)
+
+
+class AshaSpec(_Strict):
+    time_attr: str = "step"
+    """The reported counter ASHA measures time in. Trained steps survive a restore of the search;
+    ``training_iteration`` restarts from 0 when a trial's driver is restarted, so it is refused."""
+    max_t: int = Field(..., ge=1)
+    """The most ``time_attr`` a trial can reach (normally ``train.max_steps``)."""
+    grace_period: int = Field(..., ge=1)
+    """No trial is stopped before this much ``time_attr``."""
+    reduction_factor: float = Field(2.0, gt=1)
+    brackets: int = Field(1, ge=1)
+
+
+class TuneSpec(_Strict):
+    metric: str = "val_bpd"
+    """The metric ASHA and the final ranking use; lower is better (bits/dim)."""
+    space: dict[str, Distribution]
+    """Dotted job-spec fields (``model.num_components``, ``train.lr``) and their values."""
+    num_samples: int = Field(1, ge=1)
+    """Trials per point of the grid (Ray Tune's ``num_samples``)."""
+    scheduler: AshaSpec
+    workers_per_trial: int = Field(1, ge=1)
+    """Ray Train workers in each trial (each trial is a distributed run)."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    driver_cpus: float = Field(0.05, gt=0, le=1)
+    """CPU reserved by each trial's driver function. Fractional: a whole CPU per driver on a small
+    node leaves nothing for the workers, and the search deadlocks."""
+    max_concurrent_trials: int = Field(2, ge=1)
+    register_best: bool = True
+    """Register the best trial's EMA model as a new version of ``mlflow.registered_model``."""
 
 
 class JobSpec(_Strict):
@@ -138,8 +187,8 @@ class JobSpec(_Strict):
     storage: StorageSpec = Field(default_factory=StorageSpec)
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
-    tune: dict[str, Any] | None = None
-    """A Ray Tune search over this job (see orchestrator.tune)."""
+    tune: TuneSpec | None = None
+    """A Ray Tune search over this job (``flowpp tune``; see orchestrator.tune)."""
 
     @property
     def per_worker_batch(self) -> int:
@@ -194,7 +243,70 @@ def semantic_problems(spec: JobSpec) -> list[str]:
         problems.append(f"storage.path: {spec.storage.path!r} is not a filesystem URL (use s3://, file:// or a path)")
     if spec.train.warmup_steps > spec.train.max_steps and spec.train.max_steps > 1:
         problems.append(f"train.warmup_steps: {spec.train.warmup_steps} exceeds train.max_steps={spec.train.max_steps}")
+    if spec.tune is not None:
+        problems += tune_problems(spec)
     return problems
+
+
+def tune_problems(spec: JobSpec) -> list[str]:
+    """The search space's fields must exist, and every value they can take must validate."""
+    problems = []
+    sched = spec.tune.scheduler
+    if sched.time_attr == "training_iteration":
+        problems.append("tune.scheduler.time_attr: training_iteration restarts at 0 when a search is resumed; use step")
+    if sched.grace_period > sched.max_t:
+        problems.append(f"tune.scheduler.grace_period: {sched.grace_period} exceeds max_t={sched.max_t}")
+    base = spec.model_dump(exclude={"tune"})
+    for key, dist in spec.tune.space.items():
+        where = f"tune.space.{key}"
+        kinds = [k for k in type(dist).model_fields if getattr(dist, k) is not None]
+        if len(kinds) != 1:
+            problems.append(f"{where}: give exactly one of {list(type(dist).model_fields)}, got {kinds or 'none'}")
+            continue
+        values = getattr(dist, kinds[0])
+        if kinds[0] in ("uniform", "loguniform", "randint") and not values[0] < values[1]:
+            problems.append(f"{where}: {kinds[0]} needs low < high, got {list(values)}")
+        if kinds[0] == "loguniform" and values[0] <= 0:
+            problems.append(f"{where}: loguniform needs low > 0, got {values[0]}")
+        if not values:
+            problems.append(f"{where}: {kinds[0]} is empty")
+        for value in values:
+            problems += [f"{where}: value {value!r}: {p}" for p in override_problems(base, key, value)]
+    return problems
+
+
+def apply_overrides(tree: dict, overrides: dict[str, Any]) -> dict:
+    """A deep copy of ``tree`` with dotted ``overrides`` set."""
+    import copy
+
+    tree = copy.deepcopy(tree)
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {}) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            raise KeyError(f"{dotted}: {'.'.join(parents)} is not a section of the job spec")
+        node[leaf] = value
+    return tree
+
+
+def override_problems(base: dict, dotted: str, value: Any) -> list[str]:
+    """What is wrong with setting ``dotted`` to ``value`` on a job spec tree (nothing: [])."""
+    *parents, leaf = dotted.split(".")
+    node = JobSpec
+    for part in [*parents, leaf]:
+        field = getattr(node, "model_fields", {}).get(part)
+        if field is None:
+            return [f"{dotted!r} is not a field of the job spec"]
+        node = field.annotation
+        args = [a for a in getattr(node, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        node = args[0] if args else node
+    try:
+        spec = JobSpec.model_validate(apply_overrides(base, {dotted: value}))
+    except ValidationError as exc:
+        return [e["msg"] for e in exc.errors()]
+    return semantic_problems(spec)
 
 
 def validate(tree: Any, source: str = "job spec") -> JobSpec:

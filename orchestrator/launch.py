@@ -93,7 +93,7 @@ def _init_ray(spec: JobSpec) -> None:
         ray.init()
 
 
-def make_trainer(spec: JobSpec, run_id: str | None):
+def make_trainer(spec: JobSpec, run_id: str | None, callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -119,6 +119,7 @@ def make_trainer(spec: JobSpec, run_id: str | None):
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
+            callbacks=callbacks or None,
         ),
     )
 

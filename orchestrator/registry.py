@@ -26,8 +26,17 @@ def _mlflow(tracking_uri: str):
     return mlflow
 
 
-def ensure_run(tracking_uri: str, experiment: str, job_name: str) -> str:
-    """The MLflow run of this job: the unfinished one of the same name, or a new one."""
+def ensure_run(
+    tracking_uri: str,
+    experiment: str,
+    job_name: str,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> str:
+    """The MLflow run of this job: the unfinished one of the same name, or a new one.
+
+    ``parent_run_id`` makes a new run a child (a Tune trial under its search).
+    """
     mlflow = _mlflow(tracking_uri)
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(experiment)
@@ -40,8 +49,27 @@ def ensure_run(tracking_uri: str, experiment: str, job_name: str) -> str:
     )
     if runs and runs[0].info.status != "FINISHED":
         return runs[0].info.run_id
-    run = client.create_run(exp_id, run_name=job_name, tags={JOB_TAG: job_name})
+    all_tags = {JOB_TAG: job_name, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, run_name=job_name, tags=all_tags)
     return run.info.run_id
+
+
+def finish_children(tracking_uri: str, parent_run_id: str, statuses: dict[str, str]) -> None:
+    """Close a search's child runs: FINISHED when complete, KILLED when ASHA stopped them, FAILED on error."""
+    client = _mlflow(tracking_uri).MlflowClient()
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    )
+    terminal = {"complete": "FINISHED", "stopped early": "KILLED", "error": "FAILED"}
+    for run in children:
+        status = statuses.get(run.data.tags.get("flowpp.trial", ""))
+        if status:
+            client.set_tag(run.info.run_id, "flowpp.trial_status", status)
+        if run.info.status == "RUNNING" and status:
+            client.set_terminated(run.info.run_id, terminal[status])
 
 
 def _artifact_root(tracking_uri: str) -> str | None:

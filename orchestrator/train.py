@@ -385,6 +385,9 @@ def _finish(spec, model, ema, valid_stream, mlf) -> None:
         return
     from orchestrator import registry
 
+    if not spec.mlflow.register_model:  # a Tune trial: the search registers its best
+        mlf.finish()
+        return
     if "flowpp.registered_version" in mlf.client.get_run(mlf.run_id).data.tags:
         return  # a re-submitted, already finished job: nothing new to register
 
