@@ -148,6 +148,67 @@ def _cmd_tune(args) -> int:
     return 0 if any(r.status != "error" for r in rows) else 1
 
 
+def _tracking_uri(args) -> str:
+    import os
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        print("no MLflow tracking server: pass --tracking-uri or set MLFLOW_TRACKING_URI", file=sys.stderr)
+        raise SystemExit(2)
+    return uri
+
+
+def _cmd_promote(args) -> int:
+    from orchestrator.promote import EvalSettings, PromotionError, promote, rollback
+
+    uri = _tracking_uri(args)
+    try:
+        if args.rollback:
+            rollback(uri, args.model)
+            return 0
+        settings = EvalSettings(
+            data=args.data,
+            seed=args.seed,
+            samples=args.samples,
+            max_images=args.max_images,
+            options=_storage_options(args),
+        )
+        decision = promote(uri, args.model, args.version, settings, args.margin, args.z, args.dry_run)
+    except PromotionError as exc:
+        print(f"promote: {exc}", file=sys.stderr)
+        return 1
+    return 0 if decision.promote or args.dry_run else 3
+
+
+def _cmd_sample(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from orchestrator.registry import load_flow
+    from orchestrator.train import sample_grid
+
+    torch.manual_seed(args.seed)
+    model = load_flow(args.model, args.tracking_uri)
+    path = sample_grid(model, args.n, Path(args.out), seed=args.seed, temperature=args.temperature)
+    print(f"wrote {args.n} samples from {args.model} to {path}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from orchestrator.evaluate import per_image_bpd
+    from orchestrator.registry import load_flow
+
+    model = load_flow(args.model, args.tracking_uri)
+    common = dict(seed=args.seed, max_images=args.max_images, batch_size=args.batch_size)
+    elbo = per_image_bpd(model, args.data, _storage_options(args), samples=1, **common)
+    print(f"{args.model}: {elbo.mean:.4f} bits/dim (dequantization bound) on {len(elbo.bpd)} images")
+    if args.iw_samples > 1:
+        iw = per_image_bpd(model, args.data, _storage_options(args), samples=args.iw_samples, **common)
+        print(f"{args.model}: {iw.mean:.4f} bits/dim (importance-weighted bound, {args.iw_samples} samples)")
+    return 0
+
+
 def _cmd_submit(args) -> int:
     spec = _load(args)
     from orchestrator.submit import submit
@@ -185,6 +246,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. tune.num_samples=2")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search from its trials' checkpoints")
     p.set_defaults(func=_cmd_tune)
+
+    p = sub.add_parser("promote", help="move @champion to a registered version if it beats the champion")
+    p.add_argument("--model", required=True, metavar="NAME", help="registered model name")
+    p.add_argument("--version", default=None, help="candidate version (default: the latest)")
+    p.add_argument("--data", default=None, help="held-out manifest URL (default: the candidate run's data.valid)")
+    p.add_argument("--margin", type=float, default=None, help="fixed margin in bits/dim (default: z x s.e.)")
+    p.add_argument("--z", type=float, default=2.0, help="standard errors of the paired difference to beat")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=1, help="dequantization samples per image (>1: IW bound)")
+    p.add_argument("--max-images", type=int, default=0, help="score only the first N images (0: all)")
+    p.add_argument("--dry-run", action="store_true", help="print the decision only")
+    p.add_argument("--rollback", action="store_true", help="move @champion back to @previous")
+    p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI")
+    _add_storage_args(p)
+    p.set_defaults(func=_cmd_promote)
+
+    p = sub.add_parser("sample", help="a PNG grid of samples from a registered model")
+    p.add_argument("--model", required=True, help="models:/NAME@champion, models:/NAME/3 or runs:/ID/model")
+    p.add_argument("-n", type=int, default=64)
+    p.add_argument("--out", default="samples.png")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI")
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("evaluate", help="bits/dim of a registered model on a manifest's shards")
+    p.add_argument("--model", required=True, help="models:/NAME@champion, models:/NAME/3 or runs:/ID/model")
+    p.add_argument("--data", required=True, help="manifest URL of the split to score")
+    p.add_argument("--iw-samples", type=int, default=1, help=">1: also the importance-weighted bound")
+    p.add_argument("--max-images", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI")
+    _add_storage_args(p)
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("submit", help="submit a job spec to the Ray cluster in its `ray:` section, stream logs")
     p.add_argument("job")

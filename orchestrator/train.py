@@ -127,10 +127,11 @@ def evaluate(model: FlowPlusPlus, valid: ShardStream, spec: JobSpec) -> float:
     return total / (count * model.num_dims * math.log(2))
 
 
-def sample_grid(model: FlowPlusPlus, n: int, path: Path, seed: int) -> Path:
+def sample_grid(model: FlowPlusPlus, n: int, path: Path, seed: int, temperature: float = 1.0) -> Path:
     from PIL import Image
 
-    images = model.sample(n, generator=torch.Generator().manual_seed(seed)).numpy()  # (n, C, H, W)
+    gen = torch.Generator().manual_seed(seed)
+    images = model.sample(n, temperature=temperature, generator=gen).numpy()  # (n, C, H, W)
     cols = int(math.ceil(math.sqrt(n)))
     rows = int(math.ceil(n / cols))
     c, h, w = images.shape[1:]

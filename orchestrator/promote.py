@@ -1,0 +1,274 @@
+"""Promotion in the MLflow model registry: move the alias ``champion`` only to a better model.
+
+A candidate version and the current ``@champion`` are scored on the same held-out
+shards, with their (EMA) registered weights, the same seed and the same number of
+dequantization samples. The candidate wins only if its mean bits/dim is lower by more
+than a margin: by default ``z`` standard errors of the paired per-image difference, so
+that a gain inside the noise of the evaluation set is not a win. The figures are
+written as tags on both versions. The previous champion keeps the alias ``previous``,
+which ``rollback`` moves back.
+
+MLflow has no compare-and-set, so the alias move runs under an advisory lock (a tag on
+the registered model, set, left to settle, then read back), and the champion is read
+again under the lock: if another promotion moved it meanwhile, the candidate is
+compared with the new champion before anything changes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from orchestrator import registry, storage
+from orchestrator.evaluate import Scores, per_image_bpd
+
+CHAMPION, PREVIOUS = "champion", "previous"
+LOCK_TAG = "flowpp.promotion_lock"
+
+
+class PromotionError(RuntimeError):
+    pass
+
+
+@dataclass
+class EvalSettings:
+    data: str | None = None
+    """Manifest URL of the held-out split (default: the candidate run's ``data.valid``)."""
+    seed: int = 0
+    samples: int = 1
+    max_images: int = 0
+    batch_size: int = 32
+    options: storage.StorageOptions = field(default_factory=storage.StorageOptions)
+
+
+@dataclass
+class Decision:
+    promote: bool
+    reason: str
+    candidate_bpd: float
+    champion_bpd: float | None = None
+    gain: float | None = None
+    """Champion bits/dim minus candidate bits/dim (positive: the candidate is better)."""
+    margin: float | None = None
+    n: int = 0
+
+
+def decide(candidate: Scores, champion: Scores | None, margin: float | None = None, z: float = 2.0) -> Decision:
+    """Promote iff the candidate beats the champion by more than the margin (the first valid one wins)."""
+    cand = candidate.mean
+    if not math.isfinite(cand):
+        return Decision(False, f"the candidate's bits/dim is not finite ({cand})", cand, n=len(candidate.bpd))
+    if champion is None:
+        return Decision(True, "no champion yet: the first valid candidate is promoted", cand, n=len(candidate.bpd))
+    if candidate.keys != champion.keys:
+        raise PromotionError("candidate and champion were not scored on the same images")
+    diff = champion.bpd - candidate.bpd  # per image, positive where the candidate is better
+    n = len(diff)
+    gain = float(diff.mean())
+    spread = float(diff.std(ddof=1)) if n > 1 else 0.0
+    bound = margin if margin is not None else z * spread / math.sqrt(n)
+    how = f"fixed margin {bound:.4f}" if margin is not None else f"margin {bound:.4f} = {z:g} x s.e. over {n} images"
+    if gain > bound:
+        return Decision(True, f"better by {gain:.4f} bits/dim > {how}", cand, champion.mean, gain, bound, n)
+    return Decision(False, f"not better by more than the margin: {gain:+.4f} bits/dim <= {how}", cand,
+                    champion.mean, gain, bound, n)  # fmt: skip
+
+
+class Registry:
+    """The few registry calls promotion needs, on one registered model."""
+
+    def __init__(self, tracking_uri: str, name: str):
+        self.client = registry._mlflow(tracking_uri).MlflowClient()
+        self.tracking_uri, self.name = tracking_uri, name
+
+    def version(self, version: str):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version(self.name, str(version))
+        except MlflowException:
+            raise PromotionError(f"registered model {self.name!r} has no version {version}") from None
+
+    def latest(self):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            versions = self.client.search_model_versions(f"name = '{self.name}'")
+        except MlflowException:
+            versions = []
+        if not versions:
+            raise PromotionError(f"registered model {self.name!r} does not exist or has no versions")
+        return max(versions, key=lambda v: int(v.version))
+
+    def alias(self, alias: str) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_model_version_by_alias(self.name, alias).version)
+        except MlflowException:
+            return None
+
+    def tags(self) -> dict:
+        return self.client.get_registered_model(self.name).tags
+
+    def val_metric(self, mv) -> float:
+        """The version's validation bits/dim from training; a clear error if it never had one."""
+        value = mv.tags.get("val_bpd")
+        if value in (None, "", "nan") and mv.run_id:
+            value = self.client.get_run(mv.run_id).data.metrics.get("val_bpd")
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value):
+            raise PromotionError(
+                f"{self.name} version {mv.version} has no val_bpd metric (its run {mv.run_id} never reported a "
+                "validation figure): it is not a valid candidate"
+            )
+        return value
+
+    def data_url(self, mv) -> str:
+        url = self.client.get_run(mv.run_id).data.params.get("data.valid") if mv.run_id else None
+        if not url:
+            raise PromotionError(
+                f"{self.name} version {mv.version}: its run records no data.valid; pass --data MANIFEST_URL"
+            )
+        return url
+
+    def scores(self, version: str, settings: EvalSettings) -> Scores:
+        model = registry.load_flow(f"models:/{self.name}/{version}", self.tracking_uri)
+        return per_image_bpd(
+            model,
+            settings.data,
+            settings.options,
+            seed=settings.seed,
+            samples=settings.samples,
+            max_images=settings.max_images,
+            batch_size=settings.batch_size,
+        )
+
+    def tag_version(self, version: str, tags: dict) -> None:
+        for k, v in tags.items():
+            self.client.set_model_version_tag(self.name, version, k, str(v))
+
+
+@contextmanager
+def promotion_lock(reg: Registry, lease_s: float = 1800, settle_s: float = 1.0, timeout_s: float = 900):
+    """An advisory lock on the registered model; a holder that died frees it when its lease ends."""
+    token = f"{uuid.uuid4().hex}:{time.time() + lease_s:.0f}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        held = reg.tags().get(LOCK_TAG)
+        if held and held != token and float(held.rsplit(":", 1)[1]) > time.time():
+            if time.monotonic() > deadline:
+                raise PromotionError(f"{reg.name}: another promotion has held the lock for over {timeout_s:.0f} s")
+            time.sleep(0.2 + random.random() * 0.3)
+            continue
+        reg.client.set_registered_model_tag(reg.name, LOCK_TAG, token)
+        time.sleep(settle_s)  # a concurrent writer that read "free" has written by now; the last write wins
+        if reg.tags().get(LOCK_TAG) == token:
+            break
+    try:
+        yield token
+    finally:
+        if reg.tags().get(LOCK_TAG) == token:
+            reg.client.delete_registered_model_tag(reg.name, LOCK_TAG)
+
+
+def promote(
+    tracking_uri: str,
+    name: str,
+    version: str | None = None,
+    settings: EvalSettings | None = None,
+    margin: float | None = None,
+    z: float = 2.0,
+    dry_run: bool = False,
+    log=print,
+) -> Decision:
+    """Compare ``version`` (default: the latest) with ``@champion``; move the aliases if it wins."""
+    settings = settings or EvalSettings()
+    reg = Registry(tracking_uri, name)
+    cand = reg.version(version) if version else reg.latest()
+    reg.val_metric(cand)
+    if settings.data is None:
+        settings.data = reg.data_url(cand)
+    champion = reg.alias(CHAMPION)
+    if champion == str(cand.version):
+        raise PromotionError(f"{name} version {cand.version} is already the champion")
+    if champion is not None:
+        reg.val_metric(reg.version(champion))
+    who = f"v{champion}" if champion else "(none)"
+    log(f"scoring {name} v{cand.version} and champion {who} on {storage.redact(settings.data)} "
+        f"(seed {settings.seed}, {settings.samples} dequantization sample(s))")  # fmt: skip
+    cand_scores = reg.scores(cand.version, settings)
+    champ_scores = reg.scores(champion, settings) if champion else None
+    decision = decide(cand_scores, champ_scores, margin, z)
+    if dry_run:
+        log(_summary(name, cand.version, champion, decision, dry_run=True))
+        return decision
+    with promotion_lock(reg):
+        now = reg.alias(CHAMPION)
+        if now != champion:  # another promotion moved it while we were scoring
+            log(f"the champion changed from {champion} to {now} meanwhile; comparing with v{now}")
+            champion = now
+            champ_scores = reg.scores(champion, settings) if champion else None
+            decision = decide(cand_scores, champ_scores, margin, z)
+        _record(reg, cand.version, champion, decision, settings)
+        if decision.promote:
+            reg.client.set_registered_model_alias(name, CHAMPION, str(cand.version))
+            if champion is not None:
+                reg.client.set_registered_model_alias(name, PREVIOUS, champion)
+    log(_summary(name, cand.version, champion, decision))
+    return decision
+
+
+def rollback(tracking_uri: str, name: str, log=print) -> str:
+    """Move ``champion`` back to ``previous``; returns the restored version."""
+    reg = Registry(tracking_uri, name)
+    with promotion_lock(reg):
+        previous, current = reg.alias(PREVIOUS), reg.alias(CHAMPION)
+        if previous is None:
+            raise PromotionError(f"{name}: no @previous version to roll back to")
+        reg.client.set_registered_model_alias(name, CHAMPION, previous)
+        reg.client.delete_registered_model_alias(name, PREVIOUS)
+        if current is not None:
+            reg.tag_version(current, {"promotion.rolled_back": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    log(f"rolled back {name}: champion v{current} -> v{previous}")
+    return previous
+
+
+def _record(reg: Registry, cand: str, champion: str | None, d: Decision, s: EvalSettings) -> None:
+    common = {
+        "promotion.data": storage.redact(s.data),
+        "promotion.seed": s.seed,
+        "promotion.samples": s.samples,
+        "promotion.images": d.n,
+        "promotion.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    reg.tag_version(cand, {
+        **common,
+        "promotion.bpd": f"{d.candidate_bpd:.6f}",
+        "promotion.compared_with": champion or "none",
+        "promotion.decision": "promoted" if d.promote else "refused",
+        "promotion.reason": d.reason,
+    })  # fmt: skip
+    if champion is not None:
+        reg.tag_version(champion, {**common, "promotion.bpd": f"{d.champion_bpd:.6f}", "promotion.compared_with": cand})
+
+
+def _summary(name, cand, champion, d: Decision, dry_run: bool = False) -> str:
+    figures = f"candidate v{cand}: {d.candidate_bpd:.4f} bits/dim"
+    if champion is not None and d.champion_bpd is not None:
+        figures += f", champion v{champion}: {d.champion_bpd:.4f} bits/dim"
+    figures += f" ({d.n} images)"
+    if dry_run:
+        verdict = "would promote" if d.promote else "would refuse"
+    elif d.promote:
+        verdict = f"promoted: {name}@{CHAMPION} = v{cand}" + (f", @{PREVIOUS} = v{champion}" if champion else "")
+    else:
+        verdict = f"refused: {name}@{CHAMPION} stays " + (f"v{champion}" if champion else "unset")
+    return f"{figures}; {d.reason} -> {verdict}"

@@ -1,0 +1,215 @@
+"""Promotion, rollback, sampling and evaluation against a real MLflow server.
+
+The server has a sqlite backend and proxies artifacts to the moto S3 bucket; the
+held-out shards live in the same bucket. Three real models of different quality
+(untrained, 40 and 150 training steps at the debug preset) are logged once per module
+and registered under a fresh model name in each test.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowpp import build_model, get_preset
+from flowpp.distributed import data_dependent_init
+from orchestrator import registry
+from orchestrator.cli import main as cli
+from orchestrator.data.prepare import PrepareOptions, prepare
+from orchestrator.data.stream import ShardStream
+from orchestrator.evaluate import per_image_bpd
+from orchestrator.promote import CHAMPION, LOCK_TAG, PREVIOUS, EvalSettings, PromotionError, promote, rollback
+from orchestrator.storage import StorageOptions
+from tests.integration.test_registry import _no_pickle
+from tests.mlflowfixtures import mlflow_server  # noqa: F401  (fixture)
+from tests.s3fixtures import ACCESS_KEY, SECRET
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _train(model, stream, steps):
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    done = 0
+    while done < steps:
+        for batch in stream:
+            loss = model.bits_per_dim(batch["images"].long()).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            done += 1
+            if done == steps:
+                break
+
+
+@pytest.fixture(scope="module")
+def world(mlflow_server):  # noqa: F811
+    """Held-out shards in S3 and three logged models: weak (untrained), good (40 steps), best (150)."""
+    opts = StorageOptions(endpoint_url=mlflow_server.s3_endpoint, key=ACCESS_KEY, secret=SECRET)
+    data = f"s3://{mlflow_server.bucket}/data"
+    for split, count in (("train", 256), ("valid", 48)):
+        out = f"{data}/{split}"
+        prepare(PrepareOptions("demo", "", out, split=split, image_size=16, count=count, progress=False), opts)
+    valid = f"{data}/valid/manifest.json"
+    torch.manual_seed(0)
+    model = build_model(get_preset("debug"))
+    train = ShardStream(f"{data}/train/manifest.json", batch_size=16, options=opts, shuffle_buffer=64)
+    data_dependent_init(model, next(iter(train))["images"].long())
+    uris = {}
+    client = registry._mlflow(mlflow_server.uri).MlflowClient()
+    exp = client.create_experiment("promote-" + uuid.uuid4().hex[:6])
+    for name, steps in (("weak", 0), ("good", 40), ("best", 110)):
+        model.train()
+        _train(model, train, steps)
+        model.eval()
+        run = client.create_run(exp, run_name=name).info.run_id
+        client.log_param(run, "data.valid", valid)
+        client.log_metric(run, "val_bpd", per_image_bpd(model, valid, opts, max_images=16).mean)
+        uris[name] = registry.log_flow_model(mlflow_server.uri, run, model)
+    run = client.create_run(exp, run_name="no-metric").info.run_id
+    client.log_param(run, "data.valid", valid)
+    uris["no_metric"] = registry.log_flow_model(mlflow_server.uri, run, model)
+    return {"uris": uris, "valid": valid, "opts": opts, "server": mlflow_server}
+
+
+@pytest.fixture
+def reg(world, aws_env, monkeypatch):
+    """A fresh registered model name, and helpers to add versions and read aliases."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", world["server"].s3_endpoint)
+    uri, name = world["server"].uri, "flow-" + uuid.uuid4().hex[:8]
+    client = registry._mlflow(uri).MlflowClient()
+
+    class Reg:
+        def __init__(self):
+            self.uri, self.name, self.client = uri, name, client
+
+        def add(self, which: str) -> str:
+            return registry.register(uri, world["uris"][which], name, {})
+
+        def alias(self, alias):
+            try:
+                return str(client.get_model_version_by_alias(name, alias).version)
+            except Exception:
+                return None
+
+        def tags(self, version):
+            return client.get_model_version(name, version).tags
+
+        def promote(self, version=None, **kw):
+            settings = EvalSettings(options=world["opts"], max_images=kw.pop("max_images", 0))
+            return promote(uri, name, version, settings, log=lambda *_: None, **kw)
+
+    return Reg()
+
+
+def test_first_candidate_is_promoted_then_a_worse_one_is_refused(reg):
+    v1 = reg.add("good")
+    first = reg.promote(v1)
+    assert first.promote and reg.alias(CHAMPION) == v1 and reg.alias(PREVIOUS) is None
+    v2 = reg.add("weak")
+    worse = reg.promote(v2)
+    assert not worse.promote and worse.gain < 0
+    assert "not better" in worse.reason
+    assert reg.alias(CHAMPION) == v1
+    # the figures are recorded on both versions, from the same images
+    cand, champ = reg.tags(v2), reg.tags(v1)
+    assert cand["promotion.decision"] == "refused" and cand["promotion.compared_with"] == v1
+    assert champ["promotion.compared_with"] == v2
+    assert float(cand["promotion.bpd"]) > float(champ["promotion.bpd"])
+    assert cand["promotion.images"] == champ["promotion.images"] == "48"
+    assert cand["promotion.data"] == champ["promotion.data"]
+
+
+def test_a_better_candidate_is_promoted_and_rollback_restores_the_previous(reg):
+    v1, v2 = reg.add("weak"), reg.add("best")
+    reg.promote(v1)
+    better = reg.promote(v2)
+    assert better.promote and better.gain > better.margin > 0
+    assert (reg.alias(CHAMPION), reg.alias(PREVIOUS)) == (v2, v1)
+    assert rollback(reg.uri, reg.name, log=lambda *_: None) == v1
+    assert (reg.alias(CHAMPION), reg.alias(PREVIOUS)) == (v1, None)
+    assert "promotion.rolled_back" in reg.tags(v2)
+    with pytest.raises(PromotionError, match="no @previous"):
+        rollback(reg.uri, reg.name, log=lambda *_: None)
+
+
+def test_a_tie_within_the_margin_is_refused(reg):
+    v1, v2 = reg.add("good"), reg.add("good")  # the same weights: a difference of exactly 0
+    reg.promote(v1)
+    tie = reg.promote(v2)
+    assert not tie.promote and tie.gain == 0.0
+    assert reg.alias(CHAMPION) == v1
+    # a real gain that a stated margin swallows is refused as well
+    v3 = reg.add("best")
+    wide = reg.promote(v3, margin=50.0)
+    assert not wide.promote and 0 < wide.gain < 50.0 and reg.alias(CHAMPION) == v1
+
+
+def test_missing_metric_and_missing_version_are_clear_errors(reg):
+    v1 = reg.add("no_metric")
+    with pytest.raises(PromotionError, match=rf"version {v1} has no val_bpd"):
+        reg.promote(v1)
+    with pytest.raises(PromotionError, match="has no version 99"):
+        reg.promote("99")
+    with pytest.raises(PromotionError, match="does not exist or has no versions"):
+        promote(reg.uri, "never-registered-" + uuid.uuid4().hex[:6], log=lambda *_: None)
+    assert reg.alias(CHAMPION) is None
+
+
+def test_dry_run_changes_nothing(reg, capsys):
+    v1 = reg.add("good")
+    assert cli(["promote", "--model", reg.name, "--version", v1, "--dry-run", "--tracking-uri", reg.uri]) == 0
+    assert "would promote" in capsys.readouterr().out
+    assert reg.alias(CHAMPION) is None and "promotion.decision" not in reg.tags(v1)
+
+
+def test_concurrent_promotions_leave_consistent_aliases(reg):
+    v1, v2, v3 = reg.add("weak"), reg.add("good"), reg.add("best")
+    reg.promote(v1)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": reg.uri}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "promote", "--model", reg.name, "--version", v],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for v in (v2, v3)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    codes = [p.returncode for p in procs]
+    assert set(codes) <= {0, 3}, outs
+    assert reg.alias(CHAMPION) == v3, outs  # the best wins whatever the order
+    t2, t3 = reg.tags(v2), reg.tags(v3)
+    if t2["promotion.decision"] == "promoted":  # v2 went first: v3 was re-compared with v2, not v1
+        assert t3["promotion.compared_with"] == v2 and reg.alias(PREVIOUS) == v2
+    else:  # v3 went first: v2 was then compared with v3 and refused
+        assert t2["promotion.compared_with"] == v3 and reg.alias(PREVIOUS) == v1
+    assert LOCK_TAG not in reg.client.get_registered_model(reg.name).tags
+
+
+def test_sample_and_evaluate_load_the_registered_model_without_pickle(reg, world, tmp_path, capsys, monkeypatch):
+    reg.promote(reg.add("best"))
+    model = f"models:/{reg.name}@champion"
+    _no_pickle(monkeypatch)
+    out = tmp_path / "grid.png"
+    assert cli(["sample", "--model", model, "-n", "9", "--out", str(out), "--tracking-uri", reg.uri]) == 0
+    from PIL import Image
+
+    with Image.open(out) as im:
+        assert im.size == (3 * 16, 3 * 16)
+    args = ["evaluate", "--model", model, "--data", world["valid"], "--iw-samples", "3", "--tracking-uri", reg.uri]
+    assert cli(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    elbo = float(next(line for line in lines if "dequantization bound" in line).split()[1])
+    iw = float(next(line for line in lines if "importance-weighted" in line).split()[1])
+    assert 0 < iw <= elbo + 0.05  # the tighter bound, up to the noise of 3 samples

@@ -1,0 +1,56 @@
+"""A real MLflow tracking server for tests: sqlite backend, artifacts proxied to the moto S3
+bucket, on 127.0.0.1, started and stopped by pid (its own process group)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.s3fixtures import ACCESS_KEY, SECRET, _wait_http, free_port
+
+
+@dataclass
+class MlflowServer:
+    uri: str
+    bucket: str
+    s3_endpoint: str
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(s3_endpoint, tmp_path_factory):
+    import boto3
+
+    bucket = "mlflow-" + uuid.uuid4().hex[:10]
+    creds = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
+    boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET,
+        region_name="us-east-1",
+    ).create_bucket(Bucket=bucket)
+    state = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    env = {**os.environ, **creds, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
+    cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", f"sqlite:///{state}/mlflow.db",
+           "--artifacts-destination", f"s3://{bucket}/mlflow", "--serve-artifacts"]  # fmt: skip
+    log = open(state / "server.log", "wb")  # noqa: SIM115  (closed below)
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health", timeout=120)
+        yield MlflowServer(f"http://127.0.0.1:{port}", bucket, s3_endpoint)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server's own group: its workers, nobody else
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
