@@ -51,29 +51,37 @@ class _GatedResidual(torch.autograd.Function):
 
 
 class _ConcatELUConv(torch.autograd.Function):
-    """conv2d(elu([x, -x]) * keep / (1 - p)) that keeps x and the bool keep-mask for backward.
+    """conv2d(elu([x, -x]) * keep / (1 - p)), optionally gated into a residual: r + a * sigmoid(b).
 
-    The (B, 2C, H, W) conv input is recomputed in backward instead of stored: it is the
-    largest tensor a gated conv would otherwise save, and elementwise to rebuild.
+    Only x and the bool keep-mask are stored for backward. The (B, 2C, H, W) conv input
+    and, when gated, the (B, 2C', H, W) conv output are recomputed from x instead: they
+    are the largest tensors a gated conv would otherwise keep, and elementwise ops plus
+    one convolution rebuild them.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, padding, keep, p):
-        e = F.elu(torch.cat([x, -x], dim=1))
-        if keep is not None:
-            e = e * keep / (1 - p)
-        out = F.conv2d(e, weight, bias, padding=padding)
-        ctx.save_for_backward(x, weight, keep)
-        ctx.conf = (padding, p, out.dtype)
-        return out
+    def forward(ctx, x, weight, bias, padding, keep, p, residual=None):
+        h = _elu_conv(x, weight, bias, padding, keep, p)
+        ctx.save_for_backward(x, weight, bias, keep)
+        ctx.conf = (padding, p, h.dtype, residual is not None)
+        if residual is None:
+            return h
+        a, b = h.chunk(2, dim=1)
+        return residual + a * torch.sigmoid(b)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, keep = ctx.saved_tensors
-        padding, p, dtype = ctx.conf
-        e = F.elu(torch.cat([x, -x], dim=1)).to(dtype)
-        if keep is not None:
-            e = e * keep / (1 - p)
+        x, weight, bias, keep = ctx.saved_tensors
+        padding, p, dtype, gated = ctx.conf
+        e = _concat_elu_masked(x, keep, p).to(dtype)
+        g_res = None
+        if gated:
+            with torch.no_grad():
+                h = F.conv2d(e, weight.to(dtype), bias.to(dtype), padding=padding)
+            a, b = h.chunk(2, dim=1)
+            s = torch.sigmoid(b)
+            g_res = grad
+            grad = torch.cat([grad * s, grad * a * s * (1 - s)], dim=1)
         mask = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         g_e, g_w, g_b = torch.ops.aten.convolution_backward(
             grad.to(dtype), e, weight.to(dtype), [weight.shape[0]], [1, 1], [padding, padding],
@@ -86,7 +94,17 @@ class _ConcatELUConv(torch.autograd.Function):
             g_pos, g_neg = g_e.to(x.dtype).chunk(2, dim=1)
             g_x = g_pos * _elu_grad(x) - g_neg * _elu_grad(-x)
         g_w = g_w.to(weight.dtype) if g_w is not None else None
-        return g_x, g_w, g_b.to(weight.dtype) if g_b is not None else None, None, None, None
+        g_b = g_b.to(bias.dtype) if g_b is not None else None
+        return g_x, g_w, g_b, None, None, None, g_res
+
+
+def _concat_elu_masked(x, keep, p):
+    e = F.elu(torch.cat([x, -x], dim=1))
+    return e if keep is None else e * keep / (1 - p)
+
+
+def _elu_conv(x, weight, bias, padding, keep, p):
+    return F.conv2d(_concat_elu_masked(x, keep, p), weight, bias, padding=padding)
 
 
 def concat_elu(x: torch.Tensor) -> torch.Tensor:
@@ -132,16 +150,18 @@ class Conv2d(nn.Module):
             self._data_init(x)
         return F.conv2d(x, self._effective_weight(), self.bias, padding=self.padding)
 
-    def forward_elu(self, x: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
-        """self(dropout(concat_elu(x))), storing only x (and a bool mask) for backward."""
+    def forward_elu(self, x: torch.Tensor, dropout: float = 0.0, residual: torch.Tensor | None = None):
+        """self(dropout(concat_elu(x))), storing only x (and a bool mask) for backward.
+
+        With ``residual``: gated_residual(residual, self(dropout(concat_elu(x)))), still storing only x.
+        """
         keep = None
         if dropout > 0 and self.training:
             b, c, h, w = x.shape
             keep = torch.rand(b, 2 * c, h, w, device=x.device) >= dropout
         if not self.initialized:
-            e = F.elu(torch.cat([x, -x], dim=1))
-            self._data_init(e if keep is None else e * keep / (1 - dropout))
-        return _ConcatELUConv.apply(x, self._effective_weight(), self.bias, self.padding, keep, dropout)
+            self._data_init(_concat_elu_masked(x, keep, dropout))
+        return _ConcatELUConv.apply(x, self._effective_weight(), self.bias, self.padding, keep, dropout, residual)
 
 
 class LayerNorm(nn.Module):
@@ -175,7 +195,7 @@ class GatedConv(nn.Module):
         h = self.conv_in.forward_elu(x)
         if self.context_proj is not None:
             h = h + self.context_proj.forward_elu(context)
-        return gated_residual(x, self.conv_out.forward_elu(h, self.dropout))
+        return self.conv_out.forward_elu(h, self.dropout, residual=x)
 
 
 class GatedAttention(nn.Module):
