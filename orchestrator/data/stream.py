@@ -21,6 +21,7 @@ import json
 import logging
 import tarfile
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -99,18 +100,42 @@ class _WorkerReader:
         self.stats = Counter()
         self._cache: tuple[int, list, bool] | None = None
         self._last_good: np.ndarray | None = None
+        self._next: dict[int, int] = {}  # shard -> the shard this reader needs after it
+        self._ahead: tuple[int, Future] | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _fetch(self, idx: int) -> bytes:
+        entry = self.manifest["shards"][idx]
+        data = storage.read_bytes(entry["url"], self.options)
+        if self.verify:
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != entry["sha256"]:
+                raise ShardIntegrityError(
+                    f"{entry['url']}: sha256 {digest[:16]}... does not match the manifest's "
+                    f"{entry['sha256'][:16]}...; the shard changed or is corrupt"
+                )
+        return data
+
+    def _fetch_ahead(self, idx: int) -> bytes:
+        """This shard's bytes, and the next shard's fetch started in the background.
+
+        One shard ahead: the object store's latency and the decoding of the current shard
+        overlap, for at most one extra shard in memory. A failed prefetch raises here, when
+        its shard is needed, with the same error a direct read would give.
+        """
+        ahead, self._ahead = self._ahead, None
+        data = ahead[1].result() if ahead and ahead[0] == idx else self._fetch(idx)
+        nxt = self._next.get(idx)
+        if nxt is not None:
+            if self._pool is None:  # created lazily: inside the DataLoader worker, after the fork
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch")
+            self._ahead = (nxt, self._pool.submit(self._fetch, nxt))
+        return data
 
     def _shard(self, idx: int):
         if self._cache is None or self._cache[0] != idx:
             entry = self.manifest["shards"][idx]
-            data = storage.read_bytes(entry["url"], self.options)
-            if self.verify:
-                digest = hashlib.sha256(data).hexdigest()
-                if digest != entry["sha256"]:
-                    raise ShardIntegrityError(
-                        f"{entry['url']}: sha256 {digest[:16]}... does not match the manifest's "
-                        f"{entry['sha256'][:16]}...; the shard changed or is corrupt"
-                    )
+            data = self._fetch_ahead(idx)
             samples, truncated = parse_shard(data, entry["url"])
             if not truncated and len(samples) < entry["num_samples"]:
                 log.warning(
@@ -145,6 +170,16 @@ class _WorkerReader:
     def batches(self):
         b = self.plan.batch_size
         order = self.plan.sample_order(self.rank, self.worker)[self.skip * b :]
+        shards = list(dict.fromkeys(shard for shard, _ in order))
+        self._next = dict(zip(shards, shards[1:], strict=False))
+        try:
+            yield from self._batches(order, b)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool, self._ahead = None, None
+
+    def _batches(self, order, b):
         pending: list = []
         for n in range(0, len(order), b):
             keys, imgs, labels = [], [], []
