@@ -270,9 +270,19 @@ def tune_problems(spec: JobSpec) -> list[str]:
             problems.append(f"{where}: loguniform needs low > 0, got {values[0]}")
         if not values:
             problems.append(f"{where}: {kinds[0]} is empty")
-        for value in values:
-            problems += [f"{where}: value {value!r}: {p}" for p in override_problems(base, key, value)]
+        found = [f"{where}: value {value!r}: {p}" for value in values for p in override_problems(base, key, value)]
+        problems += found
+        if not found and kinds[0] in ("grid", "choice"):
+            # as the job spec reads them: YAML takes `1e-6` for a string, the field for a float
+            setattr(dist, kinds[0], [_field_value(base, key, value) for value in values])
     return problems
+
+
+def _field_value(base: dict, dotted: str, value: Any) -> Any:
+    node: Any = JobSpec.model_validate(apply_overrides(base, {dotted: value}))
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
 
 
 def apply_overrides(tree: dict, overrides: dict[str, Any]) -> dict:

@@ -85,7 +85,10 @@ def _init_ray(spec: JobSpec) -> None:
         # embedded: a Ray instance inside this process's session, on loopback
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(
-            include_dashboard=False,
+            # the dashboard serves the State API, which Ray Train's placement-group cleaner needs
+            # to free the resources of a run whose driver was killed (a trial ASHA stopped)
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
             num_cpus=max(2, os.cpu_count() or 2),
             runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}},
         )

@@ -56,6 +56,21 @@ def ensure_run(
     return run.info.run_id
 
 
+def find_run(tracking_uri: str, experiment: str, job_name: str) -> str | None:
+    """The newest run of this job whatever its status, or None."""
+    client = _mlflow(tracking_uri).MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{JOB_TAG}` = '{job_name}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
 def finish_children(tracking_uri: str, parent_run_id: str, statuses: dict[str, str]) -> None:
     """Close a search's child runs: FINISHED when complete, KILLED when ASHA stopped them, FAILED on error."""
     client = _mlflow(tracking_uri).MlflowClient()

@@ -92,6 +92,24 @@ def run_trial(config: dict, *, job: dict, parent_run_id: str | None) -> None:
             spec.mlflow.tracking_uri, spec.mlflow.experiment, spec.name, parent_run_id=parent_run_id, tags=tags
         )
     make_trainer(spec, run_id, callbacks=[TuneReportCallback()]).fit()
+    _drain_reports()
+
+
+def _drain_reports(timeout_s: float = 30.0) -> None:
+    """Wait until Tune has taken the trial's last report off the callback's queue.
+
+    The callback hands reports over through a one-slot queue; a driver function that
+    returns while the final report still sits there ends the trial without it, and the
+    trial would look stopped one evaluation short of the end.
+    """
+    import time
+
+    from ray.train._internal.session import get_session
+
+    queue = getattr(get_session(), "_inter_actor_queue", None)
+    deadline = time.monotonic() + timeout_s
+    while queue is not None and not queue.empty() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _fit_concurrency(t: TuneSpec) -> int:
@@ -258,7 +276,9 @@ def register_best(spec: JobSpec, row: TrialRow, parent_run_id: str | None) -> st
 
     model, trial = load_trial_model(spec, row)
     uri = spec.mlflow.tracking_uri
-    child = registry.ensure_run(uri, spec.mlflow.experiment, trial.name, parent_run_id=parent_run_id)
+    child = registry.find_run(uri, spec.mlflow.experiment, trial.name) or registry.ensure_run(
+        uri, spec.mlflow.experiment, trial.name, parent_run_id=parent_run_id
+    )
     model_uri = registry.log_flow_model(uri, child, model)
     tags = {
         SEARCH_TAG: parent_run_id or "",

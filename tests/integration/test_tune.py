@@ -1,0 +1,181 @@
+"""`flowpp tune` on real Ray, Tune, Train and MLflow: ASHA, registration of the best, resume.
+
+Each search runs as its own process (embedded Ray with 2 CPUs, as on this machine), so a
+test can kill it by pid. Trials: the debug preset on 16x16 demo patches, one worker of
+half a CPU each, two at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def search_job(tmp_path: Path, name: str, space: dict, max_steps: int) -> Path:
+    data = f"file://{tmp_path}/data"
+    spec = {
+        "name": name,
+        "model": {"preset": "debug", "checkpoint": "attention"},
+        "data": {
+            "train": f"{data}/train/manifest.json",
+            "valid": f"{data}/valid/manifest.json",
+            "prepare": "demo",
+            "prepare_count": 128,
+            "prepare_valid_count": 32,
+            "num_workers": 0,
+            "shuffle_buffer": 32,
+        },
+        "train": {
+            "global_batch_size": 8,
+            "lr": 2e-3,
+            "warmup_steps": 2,
+            "max_steps": max_steps,
+            "eval_every": 10,
+            "eval_batches": 2,
+            "keep_checkpoints": 1,
+            "sample_grid": 0,
+            "ema_decay": 0.9,
+        },
+        "scaling": {"max_failures": 1},
+        "storage": {"path": str(tmp_path / "runs")},
+        "mlflow": {
+            "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+            "experiment": "tune",
+            "registered_model": "tuned",
+        },
+        "tune": {
+            "space": space,
+            "scheduler": {"time_attr": "step", "max_t": max_steps, "grace_period": 10, "reduction_factor": 2},
+            "workers_per_trial": 1,
+            "cpus_per_worker": 0.5,
+            "driver_cpus": 0.05,
+            "max_concurrent_trials": 2,
+        },
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps(spec))  # JSON is YAML
+    return path
+
+
+def tune_cmd(job: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "orchestrator", "tune", str(job), *extra]
+
+
+def env() -> dict:
+    e = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    e.pop("RAY_ADDRESS", None)
+    return e
+
+
+def mlflow_view(tmp_path: Path, search: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("tune").experiment_id
+    parent = client.search_runs([exp], f"tags.`flowpp.job` = '{search}'")[0]
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return client, parent, children
+
+
+def test_search_stops_laggards_and_registers_the_best_trial(tmp_path):
+    space = {"model.num_components": {"grid": [2, 4]}, "train.lr": {"grid": [3e-3, 1e-6]}}
+    job = search_job(tmp_path, "asha", space, max_steps=30)
+    out = subprocess.run(tune_cmd(job), cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "| trial | components | lr | best val bits/dim | steps | wall time (s) | status |" in out.stdout
+
+    client, parent, children = mlflow_view(tmp_path, "asha")
+    assert len(children) == 4
+    status = {c.data.tags["flowpp.trial"]: c.data.tags["flowpp.trial_status"] for c in children}
+    assert "stopped early" in status.values() and "complete" in status.values(), status
+    assert "error" not in status.values()
+    curves = {c.data.tags["flowpp.trial"]: client.get_metric_history(c.info.run_id, "val_bpd") for c in children}
+    for c in children:  # each trial is a child run with its own params and metric curve
+        assert c.data.params["model.num_components"] in ("2", "4")
+        if status[c.data.tags["flowpp.trial"]] == "complete":
+            assert curves[c.data.tags["flowpp.trial"]][-1].step == 30
+    # the printed table agrees: stopped trials end before max_t in Tune's own results
+    rows = [line.split(" | ") for line in out.stdout.splitlines() if line.startswith("| ") and "_0000" in line]
+    assert len(rows) == 4
+    assert all((int(r[4]) < 30) == (r[6].rstrip(" |") == "stopped early") for r in rows), rows
+    # trials overlapped in time: the search ran two at once on 2 CPUs, without deadlock
+    spans = sorted((h[0].timestamp, h[-1].timestamp) for h in curves.values())
+    assert any(b_start < a_end for (_, a_end), (b_start, _) in zip(spans, spans[1:], strict=False))
+
+    # the best trial by what Tune saw (a stopped trial may log a step or two more to MLflow
+    # before the stop reaches it): its last reported validation bits/dim, from Tune's files
+    seen = {}
+    for path in (tmp_path / "runs" / "asha").glob("run_trial_*/result.json"):
+        last = json.loads(path.read_text().splitlines()[-1])
+        seen[last["trial_id"]] = last["val_bpd"]
+    assert len(seen) == 4
+    best = min(seen, key=seen.get)
+    assert parent.data.tags["flowpp.best_trial"] == best
+    version = client.get_model_version("tuned", parent.data.tags["flowpp.registered_version"])
+    assert version.tags["flowpp.trial"] == best
+    assert version.tags["flowpp.search"] == parent.info.run_id
+    assert abs(float(version.tags["val_bpd"]) - seen[best]) < 1e-6
+    # the results live under the job's storage path
+    assert (tmp_path / "runs" / "asha" / "trials").is_dir()
+    assert any((tmp_path / "runs" / "asha").glob("experiment_state*.json"))
+
+
+def _trial_checkpoints(tmp_path: Path, search: str) -> list[Path]:
+    return list((tmp_path / "runs" / search / "trials").glob("*/checkpoint_*/meta.json"))
+
+
+def test_killed_search_resumes_unfinished_trials_from_their_checkpoints(tmp_path):
+    job = search_job(tmp_path, "resume", {"model.num_components": {"grid": [2, 4]}}, max_steps=40)
+    family: list[psutil.Process] = []
+    driver = subprocess.Popen(
+        tune_cmd(job),
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not _trial_checkpoints(tmp_path, "resume"):
+            assert time.monotonic() < deadline and driver.poll() is None, "no trial checkpoint was written"
+            time.sleep(0.2)
+        time.sleep(1.0)  # let Tune record the reported checkpoint
+        family = psutil.Process(driver.pid).children(recursive=True)
+        driver.kill()  # the search's driver, by pid; its embedded Ray goes with it
+        driver.wait()
+    finally:
+        for p in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+    checkpointed = {
+        p.parent.parent.name: json.loads(p.read_text())["step"] for p in _trial_checkpoints(tmp_path, "resume")
+    }
+    assert checkpointed and all(step < 40 for step in checkpointed.values())
+
+    again = subprocess.run(tune_cmd(job), cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1 and "--resume" in again.stderr  # no silent restart from scratch
+
+    out = subprocess.run(
+        tune_cmd(job, "--resume"), cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    logs = out.stdout + out.stderr
+    assert any(f"resumed from step {step}" in logs for step in checkpointed.values()), logs[-3000:]
+    client, parent, children = mlflow_view(tmp_path, "resume")
+    assert len(children) == 2  # the resumed trials kept their child runs
+    assert all(c.data.tags.get("flowpp.trial_status") in ("complete", "stopped early") for c in children)
+    assert "flowpp.registered_version" in parent.data.tags
