@@ -147,3 +147,47 @@ def test_flowpp_submit_uses_the_yaml_ray_section_and_streams_logs(local_stack):
     assert out.returncode == 0, log[-4000:]
     assert f"to {env['RAY_DASHBOARD']}" in log  # the address came from the YAML (via ${RAY_DASHBOARD})
     assert "step 4/4" in log and "SUCCEEDED" in log  # the job's own log lines were streamed back
+
+
+def test_ray_job_submit_runs_a_tune_search_and_registers_its_best(local_stack):
+    state, env = local_stack
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    sets = [
+        "name=e2e-tune",
+        "model.image_size=16",
+        "train.max_steps=20",
+        "train.eval_every=10",
+        "train.eval_batches=1",
+        "train.global_batch_size=8",
+        "data.prepare_count=128",
+        "data.prepare_valid_count=32",
+        'tune.space={"model.num_components": {"grid": [2, 4]}}',
+        "tune.scheduler.max_t=20",
+        "tune.scheduler.grace_period=10",
+        "mlflow.registered_model=flowpp-e2e-tune",
+    ]
+    entrypoint = ["python", "-m", "orchestrator", "tune", "jobs/tune-mixtures.yaml"]
+    entrypoint += [a for s in sets for a in ("--set", s)]
+    cmd = ["ray", "job", "submit", "--address", env["RAY_DASHBOARD"], "--working-dir", str(ROOT), "--", *entrypoint]
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    assert "search e2e-tune: 2 trials" in log and "registered flowpp-e2e-tune version 1" in log
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    version = client.get_model_version("flowpp-e2e-tune", "1")
+    assert version.tags["flowpp.trial"] and version.tags["flowpp.search"]
+    # the search and its trials live in the job's storage path, in the bucket
+    import boto3
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=env["FLOWPP_S3_ENDPOINT"],
+        region_name="us-east-1",
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+    )
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="e2e", Prefix="runs/e2e-tune/").get("Contents", [])]
+    assert any(k.startswith("runs/e2e-tune/trials/") and k.endswith("state.pt") for k in keys), keys[:20]

@@ -74,7 +74,8 @@ def tune_cmd(job: Path, *extra: str) -> list[str]:
 
 
 def env() -> dict:
-    e = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    # every worker's log line reaches the driver's output (no cross-worker deduplication)
+    e = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_DEDUP_LOGS": "0", "PYTHONPATH": str(ROOT)}
     e.pop("RAY_ADDRESS", None)
     return e
 
@@ -133,8 +134,19 @@ def test_search_stops_laggards_and_registers_the_best_trial(tmp_path):
     assert any((tmp_path / "runs" / "asha").glob("experiment_state*.json"))
 
 
-def _trial_checkpoints(tmp_path: Path, search: str) -> list[Path]:
-    return list((tmp_path / "runs" / search / "trials").glob("*/checkpoint_*/meta.json"))
+def _recorded_checkpoints(tmp_path: Path, search: str) -> dict[str, int]:
+    """Trial -> step of the last checkpoint its Ray Train controller recorded (what a resume uses).
+
+    A checkpoint folder on disk is not enough: a controller killed before it records the
+    report resumes from the one before.
+    """
+    steps = {}
+    for snap in (tmp_path / "runs" / search / "trials").glob("*/checkpoint_manager_snapshot.json"):
+        with contextlib.suppress(ValueError):  # caught mid-write
+            latest = json.loads(snap.read_text()).get("latest_checkpoint_result")
+            if latest:
+                steps[snap.parent.name] = int(latest["metrics"]["step"])
+    return steps
 
 
 def test_killed_search_resumes_unfinished_trials_from_their_checkpoints(tmp_path):
@@ -150,10 +162,9 @@ def test_killed_search_resumes_unfinished_trials_from_their_checkpoints(tmp_path
     )
     try:
         deadline = time.monotonic() + 600
-        while not _trial_checkpoints(tmp_path, "resume"):
-            assert time.monotonic() < deadline and driver.poll() is None, "no trial checkpoint was written"
+        while not _recorded_checkpoints(tmp_path, "resume"):
+            assert time.monotonic() < deadline and driver.poll() is None, "no trial checkpoint was recorded"
             time.sleep(0.2)
-        time.sleep(1.0)  # let Tune record the reported checkpoint
         family = psutil.Process(driver.pid).children(recursive=True)
         driver.kill()  # the search's driver, by pid; its embedded Ray goes with it
         driver.wait()
@@ -161,9 +172,7 @@ def test_killed_search_resumes_unfinished_trials_from_their_checkpoints(tmp_path
         for p in family:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
-    checkpointed = {
-        p.parent.parent.name: json.loads(p.read_text())["step"] for p in _trial_checkpoints(tmp_path, "resume")
-    }
+    checkpointed = _recorded_checkpoints(tmp_path, "resume")
     assert checkpointed and all(step < 40 for step in checkpointed.values())
 
     again = subprocess.run(tune_cmd(job), cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
