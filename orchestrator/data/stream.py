@@ -15,6 +15,7 @@ Faults never change the number of batches a rank yields (which would hang DDP):
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import json
@@ -103,6 +104,10 @@ class _WorkerReader:
         self._next: dict[int, int] = {}  # shard -> the shard this reader needs after it
         self._ahead: tuple[int, Future] | None = None
         self._pool: ThreadPoolExecutor | None = None
+        # Local files come from the page cache or the disk in a fraction of the decode time: a
+        # prefetch thread would only contend for the GIL (measured by bench/loader.py).
+        shards = manifest["shards"]
+        self._prefetch = bool(shards) and storage.protocol_of(shards[0]["url"]) != "file"
 
     def _fetch(self, idx: int) -> bytes:
         entry = self.manifest["shards"][idx]
@@ -119,14 +124,14 @@ class _WorkerReader:
     def _fetch_ahead(self, idx: int) -> bytes:
         """This shard's bytes, and the next shard's fetch started in the background.
 
-        One shard ahead: the object store's latency and the decoding of the current shard
-        overlap, for at most one extra shard in memory. A failed prefetch raises here, when
+        One shard ahead, for remote storage: the object store's latency and the decoding of
+        the current shard overlap, for at most one extra shard in memory. A failed prefetch raises here, when
         its shard is needed, with the same error a direct read would give.
         """
         ahead, self._ahead = self._ahead, None
         data = ahead[1].result() if ahead and ahead[0] == idx else self._fetch(idx)
         nxt = self._next.get(idx)
-        if nxt is not None:
+        if nxt is not None and self._prefetch:
             if self._pool is None:  # created lazily: inside the DataLoader worker, after the fork
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch")
             self._ahead = (nxt, self._pool.submit(self._fetch, nxt))
@@ -213,6 +218,11 @@ class _ShardDataset(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker = info.id if info else 0
+        if info is not None:
+            # A forked worker inherits the parent's heap (torch, Ray, MLflow: ~10^5 objects). Out
+            # of the collector's sight, a full collection no longer walks them all (tens of ms
+            # each, and a copy-on-write fault on every page it touches).
+            gc.freeze()
         plan = Plan.from_dict([s["num_samples"] for s in self.manifest["shards"]], self.plan_dict)
         reader = _WorkerReader(self.manifest, plan, self.rank, worker, self.skips[worker], self.verify, self.options)
         yield from reader.batches()
