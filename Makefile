@@ -37,6 +37,9 @@ demo: setup
 	set -a; . runs/local/env; set +a; \
 	$(BIN)/ray job submit --address "$$RAY_DASHBOARD" --working-dir . -- \
 	  python -m orchestrator train jobs/demo.yaml $(DEMO_ARGS)
+	@# the new version becomes @champion if it beats the current one (exit 3: refused, and why)
+	set -a; . runs/local/env; set +a; \
+	$(BIN)/flowpp promote --model flowpp-demo --s3-endpoint "$$FLOWPP_S3_ENDPOINT" || test $$? -eq 3
 	@. runs/local/env; echo "MLflow: $$MLFLOW_TRACKING_URI   Ray: $$RAY_DASHBOARD   stop with: make down"
 
 down:

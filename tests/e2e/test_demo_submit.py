@@ -122,6 +122,15 @@ def test_ray_job_submit_trains_evaluates_and_registers(local_stack):
     model = load_flow(f"models:/flowpp-demo/{v.version}", tracking_uri=env["MLFLOW_TRACKING_URI"])
     assert model.sample(2).shape == (2, 3, 16, 16)
 
+    # make demo's last step: the first registered version becomes @champion, scored on the
+    # run's own held-out shards in the bucket
+    flowpp = str(Path(sys.executable).parent / "flowpp")
+    promote = [flowpp, "promote", "--model", "flowpp-demo", "--s3-endpoint", env["FLOWPP_S3_ENDPOINT"]]
+    out = subprocess.run(promote, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert f"promoted: flowpp-demo@champion = v{v.version}" in out.stdout
+    assert client.get_model_version_by_alias("flowpp-demo", "champion").version == v.version
+
 
 def test_flowpp_submit_uses_the_yaml_ray_section_and_streams_logs(local_stack):
     state, env = local_stack
