@@ -26,6 +26,21 @@ def _env_file(path: Path) -> dict[str, str]:
     return env
 
 
+def bucket_keys(env: dict, prefix: str) -> list[str]:
+    """Keys under ``prefix`` in the stack's bucket ``e2e``."""
+    import boto3
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=env["FLOWPP_S3_ENDPOINT"],
+        region_name="us-east-1",
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+    )
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket="e2e", Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
 @pytest.fixture(scope="module")
 def local_stack(tmp_path_factory):
     state = tmp_path_factory.mktemp("stack")
@@ -90,20 +105,11 @@ def test_ray_job_submit_trains_evaluates_and_registers(local_stack):
     job_id = re.search(r"raysubmit_[A-Za-z0-9]+", log).group(0)
     assert JobSubmissionClient(env["RAY_DASHBOARD"]).get_job_status(job_id) == JobStatus.SUCCEEDED
 
-    import boto3
     import mlflow
 
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=env["FLOWPP_S3_ENDPOINT"],
-        region_name="us-east-1",
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-    )
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="e2e", Prefix="runs/e2e-demo/").get("Contents", [])]
+    keys = bucket_keys(env, "runs/e2e-demo/")
     assert any("/checkpoint_" in k and k.endswith("state.pt") for k in keys), keys[:20]
-    data = [o["Key"] for o in s3.list_objects_v2(Bucket="e2e", Prefix="data/demo/").get("Contents", [])]
-    assert "data/demo/train/manifest.json" in data
+    assert "data/demo/train/manifest.json" in bucket_keys(env, "data/demo/")
 
     client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     versions = client.search_model_versions("name='flowpp-demo'")
@@ -189,14 +195,5 @@ def test_ray_job_submit_runs_a_tune_search_and_registers_its_best(local_stack):
     version = client.get_model_version("flowpp-e2e-tune", "1")
     assert version.tags["flowpp.trial"] and version.tags["flowpp.search"]
     # the search and its trials live in the job's storage path, in the bucket
-    import boto3
-
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=env["FLOWPP_S3_ENDPOINT"],
-        region_name="us-east-1",
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-    )
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="e2e", Prefix="runs/e2e-tune/").get("Contents", [])]
+    keys = bucket_keys(env, "runs/e2e-tune/")
     assert any(k.startswith("runs/e2e-tune/trials/") and k.endswith("state.pt") for k in keys), keys[:20]
