@@ -1,9 +1,9 @@
 """Loader throughput: ``ShardStream`` vs a plain webdataset pipeline, local disk vs S3.
 
 Run from the repository root (``make setup`` installs the package and the ``test`` extras it
-needs, moto and boto3; else prefix ``PYTHONPATH=.``). CPU only, about 2 minutes with the defaults::
+needs, moto and boto3; else prefix ``PYTHONPATH=.``). CPU only, about 3 minutes with the defaults::
 
-    python bench/loader.py [--images 16384] [--shard-mb 4] [--batch-size 64] [--repeats 3]
+    python bench/loader.py [--images 16384] [--shard-mb 4] [--batch-size 64] [--repeats 5]
 
 It cuts ``--images`` 64x64 patches (16,384 by default: with fewer, the fixed cost of starting
 DataLoader workers and their S3 sessions each epoch weighs on an epoch of a fraction of a
@@ -286,7 +286,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=16384, help="demo train images per format")
     p.add_argument("--shard-mb", type=float, default=4.0, help="target shard size in MiB")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3, help="timed epochs per configuration (best kept)")
+    p.add_argument("--repeats", type=int, default=5, help="timed epochs per configuration (best kept)")
     return p.parse_args(argv)
 
 

@@ -108,6 +108,26 @@ def protocol_of(url: str) -> str:
 
 
 _FS_CACHE: dict = {}
+_BOTOCORE_LOADER = None
+
+
+def _s3_session():
+    """A new aiobotocore session whose botocore data loader is shared by the process tree.
+
+    The loader holds the parsed S3 service model and endpoint rules: building an S3 client
+    from a cold one takes 50-120 ms, from a warm one 4 ms. Every forked DataLoader worker
+    opens its own client each epoch, and inherits the warm loader. Only the loader is shared;
+    credentials, clients and connections stay with each session.
+    """
+    global _BOTOCORE_LOADER
+    from aiobotocore.session import AioSession
+
+    session = AioSession()
+    if _BOTOCORE_LOADER is None:
+        _BOTOCORE_LOADER = session.get_component("data_loader")
+    else:
+        session.register_component("data_loader", _BOTOCORE_LOADER)
+    return session
 
 
 def filesystem(url: str, options: StorageOptions | None = None):
@@ -116,7 +136,10 @@ def filesystem(url: str, options: StorageOptions | None = None):
     protocol = protocol_of(url)
     cache_key = (protocol, options, os.getpid())
     if cache_key not in _FS_CACHE:
-        fs = fsspec.filesystem(protocol, **options.fsspec_kwargs(protocol))
+        kwargs = options.fsspec_kwargs(protocol)
+        if protocol in ("s3", "s3a"):
+            kwargs["session"] = _s3_session()
+        fs = fsspec.filesystem(protocol, **kwargs)
         if hasattr(fs, "retries"):
             fs.retries = 1
         _FS_CACHE[cache_key] = fs

@@ -75,13 +75,18 @@ def parse_shard(data: bytes, url: str) -> tuple[list[tuple[str, dict]], bool]:
     return samples, False
 
 
+def raw_payload(sample: dict, size: int) -> bytes:
+    """A raw sample's S*S*3 bytes (HWC); raises ValueError on any other length."""
+    buf = sample.get("raw")
+    if buf is None or len(buf) != 3 * size * size:
+        raise ValueError(f"raw payload of {0 if buf is None else len(buf)} bytes")
+    return buf
+
+
 def decode_image(sample: dict, fmt: str, size: int) -> np.ndarray:
     """(3, S, S) uint8; raises ValueError on anything but a valid image of that size."""
     if fmt == "raw":
-        buf = sample.get("raw")
-        if buf is None or len(buf) != 3 * size * size:
-            raise ValueError(f"raw payload of {0 if buf is None else len(buf)} bytes")
-        return np.frombuffer(buf, np.uint8).reshape(size, size, 3).transpose(2, 0, 1)
+        return np.frombuffer(raw_payload(sample, size), np.uint8).reshape(size, size, 3).transpose(2, 0, 1)
     from PIL import Image
 
     with Image.open(io.BytesIO(sample["png"])) as im:
@@ -100,7 +105,7 @@ class _WorkerReader:
         self.fmt, self.size = manifest["format"], manifest["image_size"]
         self.stats = Counter()
         self._cache: tuple[int, list, bool] | None = None
-        self._last_good: np.ndarray | None = None
+        self._last_good: np.ndarray | bytes | None = None  # an image, or a raw payload
         self._next: dict[int, int] = {}  # shard -> the shard this reader needs after it
         self._ahead: tuple[int, Future] | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -157,15 +162,17 @@ class _WorkerReader:
         return self._cache
 
     def _sample(self, shard_idx: int, offset: int):
+        """(key, image or None if unusable, label). Raw images come as their payload bytes,
+        decoded a batch at a time by ``_images``."""
         _, samples, _ = self._shard(shard_idx)
-        url = self.manifest["shards"][shard_idx]["url"]
         if offset >= len(samples):
             self.stats["truncated_samples"] += 1
-            return f"{url}#{offset}", None, -1
+            return f"{self.manifest['shards'][shard_idx]['url']}#{offset}", None, -1
         key, sample = samples[offset]
         try:
-            img = decode_image(sample, self.fmt, self.size)
+            img = raw_payload(sample, self.size) if self.fmt == "raw" else decode_image(sample, self.fmt, self.size)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a corrupt sample
+            url = self.manifest["shards"][shard_idx]["url"]
             log.warning("corrupt sample %s in %s (%s); substituting the previous image", key, url, exc)
             self.stats["corrupt_samples"] += 1
             return key, None, -1
@@ -184,15 +191,19 @@ class _WorkerReader:
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool, self._ahead = None, None
 
+    def _images(self, imgs: list) -> torch.Tensor:
+        """(B, 3, S, S) uint8 from decoded images, or from raw payloads in one go."""
+        if self.fmt != "raw":
+            return torch.from_numpy(np.stack(imgs))
+        hwc = np.frombuffer(b"".join(imgs), np.uint8).reshape(len(imgs), self.size, self.size, 3)
+        return torch.from_numpy(np.ascontiguousarray(hwc.transpose(0, 3, 1, 2)))
+
     def _batches(self, order, b):
-        pending: list = []
         for n in range(0, len(order), b):
             keys, imgs, labels = [], [], []
             for shard_idx, offset in order[n : n + b]:
                 key, img, label = self._sample(shard_idx, offset)
-                if img is None:
-                    pending.append(len(imgs))
-                else:
+                if img is not None:
                     self._last_good = img
                 keys.append(key)
                 imgs.append(img)
@@ -201,7 +212,7 @@ class _WorkerReader:
                 raise RuntimeError(f"rank {self.rank} worker {self.worker}: no decodable sample yet")
             imgs = [self._last_good if im is None else im for im in imgs]
             yield {
-                "images": torch.from_numpy(np.stack(imgs)),
+                "images": self._images(imgs),
                 "labels": labels,  # a list: one shared-memory tensor per batch is cheaper to ship
                 "keys": keys,
                 "worker": self.worker,

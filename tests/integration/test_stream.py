@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from orchestrator import storage
 from orchestrator.data.prepare import PrepareOptions, prepare
@@ -70,6 +71,45 @@ def test_s3_stream_matches_local(tmp_path, s3_manifest):
     local = _shards(tmp_path, str(tmp_path / "local"), shard_bytes=200_000)
     remote = ShardStream(url, batch_size=4, num_workers=2, options=s3.options)
     assert _keys(remote) == _keys(ShardStream(local, batch_size=4, num_workers=2))
+
+
+def _by_key(stream) -> dict:
+    return {k: img for b in stream for k, img in zip(b["keys"], b["images"], strict=True)}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_raw_shards_stream_the_same_images_as_png(tmp_path, workers):
+    png = _shards(tmp_path, str(tmp_path / "png"))
+    raw = _shards(tmp_path, str(tmp_path / "raw"), format="raw")
+    a = _by_key(ShardStream(png, batch_size=4, num_workers=workers))
+    b = _by_key(ShardStream(raw, batch_size=4, num_workers=workers))
+    assert a.keys() == b.keys() and len(a) == 60
+    for k in a:  # same pixels, channel-first: raw's HWC bytes are transposed as PNG decoding is
+        assert torch.equal(a[k], b[k]), k
+        assert b[k].shape == (3, 64, 64) and b[k].is_contiguous()
+
+
+def test_a_raw_sample_of_the_wrong_size_is_substituted_and_counted(tmp_path, caplog):
+    import io
+    import tarfile
+
+    url = _shards(tmp_path, str(tmp_path / "raw"), format="raw", shard_bytes=10**9)  # one shard
+    path = tmp_path / "raw" / "train-000000.tar"
+    members = []
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            members.append((m, tar.extractfile(m).read()))
+    victim = next(m.name for m, _ in members if m.name.endswith(".raw"))
+    with tarfile.open(path, "w") as tar:
+        for m, data in members:
+            data = data[:100] if m.name == victim else data
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    with caplog.at_level(logging.WARNING):
+        s = ShardStream(url, batch_size=4)
+        images = [b["images"] for b in s]
+    assert sum(len(i) for i in images) == 60 and s.stats["corrupt_samples"] == 1
+    assert any("corrupt sample" in r.message and "100 bytes" in r.message for r in caplog.records)
 
 
 RESUME_SCRIPT = textwrap.dedent("""
