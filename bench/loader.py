@@ -5,11 +5,12 @@ needs, moto and boto3; else prefix ``PYTHONPATH=.``). CPU only, about 3 minutes 
 
     python bench/loader.py [--images 16384] [--shard-mb 4] [--batch-size 64] [--repeats 5]
 
-It cuts ``--images`` 64x64 patches (16,384 by default: with fewer, the fixed cost of starting
-DataLoader workers and their S3 sessions each epoch weighs on an epoch of a fraction of a
-second, which a real epoch of 1.28 M images never sees) from the ``demo`` source, writes them once per shard
-format (``png``, ``raw``) to a temporary directory and to a bucket on a moto S3 server it
-starts on a free loopback port (and stops by pid at the end), then measures images/s for:
+It cuts ``--images`` 64x64 patches from the ``demo`` source (16,384 by default: with fewer,
+the fixed cost of starting DataLoader workers and their S3 sessions each epoch weighs on an
+epoch of a fraction of a second, which a real epoch of 1.28 M images never sees), writes them
+once per shard format (``png``, ``raw``) to a temporary directory and to a bucket on a moto S3
+server it starts on a free loopback port (and stops by pid at the end), then measures
+images/s for:
 
 - ``ShardStream``: this project's loader (plan, shuffle, resumable state, fault handling);
 - ``webdataset``: ``wds.WebDataset(urls, shardshuffle=False)`` + the same decode (PIL to RGB
@@ -20,9 +21,10 @@ starts on a free loopback port (and stops by pid at the end), then measures imag
 
 each with 0 and 2 DataLoader workers (bytes: none). Every configuration runs one warm-up
 epoch, then ``--repeats`` timed epochs, and the best is reported; the ShardStream and
-webdataset epochs of a pair alternate, so that drift on the shared cores hits both alike. The two goals printed
-after the table are computed from it: S3 reaches >= 85% of local throughput, and the plan
-and resume machinery costs <= 5% against plain webdataset over the same shards.
+webdataset epochs of a pair alternate, so that drift on the shared cores hits both alike.
+The two goals printed after the table are computed from it: S3 reaches >= 85% of local
+throughput, and the plan and resume machinery costs <= 5% against plain webdataset over the
+same shards.
 """
 
 from __future__ import annotations

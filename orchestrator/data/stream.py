@@ -130,8 +130,8 @@ class _WorkerReader:
         """This shard's bytes, and the next shard's fetch started in the background.
 
         One shard ahead, for remote storage: the object store's latency and the decoding of
-        the current shard overlap, for at most one extra shard in memory. A failed prefetch raises here, when
-        its shard is needed, with the same error a direct read would give.
+        the current shard overlap, for at most one extra shard in memory. A failed prefetch
+        raises here, when its shard is needed, with the same error a direct read would give.
         """
         ahead, self._ahead = self._ahead, None
         data = ahead[1].result() if ahead and ahead[0] == idx else self._fetch(idx)

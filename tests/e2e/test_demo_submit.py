@@ -60,14 +60,15 @@ def local_stack(tmp_path_factory):
     }
     try:
         subprocess.run([str(ROOT / "infra/local/up")], env=env, check=True, timeout=300)
-        yield state, {**env, **_env_file(state / "env")}
+        stack = {**env, **_env_file(state / "env")}
+        stack["PATH"] = f"{Path(sys.executable).parent}:{stack['PATH']}"  # `ray`, `flowpp`: this venv's
+        yield state, stack
     finally:
         subprocess.run([str(ROOT / "infra/local/down")], env=env, timeout=120)
 
 
 def test_ray_job_submit_trains_evaluates_and_registers(local_stack):
     state, env = local_stack
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     sets = [
         "name=e2e-demo",
         "model.image_size=16",
@@ -140,7 +141,6 @@ def test_ray_job_submit_trains_evaluates_and_registers(local_stack):
 
 def test_flowpp_submit_uses_the_yaml_ray_section_and_streams_logs(local_stack):
     state, env = local_stack
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     sets = [
         "name=e2e-submit",
         "model.image_size=16",
@@ -166,7 +166,6 @@ def test_flowpp_submit_uses_the_yaml_ray_section_and_streams_logs(local_stack):
 
 def test_ray_job_submit_runs_a_tune_search_and_registers_its_best(local_stack):
     state, env = local_stack
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     sets = [
         "name=e2e-tune",
         "model.image_size=16",
