@@ -24,6 +24,7 @@ unit: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check flowpp orchestrator tests bench
+	$(BIN)/mypy flowpp orchestrator
 
 bench: setup
 	$(BIN)/python bench/train_step.py

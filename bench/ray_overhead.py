@@ -35,6 +35,7 @@ def run_loop(cfg: dict, in_ray: bool) -> dict:
     from flowpp import build_model, get_preset
     from flowpp.distributed import data_dependent_init
     from orchestrator.data.stream import ShardStream
+    from orchestrator.train import train_step
 
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(0)
@@ -51,11 +52,7 @@ def run_loop(cfg: dict, in_ray: bool) -> dict:
     while len(times) < total:
         for batch in stream:
             t = time.perf_counter()
-            loss = -model(batch["images"].long()).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            train_step(model, opt, batch["images"].long(), lr=1e-3, grad_clip=1.0)
             times.append(time.perf_counter() - t)
             if first_done is None:
                 first_done = time.time()

@@ -51,6 +51,7 @@ import torch
 
 from flowpp import build_model, get_preset
 from flowpp.distributed import data_dependent_init
+from orchestrator.train import train_step
 
 CONFIGS = ("cifar10", "narrow")
 MODES = ("none", "attention", "all")
@@ -137,12 +138,7 @@ def measure_train(name: str, mode: str, batch: int, steps: int, warmup: int, dev
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def step() -> float:
-        opt.zero_grad(set_to_none=True)
-        loss = model.bits_per_dim(x).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        return loss.item()
+        return train_step(model, opt, x, lr=1e-4, grad_clip=1.0).loss
 
     sync(device)
     if device.type == "cuda":

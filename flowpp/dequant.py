@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from flowpp.layers import sigmoid_logdet, split_halves
+from flowpp.layers import InvertibleSequential, sigmoid_logdet, split_halves
 from flowpp.nets import ContextNet
 
 
@@ -37,7 +37,7 @@ class VariationalDequantizer(nn.Module):
         super().__init__()
         self.num_levels = num_levels
         self.context_net = context
-        self.flow = nn.ModuleList(steps)
+        self.flow = InvertibleSequential(steps)
 
     def context(self, x: torch.Tensor, dtype) -> torch.Tensor:
         """(B, C, H, W) integers -> (B, hidden, H, W/2)."""
@@ -45,19 +45,13 @@ class VariationalDequantizer(nn.Module):
         return self.context_net(torch.cat(split_halves(centred, "stripe"), dim=1))
 
     def transform(self, eps, context):
-        """eps -> u in (0, 1), with log |du / deps| per sample."""
-        logdet = eps.new_zeros(eps.shape[0])
-        h = eps
-        for step in self.flow:
-            h, ld = step(h, context)
-            logdet = logdet + ld
+        """eps (B, C, H, W) -> u in (0, 1), with log |du / deps| per sample (B,)."""
+        h, logdet = self.flow(eps, context)
         return torch.sigmoid(h), logdet + sigmoid_logdet(h)
 
     def inverse_transform(self, u, context):
-        h = torch.log(u) - torch.log1p(-u)
-        for step in reversed(self.flow):
-            h = step.inverse(h, context)
-        return h
+        """u in (0, 1) (B, C, H, W) -> eps."""
+        return self.flow.inverse(torch.log(u) - torch.log1p(-u), context)
 
     def forward(self, x: torch.Tensor, dtype=torch.float32):
         """Sample u ~ q(u | x); returns (u, log q(u | x))."""

@@ -16,10 +16,13 @@ from flowpp.dequant import UniformDequantizer, VariationalDequantizer, standard_
 from flowpp.layers import (
     ActNorm,
     Flip,
+    InvertibleSequential,
     LogitPreprocess,
     MixLogisticCoupling,
     Pointwise,
     SpaceToDepth,
+    chain_forward,
+    chain_inverse,
     half_shape,
 )
 from flowpp.nets import ContextNet
@@ -27,20 +30,24 @@ from flowpp.presets import FlowConfig, NetConfig
 
 
 class FlowStep(nn.Module):
-    """[ActNorm, (Pointwise), coupling, flip] on one split."""
+    """[ActNorm, (Pointwise), coupling, flip] on one split of a (B, C, H, W) tensor.
 
-    def __init__(self, shape, split, *, num_components, net: NetConfig, dropout, pointwise, bf16, context_channels=0):
+    The layers are named attributes rather than a list, so that state_dict keys read
+    ``flow.3.coupling.net...``; ``cond`` is the dequantizer's context (or None).
+    """
+
+    def __init__(self, shape, split, cfg: FlowConfig, net: NetConfig, context_channels=0):
         super().__init__()
         self.actnorm = ActNorm(shape)
-        self.pointwise = Pointwise(half_shape(shape, split)[0], split) if pointwise else None
+        self.pointwise = Pointwise(half_shape(shape, split)[0], split) if cfg.pointwise else None
         self.coupling = MixLogisticCoupling(
             shape,
             split,
-            num_components=num_components,
-            bf16=bf16,
-            dropout=dropout,
+            num_components=cfg.num_components,
+            net=net,
+            bf16=cfg.bf16,
+            dropout=cfg.dropout,
             context_channels=context_channels,
-            **_net_kwargs(net),
         )
         self.flip = Flip(split)
 
@@ -48,34 +55,15 @@ class FlowStep(nn.Module):
         return [m for m in (self.actnorm, self.pointwise, self.coupling, self.flip) if m is not None]
 
     def forward(self, x, cond=None):
-        logdet = x.new_zeros(x.shape[0])
-        for layer in self._layers():
-            x, ld = layer(x, cond)
-            logdet = logdet + ld
-        return x, logdet
+        return chain_forward(self._layers(), x, cond)
 
     def inverse(self, y, cond=None):
-        for layer in reversed(self._layers()):
-            y = layer.inverse(y, cond)
-        return y
-
-
-def _net_kwargs(net: NetConfig) -> dict:
-    return dict(
-        hidden=net.hidden,
-        num_blocks=net.num_blocks,
-        attention=net.attention,
-        num_heads=net.num_heads,
-        use_nin=net.use_nin,
-        layer_norm=net.layer_norm,
-        final_concat_elu=net.final_concat_elu,
-        weight_norm=net.weight_norm,
-    )
+        return chain_inverse(self._layers(), y, cond)
 
 
 def build_steps(stages, shape, cfg: FlowConfig, net: NetConfig, context_channels=0):
     """Stage strings -> (list of steps, final (C, H, W))."""
-    steps = []
+    steps: list[nn.Module] = []
     for stage in stages:
         if stage == "s2d":
             steps.append(SpaceToDepth())
@@ -85,42 +73,21 @@ def build_steps(stages, shape, cfg: FlowConfig, net: NetConfig, context_channels
         split, _, count = stage.partition(":")
         if split not in ("stripe", "channel") or not count.isdigit():
             raise ValueError(f"bad stage {stage!r}: expected 's2d', 'stripe:N' or 'channel:N'")
-        for _ in range(int(count)):
-            steps.append(
-                FlowStep(
-                    shape,
-                    split,
-                    num_components=cfg.num_components,
-                    net=net,
-                    dropout=cfg.dropout,
-                    pointwise=cfg.pointwise,
-                    bf16=cfg.bf16,
-                    context_channels=context_channels,
-                )
-            )
+        steps.extend(FlowStep(shape, split, cfg, net, context_channels) for _ in range(int(count)))
     return steps, shape
 
 
 def build_dequantizer(cfg: FlowConfig) -> nn.Module:
+    """q(u | x): its context net sees the two stripe halves of x side by side, (B, 2C, H, W/2),
+    and conditions every coupling net of the dequantizer's flow steps."""
     dq = cfg.dequant
     if dq.kind == "uniform":
         return UniformDequantizer()
     if dq.kind != "variational":
         raise ValueError(f"dequant.kind={dq.kind!r}: expected 'variational' or 'uniform'")
     c, h, w = cfg.shape
-    ctx = dq.context
-    context = ContextNet(
-        2 * c,
-        (h, w // 2),
-        hidden=ctx.hidden,
-        num_blocks=ctx.num_blocks,
-        layer_norm=ctx.layer_norm,
-        attention=ctx.attention,
-        num_heads=ctx.num_heads,
-        dropout=cfg.dropout,
-        weight_norm=dq.net.weight_norm,
-    )
-    steps, _ = build_steps(dq.stages, cfg.shape, cfg, dq.net, context_channels=ctx.hidden)
+    context = ContextNet(2 * c, (h, w // 2), dq.context, dropout=cfg.dropout, weight_norm=dq.net.weight_norm)
+    steps, _ = build_steps(dq.stages, cfg.shape, cfg, dq.net, context_channels=dq.context.hidden)
     return VariationalDequantizer(cfg.shape, cfg.num_levels, context, steps)
 
 
@@ -131,7 +98,7 @@ class FlowPlusPlus(nn.Module):
         self.num_levels = config.num_levels
         self.dequantizer = build_dequantizer(config)
         steps, self.latent_shape = build_steps(config.stages, config.shape, config, config.net)
-        self.flow = nn.ModuleList([LogitPreprocess(config.num_levels), *steps])
+        self.flow = InvertibleSequential([LogitPreprocess(config.num_levels), *steps])
 
     @property
     def num_dims(self) -> int:
@@ -140,22 +107,10 @@ class FlowPlusPlus(nn.Module):
     def _dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    # -- the bijection y in [0, L)^D <-> z ------------------------------------------------
-    def flow_forward(self, y: torch.Tensor):
-        logdet = y.new_zeros(y.shape[0])
-        for step in self.flow:
-            y, ld = step(y)
-            logdet = logdet + ld
-        return y, logdet
-
-    def flow_inverse(self, z: torch.Tensor) -> torch.Tensor:
-        for step in reversed(self.flow):
-            z = step.inverse(z)
-        return z
-
+    # -- the bijection y in [0, L)^D <-> z: ``self.flow(y) -> (z, logdet)``, ``self.flow.inverse(z)``
     def log_density(self, y: torch.Tensor) -> torch.Tensor:
         """log p(y) of continuous y in [0, L)^D, per image, in nats."""
-        z, logdet = self.flow_forward(y)
+        z, logdet = self.flow(y)
         return standard_normal_log_prob(z) + logdet
 
     # -- likelihoods of discrete images ---------------------------------------------------
@@ -182,13 +137,13 @@ class FlowPlusPlus(nn.Module):
         """n images as uint8 (n, C, H, W), from z ~ N(0, temperature^2 I)."""
         device, dtype = next(self.parameters()).device, self._dtype()
         z = torch.randn((n, *self.latent_shape), generator=generator, device=device, dtype=dtype)
-        y = self.flow_inverse(z * temperature)
+        y = self.flow.inverse(z * temperature)
         return y.floor().clamp(0, self.num_levels - 1).to(torch.uint8)
 
 
 def build_model(config: FlowConfig) -> FlowPlusPlus:
     """The model with the config's build-time wrappers (activation checkpointing) applied."""
-    from flowpp.checkpointing import apply_checkpointing
+    from flowpp.activation_checkpointing import apply_checkpointing
 
     model = FlowPlusPlus(config)
     apply_checkpointing(model, config.checkpoint)

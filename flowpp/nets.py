@@ -1,5 +1,9 @@
 """Coupling networks: gated convolutions, layer norm, gated multi-head attention.
 
+Reads top to bottom: the convolution, norm, gated conv and gated attention, one block
+of them, the trunk (pos-emb, 3x3 conv in, N blocks) that the coupling net and the
+dequantizer's context net share, then those two nets.
+
 Every convolution is data-dependently initialised on its first forward pass
 (output zero mean, ``init_scale`` std per channel), as in the official code, and
 may use weight normalisation (the ImageNet 32x32 model does).
@@ -13,112 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _elu_grad(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(x > 0, torch.ones_like(x), torch.exp(x.clamp_max(0)))
-
-
-class _ConcatELU(torch.autograd.Function):
-    """elu([x, -x]) that keeps only x for backward, not the doubled (B, 2C, H, W) tensor."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return F.elu(torch.cat([x, -x], dim=1))
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        g_pos, g_neg = grad.chunk(2, dim=1)
-        return g_pos * _elu_grad(x) - g_neg * _elu_grad(-x)
-
-
-class _GatedResidual(torch.autograd.Function):
-    """x + a * sigmoid(b) for h = [a, b], keeping only h for backward (sigmoid is recomputed)."""
-
-    @staticmethod
-    def forward(ctx, x, h):
-        a, b = h.chunk(2, dim=1)
-        ctx.save_for_backward(h)
-        return x + a * torch.sigmoid(b)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (h,) = ctx.saved_tensors
-        a, b = h.chunk(2, dim=1)
-        s = torch.sigmoid(b)
-        return grad, torch.cat([grad * s, grad * a * s * (1 - s)], dim=1)
-
-
-class _ConcatELUConv(torch.autograd.Function):
-    """conv2d(elu([x, -x]) * keep / (1 - p)), optionally gated into a residual: r + a * sigmoid(b).
-
-    Only x and the bool keep-mask are stored for backward. The (B, 2C, H, W) conv input
-    and, when gated, the (B, 2C', H, W) conv output are recomputed from x instead: they
-    are the largest tensors a gated conv would otherwise keep, and elementwise ops plus
-    one convolution rebuild them.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, padding, keep, p, residual=None):
-        h = _elu_conv(x, weight, bias, padding, keep, p)
-        ctx.save_for_backward(x, weight, bias, keep)
-        ctx.conf = (padding, p, h.dtype, residual is not None)
-        if residual is None:
-            return h
-        a, b = h.chunk(2, dim=1)
-        return residual + a * torch.sigmoid(b)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, bias, keep = ctx.saved_tensors
-        padding, p, dtype, gated = ctx.conf
-        e = _concat_elu_masked(x, keep, p).to(dtype)
-        g_res = None
-        if gated:
-            with torch.no_grad():
-                h = F.conv2d(e, weight.to(dtype), bias.to(dtype), padding=padding)
-            a, b = h.chunk(2, dim=1)
-            s = torch.sigmoid(b)
-            g_res = grad
-            grad = torch.cat([grad * s, grad * a * s * (1 - s)], dim=1)
-        mask = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        g_e, g_w, g_b = torch.ops.aten.convolution_backward(
-            grad.to(dtype), e, weight.to(dtype), [weight.shape[0]], [1, 1], [padding, padding],
-            [1, 1], False, [0, 0], 1, mask,
-        )  # fmt: skip
-        g_x = None
-        if g_e is not None:
-            if keep is not None:
-                g_e = g_e * keep / (1 - p)
-            g_pos, g_neg = g_e.to(x.dtype).chunk(2, dim=1)
-            g_x = g_pos * _elu_grad(x) - g_neg * _elu_grad(-x)
-        g_w = g_w.to(weight.dtype) if g_w is not None else None
-        g_b = g_b.to(bias.dtype) if g_b is not None else None
-        return g_x, g_w, g_b, None, None, None, g_res
-
-
-def _concat_elu_masked(x, keep, p):
-    e = F.elu(torch.cat([x, -x], dim=1))
-    return e if keep is None else e * keep / (1 - p)
-
-
-def _elu_conv(x, weight, bias, padding, keep, p):
-    return F.conv2d(_concat_elu_masked(x, keep, p), weight, bias, padding=padding)
-
-
-def concat_elu(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, 2C, H, W)."""
-    return _ConcatELU.apply(x)
-
-
-def gated_residual(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """x + a * sigmoid(b) with (a, b) = h split on channels."""
-    return _GatedResidual.apply(x, h)
+from flowpp.ops import _concat_elu_masked, concat_elu, concat_elu_conv, gated_residual
+from flowpp.presets import ContextConfig, NetConfig
 
 
 class Conv2d(nn.Module):
     """k x k convolution with data-dependent init and optional weight norm."""
+
+    initialized: torch.Tensor  # a bool buffer: data-dependent init has run
 
     def __init__(self, c_in, c_out, kernel_size=3, init_scale=1.0, weight_norm=False):
         super().__init__()
@@ -161,7 +67,7 @@ class Conv2d(nn.Module):
             keep = torch.rand(b, 2 * c, h, w, device=x.device) >= dropout
         if not self.initialized:
             self._data_init(_concat_elu_masked(x, keep, dropout))
-        return _ConcatELUConv.apply(x, self._effective_weight(), self.bias, self.padding, keep, dropout, residual)
+        return concat_elu_conv(x, self._effective_weight(), self.bias, self.padding, keep, dropout, residual)
 
 
 class LayerNorm(nn.Module):
@@ -223,14 +129,15 @@ class GatedAttention(nn.Module):
 
 
 class CouplingBlock(nn.Module):
-    """One block of a coupling net: [gated conv, LN, (gated attention, LN)]."""
+    """One block of a coupling net: [gated conv, LN, (gated attention, LN)], (B, F, H, W) -> same."""
 
-    def __init__(self, channels, *, context_channels, attention, num_heads, dropout, use_nin, layer_norm, weight_norm):
+    def __init__(self, net: NetConfig, *, dropout=0.0, context_channels=0):
         super().__init__()
-        self.conv = GatedConv(channels, context_channels, use_nin, dropout, weight_norm)
-        self.norm1 = LayerNorm(channels) if layer_norm else nn.Identity()
-        self.attn = GatedAttention(channels, num_heads, dropout, weight_norm) if attention else None
-        self.norm2 = LayerNorm(channels) if (layer_norm and attention) else nn.Identity()
+        f = net.hidden
+        self.conv = GatedConv(f, context_channels, net.use_nin, dropout, net.weight_norm)
+        self.norm1 = LayerNorm(f) if net.layer_norm else nn.Identity()
+        self.attn = GatedAttention(f, net.num_heads, dropout, net.weight_norm) if net.attention else None
+        self.norm2 = LayerNorm(f) if (net.layer_norm and net.attention) else nn.Identity()
 
     def forward(self, x, context=None, pos_emb=None):
         x = self.norm1(self.conv(x, context))
@@ -243,100 +150,74 @@ class CouplingBlock(nn.Module):
         return self.norm2(self.attn(x, pos_emb))
 
 
-class CouplingNet(nn.Module):
-    """x1 (B, C_in, H, W) [+ context] -> (B, C_out, H, W).
+class Trunk(nn.Module):
+    """x (B, C_in, H, W) [+ context (B, C_ctx, H, W)] -> features (B, F, H, W).
 
-    pos-emb, 3x3 conv to F, N blocks, then a 3x3 conv (init scale 0.1) to C_out,
-    optionally preceded by concat_elu as in the ImageNet launchers.
+    pos-emb (attention only), a 3x3 conv to F, then ``net.num_blocks`` blocks. The
+    coupling net and the context net are both this trunk; they subclass it, rather
+    than hold it, so that their parameters keep their names (``proj_in.weight``,
+    ``blocks.0...``) and are created in the same order, i.e. from the same RNG draws.
     """
 
-    def __init__(
-        self,
-        c_in,
-        c_out,
-        size,
-        *,
-        hidden,
-        num_blocks,
-        attention=True,
-        num_heads=4,
-        dropout=0.0,
-        context_channels=0,
-        use_nin=True,
-        layer_norm=True,
-        final_concat_elu=False,
-        weight_norm=False,
-    ):
+    def __init__(self, c_in, size, net: NetConfig, *, dropout=0.0, context_channels=0):
         super().__init__()
         h, w = size
-        self.pos_emb = nn.Parameter(0.01 * torch.randn(1, hidden, h, w)) if attention else None
-        self.proj_in = Conv2d(c_in, hidden, 3, weight_norm=weight_norm)
+        self.pos_emb = nn.Parameter(0.01 * torch.randn(1, net.hidden, h, w)) if net.attention else None
+        self.proj_in = Conv2d(c_in, net.hidden, 3, weight_norm=net.weight_norm)
         self.blocks = nn.ModuleList(
-            CouplingBlock(
-                hidden,
-                context_channels=context_channels,
-                attention=attention,
-                num_heads=num_heads,
-                dropout=dropout,
-                use_nin=use_nin,
-                layer_norm=layer_norm,
-                weight_norm=weight_norm,
-            )
-            for _ in range(num_blocks)
+            CouplingBlock(net, dropout=dropout, context_channels=context_channels) for _ in range(net.num_blocks)
         )
-        self.final_concat_elu = final_concat_elu
-        c_last = 2 * hidden if final_concat_elu else hidden
-        self.proj_out = Conv2d(c_last, c_out, 3, init_scale=0.1, weight_norm=weight_norm)
 
     def forward(self, x, context=None):
         x = self.proj_in(x)
         for block in self.blocks:
             x = block(x, context, self.pos_emb)
+        return x
+
+
+class CouplingNet(Trunk):
+    """x1 (B, C_in, H, W) [+ context] -> (B, C_out, H, W).
+
+    The trunk, then a 3x3 conv (init scale 0.1) to C_out, optionally preceded by
+    concat_elu as in the ImageNet launchers.
+    """
+
+    def __init__(self, c_in, c_out, size, *, net: NetConfig, dropout=0.0, context_channels=0):
+        super().__init__(c_in, size, net, dropout=dropout, context_channels=context_channels)
+        self.final_concat_elu = net.final_concat_elu
+        c_last = 2 * net.hidden if net.final_concat_elu else net.hidden
+        self.proj_out = Conv2d(c_last, c_out, 3, init_scale=0.1, weight_norm=net.weight_norm)
+
+    def forward(self, x, context=None):
+        x = super().forward(x, context)
         if self.final_concat_elu:
             x = concat_elu(x)
         return self.proj_out(x)
 
 
-class ContextNet(nn.Module):
+def _context_trunk(cfg: ContextConfig, weight_norm: bool) -> NetConfig:
+    """The trunk a context config describes: its gated convs are 3x3 throughout (no 1x1 nin),
+    as the official context processors; weight norm follows the dequantizer's coupling nets."""
+    return NetConfig(
+        hidden=cfg.hidden,
+        num_blocks=cfg.num_blocks,
+        num_heads=cfg.num_heads,
+        attention=cfg.attention,
+        use_nin=False,
+        layer_norm=cfg.layer_norm,
+        weight_norm=weight_norm,
+    )
+
+
+class ContextNet(Trunk):
     """Dequantizer context: x/L - 0.5 (B, 2C, H, W/2) -> (B, hidden, H, W/2).
 
-    A 3x3 conv to ``hidden`` then ``num_blocks`` of [gated conv (3x3 both), (LN),
-    (attention, LN)], as the official launchers' context processors.
+    The trunk alone: a 3x3 conv to ``cfg.hidden``, then ``cfg.num_blocks`` of
+    [gated conv (3x3 both), (LN), (attention, LN)], as the official launchers' context processors.
     """
 
-    def __init__(
-        self,
-        c_in,
-        size,
-        *,
-        hidden=32,
-        num_blocks=3,
-        layer_norm=False,
-        attention=False,
-        num_heads=4,
-        dropout=0.0,
-        weight_norm=False,
-    ):
-        super().__init__()
-        h, w = size
-        self.pos_emb = nn.Parameter(0.01 * torch.randn(1, hidden, h, w)) if attention else None
-        self.proj_in = Conv2d(c_in, hidden, 3, weight_norm=weight_norm)
-        self.blocks = nn.ModuleList(
-            CouplingBlock(
-                hidden,
-                context_channels=0,
-                attention=attention,
-                num_heads=num_heads,
-                dropout=dropout,
-                use_nin=False,
-                layer_norm=layer_norm,
-                weight_norm=weight_norm,
-            )
-            for _ in range(num_blocks)
-        )
+    def __init__(self, c_in, size, cfg: ContextConfig, *, dropout=0.0, weight_norm=False):
+        super().__init__(c_in, size, _context_trunk(cfg, weight_norm), dropout=dropout)
 
     def forward(self, x):
-        x = self.proj_in(x)
-        for block in self.blocks:
-            x = block(x, None, self.pos_emb)
-        return x
+        return super().forward(x)

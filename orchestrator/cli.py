@@ -1,4 +1,10 @@
-"""The ``flowpp`` console script (also ``python -m orchestrator``)."""
+"""The ``flowpp`` console script (also ``python -m orchestrator``).
+
+Each subcommand is a ``_cmd_*`` function and a ``_add_*`` function that declares its
+arguments. ``main`` sets up logging once, runs the command, and turns any
+``FlowppError`` into one line on stderr and its exit code (2: a user mistake,
+1: a runtime failure); ``--debug`` adds the traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,13 @@ import argparse
 import math
 import sys
 import time
+import traceback
+
+from orchestrator.errors import FlowppError, UserError
+from orchestrator.logs import LEVELS, setup_logging
 
 
+# -- commands -----------------------------------------------------------------------------
 def _cmd_presets(args) -> int:
     import torch
 
@@ -41,6 +52,7 @@ def _cmd_smoke(args) -> int:
 
     from flowpp import build_model, get_preset
     from flowpp.distributed import data_dependent_init
+    from orchestrator.train import train_step
 
     torch.manual_seed(args.seed)
     model = build_model(get_preset(args.preset))
@@ -48,18 +60,15 @@ def _cmd_smoke(args) -> int:
     data_dependent_init(model, x)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     start = time.perf_counter()
+    loss = math.nan
     for step in range(1, args.steps + 1):
-        loss = model.bits_per_dim(x).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = train_step(model, opt, x, lr=args.lr, grad_clip=1.0).loss
         if step == 1 or step % 20 == 0 or step == args.steps:
             rate = 16 * step / (time.perf_counter() - start)
-            print(f"step {step:>4}  bits/dim {loss.item():.3f}  images/s {rate:.1f}", flush=True)
+            print(f"step {step:>4}  bits/dim {loss:.3f}  images/s {rate:.1f}", flush=True)
     samples = model.eval().sample(4)
-    ok = math.isfinite(loss.item()) and samples.dtype == torch.uint8
-    print(f"sampled {tuple(samples.shape)} uint8 images; final bits/dim {loss.item():.3f}")
+    ok = math.isfinite(loss) and samples.dtype == torch.uint8
+    print(f"sampled {tuple(samples.shape)} uint8 images; final bits/dim {loss:.3f}")
     return 0 if ok else 1
 
 
@@ -70,14 +79,11 @@ def _storage_options(args):
 
 
 def _cmd_prepare(args) -> int:
-    import logging
-
     from orchestrator import storage
     from orchestrator.data.prepare import PrepareOptions, prepare
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     splits = ["train", "valid"] if args.split == "both" else [args.split]
-    sopts = _storage_options(args)
+    storage_options = _storage_options(args)
     for split in splits:
         opts = PrepareOptions(
             source=args.source,
@@ -92,7 +98,7 @@ def _cmd_prepare(args) -> int:
             count=args.count if split == "train" else args.valid_count,
             upload_workers=args.upload_workers,
         )
-        m = prepare(opts, sopts)
+        m = prepare(opts, storage_options)
         size_mib = m["total_bytes"] / 2**20
         where = storage.join(opts.output, "manifest.json")
         print(
@@ -103,48 +109,28 @@ def _cmd_prepare(args) -> int:
 
 
 def _load(args):
-    from orchestrator.config import JobSpecError, load_job
+    """The job spec, validated before any Ray resource is used (JobSpecError: exit code 2)."""
+    from orchestrator.config import load_job
 
-    try:
-        return load_job(args.job, args.set or [])
-    except JobSpecError as exc:
-        print(exc, file=sys.stderr)
-        raise SystemExit(2) from None
+    return load_job(args.job, args.set or [])
 
 
 def _cmd_train(args) -> int:
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    spec = _load(args)  # validated before any Ray resource is used
-    import ray.train
-
+    spec = _load(args)
     from orchestrator.launch import run_training
 
-    try:
-        result = run_training(spec)
-    except ray.train.TrainingFailedError as exc:
-        print(f"training failed: {exc}", file=sys.stderr)
-        return 1
+    result = run_training(spec)
     print(f"done: {spec.name}: {result.metrics}")
     return 0
 
 
 def _cmd_tune(args) -> int:
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     spec = _load(args)
     if spec.tune is None:
-        print(f"{args.job}: no `tune:` section; see jobs/tune-mixtures.yaml", file=sys.stderr)
-        return 2
-    from orchestrator.tune import SearchError, run_search
+        raise UserError(f"{args.job}: no `tune:` section; see jobs/tune-mixtures.yaml")
+    from orchestrator.tune import run_search
 
-    try:
-        rows = run_search(spec, resume=args.resume)
-    except SearchError as exc:
-        print(f"tune: {exc}", file=sys.stderr)
-        return 1
+    rows = run_search(spec, resume=args.resume)
     return 0 if any(r.status != "error" for r in rows) else 1
 
 
@@ -153,30 +139,25 @@ def _tracking_uri(args) -> str:
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        print("no MLflow tracking server: pass --tracking-uri or set MLFLOW_TRACKING_URI", file=sys.stderr)
-        raise SystemExit(2)
+        raise UserError("no MLflow tracking server: pass --tracking-uri or set MLFLOW_TRACKING_URI")
     return uri
 
 
 def _cmd_promote(args) -> int:
-    from orchestrator.promote import EvalSettings, PromotionError, promote, rollback
+    from orchestrator.promote import EvalSettings, promote, rollback
 
     uri = _tracking_uri(args)
-    try:
-        if args.rollback:
-            rollback(uri, args.model)
-            return 0
-        settings = EvalSettings(
-            data=args.data,
-            seed=args.seed,
-            samples=args.samples,
-            max_images=args.max_images,
-            options=_storage_options(args),
-        )
-        decision = promote(uri, args.model, args.version, settings, args.margin, args.z, args.dry_run)
-    except PromotionError as exc:
-        print(f"promote: {exc}", file=sys.stderr)
-        return 1
+    if args.rollback:
+        rollback(uri, args.model)
+        return 0
+    settings = EvalSettings(
+        data=args.data,
+        seed=args.seed,
+        samples=args.samples,
+        max_images=args.max_images,
+        options=_storage_options(args),
+    )
+    decision = promote(uri, args.model, args.version, settings, args.margin, args.z, args.dry_run)
     return 0 if decision.promote or args.dry_run else 3
 
 
@@ -185,8 +166,8 @@ def _cmd_sample(args) -> int:
 
     import torch
 
-    from orchestrator.registry import load_flow
-    from orchestrator.train import sample_grid
+    from orchestrator.images import sample_grid
+    from orchestrator.tracking import load_flow
 
     torch.manual_seed(args.seed)
     model = load_flow(args.model, args.tracking_uri)
@@ -197,7 +178,7 @@ def _cmd_sample(args) -> int:
 
 def _cmd_evaluate(args) -> int:
     from orchestrator.evaluate import per_image_bpd
-    from orchestrator.registry import load_flow
+    from orchestrator.tracking import load_flow
 
     model = load_flow(args.model, args.tracking_uri)
     common = dict(seed=args.seed, max_images=args.max_images, batch_size=args.batch_size)
@@ -216,19 +197,24 @@ def _cmd_submit(args) -> int:
     return submit(spec, args.job, args.set or [], follow=not args.no_wait)
 
 
+# -- arguments ----------------------------------------------------------------------------
 def _add_storage_args(p) -> None:
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)")
     p.add_argument("--s3-region", default=None)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="flowpp",
-        description="Train, search, evaluate and promote Flow++ models on Ray, S3 and MLflow.",
-    )
-    sub = parser.add_subparsers(dest="command")
-    p = sub.add_parser("presets", help="list the model presets with their parameter counts")
-    p.set_defaults(func=_cmd_presets)
+def _add_model_args(p) -> None:
+    p.add_argument("--model", required=True, help="models:/NAME@champion, models:/NAME/3 or runs:/ID/model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI")
+
+
+def _add_job_args(p, example: str) -> None:
+    p.add_argument("job", help="a job YAML, e.g. jobs/imagenet64.yaml")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=f"override a field, e.g. {example}")
+
+
+def _add_smoke(sub) -> None:
     p = sub.add_parser("smoke", help="train a preset on a fixed synthetic batch in this process")
     p.add_argument("--preset", default="debug")
     p.add_argument("--steps", type=int, default=100)
@@ -236,17 +222,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_smoke)
 
+
+def _add_train_tune_submit(sub) -> None:
     p = sub.add_parser("train", help="run a job spec with Ray Train (inside `ray job submit`, or embedded)")
-    p.add_argument("job", help="a job YAML, e.g. jobs/imagenet64.yaml")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. train.lr=3e-4")
+    _add_job_args(p, "train.lr=3e-4")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("tune", help="run the Ray Tune search in a job spec's `tune:` section, one TorchTrainer a trial")
-    p.add_argument("job", help="a job YAML with a `tune:` section, e.g. jobs/tune-mixtures.yaml")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. tune.num_samples=2")
+    _add_job_args(p, "tune.num_samples=2")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search from its trials' checkpoints")
     p.set_defaults(func=_cmd_tune)
 
+    p = sub.add_parser("submit", help="submit a job spec to the Ray cluster in its `ray:` section, stream logs")
+    _add_job_args(p, "train.lr=3e-4")
+    p.add_argument("--no-wait", action="store_true", help="print the submission id and return")
+    p.set_defaults(func=_cmd_submit)
+
+
+def _add_promote(sub) -> None:
     p = sub.add_parser("promote", help="move @champion to a registered version if it beats the champion")
     p.add_argument("--model", required=True, metavar="NAME", help="registered model name")
     p.add_argument("--version", default=None, help="candidate version (default: the latest)")
@@ -262,32 +255,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage_args(p)
     p.set_defaults(func=_cmd_promote)
 
+
+def _add_sample_evaluate(sub) -> None:
     p = sub.add_parser("sample", help="a PNG grid of samples from a registered model")
-    p.add_argument("--model", required=True, help="models:/NAME@champion, models:/NAME/3 or runs:/ID/model")
+    _add_model_args(p)
     p.add_argument("-n", type=int, default=64)
     p.add_argument("--out", default="samples.png")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI")
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("evaluate", help="bits/dim of a registered model on a manifest's shards")
-    p.add_argument("--model", required=True, help="models:/NAME@champion, models:/NAME/3 or runs:/ID/model")
+    _add_model_args(p)
     p.add_argument("--data", required=True, help="manifest URL of the split to score")
     p.add_argument("--iw-samples", type=int, default=1, help=">1: also the importance-weighted bound")
     p.add_argument("--max-images", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI")
     _add_storage_args(p)
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("submit", help="submit a job spec to the Ray cluster in its `ray:` section, stream logs")
-    p.add_argument("job")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE")
-    p.add_argument("--no-wait", action="store_true", help="print the submission id and return")
-    p.set_defaults(func=_cmd_submit)
 
+def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="write WebDataset shards and a manifest from an image source")
     p.add_argument(
         "source",
@@ -313,6 +300,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upload-workers", type=int, default=4)
     _add_storage_args(p)
     p.set_defaults(func=_cmd_prepare)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flowpp",
+        description="Train, search, evaluate and promote Flow++ models on Ray, S3 and MLflow.",
+    )
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LEVELS, help="default: INFO")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sub = parser.add_subparsers(dest="command")
+    p = sub.add_parser("presets", help="list the model presets with their parameter counts")
+    p.set_defaults(func=_cmd_presets)
+    for add in (_add_smoke, _add_train_tune_submit, _add_promote, _add_sample_evaluate, _add_prepare):
+        add(sub)
     return parser
 
 
@@ -322,7 +323,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return args.func(args)
+    setup_logging(args.log_level)
+    try:
+        return args.func(args)
+    except FlowppError as exc:
+        if args.debug:
+            traceback.print_exc()
+        lines = str(exc).splitlines() or [type(exc).__name__]
+        print(f"flowpp {args.command}: {lines[0]}", *lines[1:], sep="\n", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from orchestrator.errors import UserError
 
 
 class _Strict(BaseModel):
@@ -112,6 +115,12 @@ class StorageSpec(_Strict):
     """S3-compatible endpoint; credentials come from the AWS environment, never from here."""
     region: str | None = None
 
+    def options(self):
+        """The ``storage.StorageOptions`` every reader and writer of this job uses."""
+        from orchestrator.storage import StorageOptions
+
+        return StorageOptions(endpoint_url=self.endpoint_url, region=self.region)
+
 
 class MlflowSpec(_Strict):
     tracking_uri: str = "sqlite:///runs/mlflow.db"
@@ -195,7 +204,7 @@ class JobSpec(_Strict):
         return self.train.global_batch_size // self.scaling.num_workers
 
 
-class JobSpecError(ValueError):
+class JobSpecError(UserError, ValueError):
     """Every problem in a job spec, one per line, each with its path."""
 
     def __init__(self, source: str, problems: list[str]):
@@ -250,7 +259,8 @@ def semantic_problems(spec: JobSpec) -> list[str]:
 
 def tune_problems(spec: JobSpec) -> list[str]:
     """The search space's fields must exist, and every value they can take must validate."""
-    problems = []
+    problems: list[str] = []
+    assert spec.tune is not None
     sched = spec.tune.scheduler
     if sched.time_attr == "training_iteration":
         problems.append("tune.scheduler.time_attr: training_iteration restarts at 0 when a search is resumed; use step")
@@ -304,7 +314,7 @@ def apply_overrides(tree: dict, overrides: dict[str, Any]) -> dict:
 def override_problems(base: dict, dotted: str, value: Any) -> list[str]:
     """What is wrong with setting ``dotted`` to ``value`` on a job spec tree (nothing: [])."""
     *parents, leaf = dotted.split(".")
-    node = JobSpec
+    node: Any = JobSpec
     for part in [*parents, leaf]:
         field = getattr(node, "model_fields", {}).get(part)
         if field is None:
@@ -333,7 +343,7 @@ def validate(tree: Any, source: str = "job spec") -> JobSpec:
     return spec
 
 
-def load_job(path: str | Path, overrides: list[str] = ()) -> JobSpec:
+def load_job(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
     """Read, expand, override and validate a job YAML; raises JobSpecError listing every problem."""
     path = Path(path)
     if not path.is_file():

@@ -13,8 +13,13 @@ import os
 
 from orchestrator import storage
 from orchestrator.config import JobSpec
+from orchestrator.errors import FlowppError
 
-log = logging.getLogger("flowpp.launch")
+log = logging.getLogger(__name__)
+
+
+class TrainingFailed(FlowppError):
+    """The Ray Train run failed; the message is the failing rank's own error, on one line."""
 
 
 def _absolute(url: str) -> str:
@@ -41,7 +46,7 @@ def resolve_paths(spec: JobSpec) -> JobSpec:
 
 def ensure_data(spec: JobSpec) -> None:
     """Prepare the job's dataset if it asks for it and its manifests are missing."""
-    opts = storage.StorageOptions(endpoint_url=spec.storage.endpoint_url, region=spec.storage.region)
+    opts = spec.storage.options()
     for split, url in (("train", spec.data.train), ("valid", spec.data.valid)):
         storage.check_bucket(url, opts)
         if storage.object_size(url, opts) is not None:
@@ -102,14 +107,17 @@ def make_trainer(spec: JobSpec, run_id: str | None, callbacks: list | None = Non
 
     from orchestrator.train import train_loop
 
-    opts = storage.StorageOptions(endpoint_url=spec.storage.endpoint_url, region=spec.storage.region)
-    fs, path = storage.pyarrow_filesystem(spec.storage.path, opts)
+    fs, path = storage.pyarrow_filesystem(spec.storage.path, spec.storage.options())
     resources = {"CPU": spec.scaling.cpus_per_worker}
     if spec.scaling.use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop,
-        train_loop_config={**spec.model_dump(), "_mlflow_run_id": run_id},
+        train_loop_config={
+            "job": spec.model_dump(),
+            "mlflow_run_id": run_id,
+            "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+        },
         scaling_config=ScalingConfig(
             num_workers=spec.scaling.num_workers,
             use_gpu=spec.scaling.use_gpu,
@@ -129,15 +137,35 @@ def make_trainer(spec: JobSpec, run_id: str | None, callbacks: list | None = Non
 
 def run_training(spec: JobSpec):
     """Prepare data if asked, run the trainer to the end, return Ray's Result."""
+    import ray.train
+
     spec = resolve_paths(spec)
     ensure_data(spec)
     run_id = None
     if spec.mlflow.enabled:
-        from orchestrator.registry import ensure_run
+        from orchestrator.tracking import ensure_run
 
         run_id = ensure_run(spec.mlflow.tracking_uri, spec.mlflow.experiment, spec.name)
         log.info("MLflow run %s in experiment %r at %s", run_id, spec.mlflow.experiment, spec.mlflow.tracking_uri)
     _init_ray(spec)
-    result = make_trainer(spec, run_id).fit()
+    try:
+        result = make_trainer(spec, run_id).fit()
+    except ray.train.TrainingFailedError as exc:
+        raise _failure(spec.name, exc) from exc
     log.info("finished: %s; checkpoint %s", result.metrics, result.checkpoint.path if result.checkpoint else None)
     return result
+
+
+def _failure(name: str, exc: Exception) -> TrainingFailed:
+    """The first failing rank's own error (its traceback's last line), keeping its exit code."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    if failures:
+        rank, cause = min(failures.items())
+        lines = [line for line in str(cause).splitlines() if line.strip()]
+        error = TrainingFailed(f"training {name} failed on rank {rank}: {lines[-1].strip() if lines else cause!r}")
+    else:
+        cause = getattr(exc, "controller_failure", exc)
+        error = TrainingFailed(f"training {name} failed: {str(cause).strip().splitlines()[-1]}")
+    if isinstance(cause, FlowppError):
+        error.exit_code = cause.exit_code
+    return error

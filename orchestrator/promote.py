@@ -23,15 +23,21 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from orchestrator import registry, storage
+from orchestrator import storage
+from orchestrator.errors import FlowppError, UserError
 from orchestrator.evaluate import Scores, per_image_bpd
+from orchestrator.tracking import ModelRegistry
 
 CHAMPION, PREVIOUS = "champion", "previous"
 LOCK_TAG = "flowpp.promotion_lock"
 
 
-class PromotionError(RuntimeError):
-    pass
+class PromotionError(FlowppError):
+    """Promotion cannot go ahead: the message says which version and why."""
+
+
+class AlreadyChampionError(PromotionError, UserError):
+    """The candidate asked for already holds @champion."""
 
 
 @dataclass
@@ -78,86 +84,47 @@ def decide(candidate: Scores, champion: Scores | None, margin: float | None = No
                     champion.mean, gain, bound, n)  # fmt: skip
 
 
-class Registry:
-    """The few registry calls promotion needs, on one registered model."""
-
-    def __init__(self, tracking_uri: str, name: str):
-        self.client = registry._mlflow(tracking_uri).MlflowClient()
-        self.tracking_uri, self.name = tracking_uri, name
-
-    def version(self, version: str):
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return self.client.get_model_version(self.name, str(version))
-        except MlflowException:
-            raise PromotionError(f"registered model {self.name!r} has no version {version}") from None
-
-    def latest(self):
-        from mlflow.exceptions import MlflowException
-
-        try:
-            versions = self.client.search_model_versions(f"name = '{self.name}'")
-        except MlflowException:
-            versions = []
-        if not versions:
-            raise PromotionError(f"registered model {self.name!r} does not exist or has no versions")
-        return max(versions, key=lambda v: int(v.version))
-
-    def alias(self, alias: str) -> str | None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return str(self.client.get_model_version_by_alias(self.name, alias).version)
-        except MlflowException:
-            return None
-
-    def tags(self) -> dict:
-        return self.client.get_registered_model(self.name).tags
-
-    def val_metric(self, mv) -> float:
-        """The version's validation bits/dim from training; a clear error if it never had one."""
-        value = mv.tags.get("val_bpd")
-        if value in (None, "", "nan") and mv.run_id:
-            value = self.client.get_run(mv.run_id).data.metrics.get("val_bpd")
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            value = math.nan
-        if not math.isfinite(value):
-            raise PromotionError(
-                f"{self.name} version {mv.version} has no val_bpd metric (its run {mv.run_id} never reported a "
-                "validation figure): it is not a valid candidate"
-            )
-        return value
-
-    def data_url(self, mv) -> str:
-        url = self.client.get_run(mv.run_id).data.params.get("data.valid") if mv.run_id else None
-        if not url:
-            raise PromotionError(
-                f"{self.name} version {mv.version}: its run records no data.valid; pass --data MANIFEST_URL"
-            )
-        return url
-
-    def scores(self, version: str, settings: EvalSettings) -> Scores:
-        model = registry.load_flow(f"models:/{self.name}/{version}", self.tracking_uri)
-        return per_image_bpd(
-            model,
-            settings.data,
-            settings.options,
-            seed=settings.seed,
-            samples=settings.samples,
-            max_images=settings.max_images,
-            batch_size=settings.batch_size,
+def val_metric(reg: ModelRegistry, mv) -> float:
+    """The version's validation bits/dim from training; a clear error if it never had one."""
+    value = mv.tags.get("val_bpd")
+    if value in (None, "", "nan"):
+        value = reg.run_metric(mv.run_id, "val_bpd")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise PromotionError(
+            f"{reg.name} version {mv.version} has no val_bpd metric (its run {mv.run_id} never reported a "
+            "validation figure): it is not a valid candidate"
         )
+    return value
 
-    def tag_version(self, version: str, tags: dict) -> None:
-        for k, v in tags.items():
-            self.client.set_model_version_tag(self.name, version, k, str(v))
+
+def data_url(reg: ModelRegistry, mv) -> str:
+    url = reg.run_param(mv.run_id, "data.valid")
+    if not url:
+        raise PromotionError(
+            f"{reg.name} version {mv.version}: its run records no data.valid; pass --data MANIFEST_URL"
+        )
+    return url
+
+
+def scores(reg: ModelRegistry, version: str, settings: EvalSettings) -> Scores:
+    assert settings.data is not None
+    return per_image_bpd(
+        reg.load(version),
+        settings.data,
+        settings.options,
+        seed=settings.seed,
+        samples=settings.samples,
+        max_images=settings.max_images,
+        batch_size=settings.batch_size,
+    )
 
 
 @contextmanager
-def promotion_lock(reg: Registry, lease_s: float = 1800, settle_s: float = 1.0, timeout_s: float = 900):
+def promotion_lock(reg: ModelRegistry, lease_s: float = 1800, settle_s: float = 1.0, timeout_s: float = 900):
     """An advisory lock on the registered model; a holder that died frees it when its lease ends."""
     token = f"{uuid.uuid4().hex}:{time.time() + lease_s:.0f}"
     deadline = time.monotonic() + timeout_s
@@ -168,7 +135,7 @@ def promotion_lock(reg: Registry, lease_s: float = 1800, settle_s: float = 1.0, 
                 raise PromotionError(f"{reg.name}: another promotion has held the lock for over {timeout_s:.0f} s")
             time.sleep(0.2 + random.random() * 0.3)
             continue
-        reg.client.set_registered_model_tag(reg.name, LOCK_TAG, token)
+        reg.set_tag(LOCK_TAG, token)
         time.sleep(settle_s)  # a concurrent writer that read "free" has written by now; the last write wins
         if reg.tags().get(LOCK_TAG) == token:
             break
@@ -176,7 +143,7 @@ def promotion_lock(reg: Registry, lease_s: float = 1800, settle_s: float = 1.0, 
         yield token
     finally:
         if reg.tags().get(LOCK_TAG) == token:
-            reg.client.delete_registered_model_tag(reg.name, LOCK_TAG)
+            reg.delete_tag(LOCK_TAG)
 
 
 def promote(
@@ -191,21 +158,21 @@ def promote(
 ) -> Decision:
     """Compare ``version`` (default: the latest) with ``@champion``; move the aliases if it wins."""
     settings = settings or EvalSettings()
-    reg = Registry(tracking_uri, name)
+    reg = ModelRegistry(tracking_uri, name)
     cand = reg.version(version) if version else reg.latest()
-    reg.val_metric(cand)
+    val_metric(reg, cand)
     if settings.data is None:
-        settings.data = reg.data_url(cand)
+        settings.data = data_url(reg, cand)
     champion = reg.alias(CHAMPION)
     if champion == str(cand.version):
-        raise PromotionError(f"{name} version {cand.version} is already the champion")
+        raise AlreadyChampionError(f"{name} version {cand.version} is already the champion")
     if champion is not None:
-        reg.val_metric(reg.version(champion))
+        val_metric(reg, reg.version(champion))
     who = f"v{champion}" if champion else "(none)"
     log(f"scoring {name} v{cand.version} and champion {who} on {storage.redact(settings.data)} "
         f"(seed {settings.seed}, {settings.samples} dequantization sample(s))")  # fmt: skip
-    cand_scores = reg.scores(cand.version, settings)
-    champ_scores = reg.scores(champion, settings) if champion else None
+    cand_scores = scores(reg, cand.version, settings)
+    champ_scores = scores(reg, champion, settings) if champion else None
     decision = decide(cand_scores, champ_scores, margin, z)
     if dry_run:
         log(_summary(name, cand.version, champion, decision, dry_run=True))
@@ -215,35 +182,35 @@ def promote(
         if now != champion:  # another promotion moved it while we were scoring
             log(f"the champion changed from {champion} to {now} meanwhile; comparing with v{now}")
             champion = now
-            champ_scores = reg.scores(champion, settings) if champion else None
+            champ_scores = scores(reg, champion, settings) if champion else None
             decision = decide(cand_scores, champ_scores, margin, z)
         _record(reg, cand.version, champion, decision, settings)
         if decision.promote:
-            reg.client.set_registered_model_alias(name, CHAMPION, str(cand.version))
+            reg.set_alias(CHAMPION, str(cand.version))
             if champion is not None:
-                reg.client.set_registered_model_alias(name, PREVIOUS, champion)
+                reg.set_alias(PREVIOUS, champion)
     log(_summary(name, cand.version, champion, decision))
     return decision
 
 
 def rollback(tracking_uri: str, name: str, log=print) -> str:
     """Move ``champion`` back to ``previous``; returns the restored version."""
-    reg = Registry(tracking_uri, name)
+    reg = ModelRegistry(tracking_uri, name)
     with promotion_lock(reg):
         previous, current = reg.alias(PREVIOUS), reg.alias(CHAMPION)
         if previous is None:
             raise PromotionError(f"{name}: no @previous version to roll back to")
-        reg.client.set_registered_model_alias(name, CHAMPION, previous)
-        reg.client.delete_registered_model_alias(name, PREVIOUS)
+        reg.set_alias(CHAMPION, previous)
+        reg.delete_alias(PREVIOUS)
         if current is not None:
             reg.tag_version(current, {"promotion.rolled_back": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     log(f"rolled back {name}: champion v{current} -> v{previous}")
     return previous
 
 
-def _record(reg: Registry, cand: str, champion: str | None, d: Decision, s: EvalSettings) -> None:
+def _record(reg: ModelRegistry, cand: str, champion: str | None, d: Decision, s: EvalSettings) -> None:
     common = {
-        "promotion.data": storage.redact(s.data),
+        "promotion.data": storage.redact(s.data or ""),
         "promotion.seed": s.seed,
         "promotion.samples": s.samples,
         "promotion.images": d.n,

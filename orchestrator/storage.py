@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import fsspec
 
+from orchestrator.errors import USER_MISTAKE, FlowppError
+
 log = logging.getLogger(__name__)
 
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
@@ -48,12 +50,14 @@ _TRANSIENT_MARKERS = (
 )
 
 
-class StorageError(RuntimeError):
+class StorageError(FlowppError, RuntimeError):
     """A storage operation failed; the message names the URL and never a credential."""
 
 
 class StorageNotFoundError(StorageError, FileNotFoundError):
-    pass
+    """A missing object or bucket: the URL the user gave names nothing (exit code 2)."""
+
+    exit_code = USER_MISTAKE
 
 
 class StorageTransientError(StorageError):
@@ -234,7 +238,16 @@ def check_bucket(url: str, options: StorageOptions | None = None) -> None:
     options = options or StorageOptions()
     fs, path = filesystem(url, options)
     bucket = path.split("/", 1)[0]
-    if not _with_retries("checking bucket of", url, options, lambda: fs.exists(bucket)):
+
+    def exists() -> bool:
+        # not fs.exists(): it answers False for an endpoint it cannot reach, too
+        try:
+            fs.info(bucket)
+        except FileNotFoundError:
+            return False
+        return True
+
+    if not _with_retries("checking bucket of", url, options, exists):
         raise StorageNotFoundError(f"bucket s3://{bucket} does not exist (for {url})")
 
 

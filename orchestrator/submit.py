@@ -7,6 +7,7 @@ import sys
 import time
 
 from orchestrator.config import JobSpec
+from orchestrator.errors import UserError
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -20,8 +21,7 @@ def submit(spec: JobSpec, job_path: str, overrides: list[str], follow: bool = Tr
     from ray.job_submission import JobSubmissionClient
 
     if not spec.ray.address:
-        print("ray.address is not set in the job spec (e.g. http://127.0.0.1:8265)", file=sys.stderr)
-        return 2
+        raise UserError("ray.address: not set in the job spec (e.g. http://127.0.0.1:8265)")
     client = JobSubmissionClient(spec.ray.address)
     runtime_env = {"working_dir": ".", **spec.ray.runtime_env}
     job_id = client.submit_job(

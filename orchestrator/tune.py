@@ -18,23 +18,34 @@ search's run id.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
 from dataclasses import dataclass
 
-from orchestrator import storage
+from orchestrator import checkpoint, storage, tracking
 from orchestrator.config import JobSpec, TuneSpec, apply_overrides, validate
+from orchestrator.errors import FlowppError, UserError
+from orchestrator.logs import setup_logging
 
-log = logging.getLogger("flowpp.tune")
+log = logging.getLogger(__name__)
 
 SEARCH_TAG = "flowpp.search"
 TRIAL_TAG = "flowpp.trial"
 
 
-class SearchError(RuntimeError):
-    pass
+class SearchError(FlowppError):
+    """The search failed as a whole (no trial left a usable checkpoint, ...)."""
+
+
+class SearchSetupError(SearchError, UserError):
+    """The search cannot start as asked: it exists already, there is none to resume, or a trial does not fit."""
+
+
+def _tune(spec: JobSpec) -> TuneSpec:
+    if spec.tune is None:
+        raise SearchSetupError(f"{spec.name}: the job spec has no `tune:` section; see jobs/tune-mixtures.yaml")
+    return spec.tune
 
 
 def param_space(tune_spec: TuneSpec) -> dict:
@@ -58,7 +69,7 @@ def trial_spec(search: JobSpec, overrides: dict, trial_id: str) -> JobSpec:
     steps): ASHA needs the metric at each report, and the final ranking needs the weights
     that produced the final figure.
     """
-    t = search.tune
+    t = _tune(search)
     tree = apply_overrides(search.model_dump(exclude={"tune"}), overrides)
     tree["name"] = f"{search.name}-{trial_id}"
     tree["scaling"].update(num_workers=t.workers_per_trial, cpus_per_worker=t.cpus_per_worker)
@@ -73,22 +84,20 @@ def trials_path(search: JobSpec) -> str:
     return f"{search.storage.path.rstrip('/')}/{search.name}/trials"
 
 
-def run_trial(config: dict, *, job: dict, parent_run_id: str | None) -> None:
+def run_trial(config: dict, *, job: dict, parent_run_id: str | None, log_level: str = "INFO") -> None:
     """Tune's driver function: one distributed training run for one point of the space."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from orchestrator.launch import make_trainer
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging(log_level)
     trial_id = ray.tune.get_context().get_trial_id()
     spec = trial_spec(JobSpec.model_validate(job), config, trial_id)
     run_id = None
     if spec.mlflow.enabled:
-        from orchestrator.registry import ensure_run
-
         tags = {SEARCH_TAG: parent_run_id or "", TRIAL_TAG: trial_id}
-        run_id = ensure_run(
+        run_id = tracking.ensure_run(
             spec.mlflow.tracking_uri, spec.mlflow.experiment, spec.name, parent_run_id=parent_run_id, tags=tags
         )
     make_trainer(spec, run_id, callbacks=[TuneReportCallback()]).fit()
@@ -120,7 +129,7 @@ def _fit_concurrency(t: TuneSpec) -> int:
     per_trial = t.driver_cpus + t.workers_per_trial * t.cpus_per_worker
     fits = int(math.floor(cpus / per_trial + 1e-9))
     if fits < 1:
-        raise SearchError(
+        raise SearchSetupError(
             f"tune: one trial needs {per_trial:g} CPUs (tune.driver_cpus {t.driver_cpus:g} + "
             f"tune.workers_per_trial {t.workers_per_trial} x tune.cpus_per_worker {t.cpus_per_worker:g}) "
             f"and the cluster has {cpus:g}"
@@ -140,11 +149,11 @@ def make_tuner(spec: JobSpec, parent_run_id: str | None, resume: bool):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    t = spec.tune
-    opts = storage.StorageOptions(endpoint_url=spec.storage.endpoint_url, region=spec.storage.region)
-    fs, path = storage.pyarrow_filesystem(spec.storage.path, opts)
+    t = _tune(spec)
+    fs, path = storage.pyarrow_filesystem(spec.storage.path, spec.storage.options())
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, job=spec.model_dump(), parent_run_id=parent_run_id),
+        tune.with_parameters(run_trial, job=spec.model_dump(), parent_run_id=parent_run_id, log_level=level),
         {"cpu": t.driver_cpus},
     )
     experiment = f"{path.rstrip('/')}/{spec.name}"
@@ -152,13 +161,13 @@ def make_tuner(spec: JobSpec, parent_run_id: str | None, resume: bool):
     where = f"{spec.storage.path.rstrip('/')}/{spec.name}"
     if resume:
         if not exists:
-            raise SearchError(f"--resume: no search to resume at {storage.redact(where)}")
+            raise SearchSetupError(f"--resume: no search to resume at {storage.redact(where)}")
         log.info("resuming the search at %s", storage.redact(where))
         return tune.Tuner.restore(
             experiment, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
         )
     if exists:
-        raise SearchError(
+        raise SearchSetupError(
             f"a search named {spec.name!r} already exists at {storage.redact(where)}: "
             "pass --resume to continue it, or change `name`"
         )
@@ -201,7 +210,7 @@ def summarize(results, spec: JobSpec) -> list[TrialRow]:
     for r in results:
         m = r.metrics or {}
         curve = r.metrics_dataframe
-        vals = curve[spec.tune.metric].dropna() if curve is not None and spec.tune.metric in curve else []
+        vals = curve[_tune(spec).metric].dropna() if curve is not None and _tune(spec).metric in curve else []
         steps = int(m.get("step", 0) or 0)
         if r.error is not None:
             status = "error"
@@ -212,9 +221,9 @@ def summarize(results, spec: JobSpec) -> list[TrialRow]:
         rows.append(
             TrialRow(
                 trial_id=str(m.get("trial_id") or os.path.basename(str(r.path)).split("_")[-1]),
-                overrides={k: r.config.get(k) for k in spec.tune.space},
+                overrides={k: r.config.get(k) for k in _tune(spec).space},
                 best_val_bpd=float(min(vals)) if len(vals) else math.nan,
-                final_val_bpd=float(m.get(spec.tune.metric, math.nan)),
+                final_val_bpd=float(m.get(_tune(spec).metric, math.nan)),
                 steps=steps,
                 wall_s=float(m.get("time_total_s", 0.0) or 0.0),
                 status=status,
@@ -251,60 +260,43 @@ def best_row(rows: list[TrialRow]) -> TrialRow:
 
 
 def load_trial_model(spec: JobSpec, row: TrialRow):
-    """The trial's model with the EMA weights of its last checkpoint (read without pickle)."""
-    import torch
-
-    from flowpp import build_model
-    from flowpp.ema import EMA
-
+    """The trial's model with the EMA weights of its last checkpoint, and the trial's job spec."""
     trial = trial_spec(spec, row.overrides, row.trial_id)
-    opts = storage.StorageOptions(endpoint_url=spec.storage.endpoint_url, region=spec.storage.region)
     url = row.checkpoint_path
+    assert url is not None
     if "://" not in url and storage.protocol_of(spec.storage.path) not in ("file", "local"):
         url = f"{storage.protocol_of(spec.storage.path)}://{url}"  # pyarrow paths carry no scheme
-    state = torch.load(io.BytesIO(storage.read_bytes(f"{url}/state.pt", opts)), weights_only=True)
-    model = build_model(trial.model.flow_config().replace(checkpoint="none"))
-    model.load_state_dict(state["model"])
-    ema = EMA(model)
-    ema.load_state_dict(state["ema"])
-    ema.copy_to(model)
-    return model.eval(), trial
+    return checkpoint.load_ema_model(url, trial.model.flow_config(), spec.storage.options()), trial
 
 
 def register_best(spec: JobSpec, row: TrialRow, parent_run_id: str | None) -> str:
-    from orchestrator import registry
-
+    """Log the best trial's EMA model in its own child run and register it; returns the version."""
     model, trial = load_trial_model(spec, row)
     uri = spec.mlflow.tracking_uri
-    child = registry.find_run(uri, spec.mlflow.experiment, trial.name) or registry.ensure_run(
+    child = tracking.find_run(uri, spec.mlflow.experiment, trial.name) or tracking.ensure_run(
         uri, spec.mlflow.experiment, trial.name, parent_run_id=parent_run_id
     )
-    model_uri = registry.log_flow_model(uri, child, model)
     tags = {
         SEARCH_TAG: parent_run_id or "",
         TRIAL_TAG: row.trial_id,
         "val_bpd": f"{row.final_val_bpd:.6f}",
         "job": trial.name,
-        "run_id": child,
         **{f"hparam.{k}": v for k, v in row.overrides.items()},
     }
-    return registry.register(uri, model_uri, spec.mlflow.registered_model, tags)
+    return tracking.RunLogger(uri, child).register_model(model, spec.mlflow.registered_model, tags)
 
 
 def run_search(spec: JobSpec, resume: bool = False) -> list[TrialRow]:
     """Run (or resume) the search to the end; print the table; register the best trial."""
     from orchestrator.launch import _init_ray, ensure_data, resolve_paths
 
-    if spec.tune is None:
-        raise SearchError(f"{spec.name}: the job spec has no `tune:` section")
+    _tune(spec)
     spec = resolve_paths(spec)
     ensure_data(spec)
     parent = None
     if spec.mlflow.enabled:
-        from orchestrator import registry
-
-        parent = registry.ensure_run(spec.mlflow.tracking_uri, spec.mlflow.experiment, spec.name)
-        registry.RunLogger(spec.mlflow.tracking_uri, parent).params(_search_params(spec))
+        parent = tracking.ensure_run(spec.mlflow.tracking_uri, spec.mlflow.experiment, spec.name)
+        tracking.RunLogger(spec.mlflow.tracking_uri, parent).params(_search_params(spec))
     _init_ray(spec)
     results = make_tuner(spec, parent, resume).fit()
     rows = summarize(results, spec)
@@ -318,23 +310,21 @@ def run_search(spec: JobSpec, resume: bool = False) -> list[TrialRow]:
 def _search_params(spec: JobSpec) -> dict:
     from orchestrator.config import flatten
 
-    params = {f"tune.{k}": v for k, v in flatten(spec.tune.model_dump()).items()}
+    params = {f"tune.{k}": v for k, v in flatten(_tune(spec).model_dump()).items()}
     params.update({"model.preset": spec.model.preset, "train.max_steps": spec.train.max_steps})
     return params
 
 
 def _close_search(spec: JobSpec, rows: list[TrialRow], table: str, parent: str) -> None:
-    from orchestrator import registry
-
-    mlf = registry.RunLogger(spec.mlflow.tracking_uri, parent)
-    mlf.text(table, "trials.md")
-    registry.finish_children(spec.mlflow.tracking_uri, parent, {r.trial_id: r.status for r in rows})
+    search_run = tracking.RunLogger(spec.mlflow.tracking_uri, parent)
+    search_run.text(table, "trials.md")
+    tracking.finish_children(spec.mlflow.tracking_uri, parent, {r.trial_id: r.status for r in rows})
     best = best_row(rows)
-    mlf.metrics({"best_val_bpd": best.final_val_bpd}, step=best.steps)
-    mlf.tag("flowpp.best_trial", best.trial_id)
-    if spec.tune.register_best and "flowpp.registered_version" not in mlf.client.get_run(parent).data.tags:
+    search_run.metrics({"best_val_bpd": best.final_val_bpd}, step=best.steps)
+    search_run.tag("flowpp.best_trial", best.trial_id)
+    if _tune(spec).register_best and not search_run.registered_version():
         version = register_best(spec, best, parent)
-        mlf.tag("flowpp.registered_version", version)
+        search_run.tag(tracking.REGISTERED_TAG, version)
         print(f"registered {spec.mlflow.registered_model} version {version}: trial {best.trial_id}, "
               f"val bits/dim {best.final_val_bpd:.4f}", flush=True)  # fmt: skip
-    mlf.finish()
+    search_run.finish()

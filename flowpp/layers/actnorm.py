@@ -12,6 +12,8 @@ from torch import nn
 
 
 class ActNorm(nn.Module):
+    initialized: torch.Tensor  # a bool buffer: data-dependent init has run
+
     def __init__(self, shape: tuple[int, int, int], init_scale: float = 1.0):
         super().__init__()
         self.log_gain = nn.Parameter(torch.zeros(shape))

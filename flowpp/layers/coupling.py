@@ -26,6 +26,7 @@ from flowpp.logistic import (
     mixlogistic_log_sf,
 )
 from flowpp.nets import CouplingNet
+from flowpp.presets import NetConfig
 
 
 class MixLogisticCoupling(nn.Module):
@@ -35,15 +36,21 @@ class MixLogisticCoupling(nn.Module):
         split: str,
         *,
         num_components: int,
+        net: NetConfig,
         bf16: bool = False,
-        **net_kwargs,
+        dropout: float = 0.0,
+        context_channels: int = 0,
     ):
+        """``shape`` (C, H, W) of the whole input; the net maps one half to the other's
+        C * (2 + 3K) parameters, with ``context_channels`` of conditioning (0: none)."""
         super().__init__()
         c, h, w = half_shape(shape, split)
         self.split = split
         self.num_components = num_components
         self.bf16 = bf16
-        self.net = CouplingNet(c, c * (2 + 3 * num_components), (h, w), **net_kwargs)
+        self.net = CouplingNet(
+            c, c * (2 + 3 * num_components), (h, w), net=net, dropout=dropout, context_channels=context_channels
+        )
 
     def _raw(self, x1: torch.Tensor, cond) -> torch.Tensor:
         """The coupling net's output for x1, (B, C * (2 + 3K), H, W), in at least float32."""

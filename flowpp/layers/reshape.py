@@ -17,7 +17,8 @@ def split_halves(x: torch.Tensor, split: str) -> tuple[torch.Tensor, torch.Tenso
     if split == "stripe":  # (B, C, H, W) -> 2 x (B, C, H, W/2)
         return x[..., 0::2], x[..., 1::2]
     if split == "channel":  # (B, C, H, W) -> 2 x (B, C/2, H, W)
-        return x.chunk(2, dim=1)
+        a, b = x.chunk(2, dim=1)
+        return a, b
     raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from orchestrator import storage
 from orchestrator.data.sources import CorruptInputError, Item, decode, iter_items, split_inputs
+from orchestrator.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +144,9 @@ class _Sharder:
 def prepare(opts: PrepareOptions, sopts: storage.StorageOptions | None = None) -> dict:
     """Write one split's shards and manifest; returns the manifest."""
     if opts.format not in FORMATS:
-        raise ValueError(f"format={opts.format!r}: expected one of {FORMATS}")
+        raise UserError(f"format={opts.format!r}: expected one of {FORMATS}")
     if opts.on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error={opts.on_error!r}: expected 'raise' or 'skip'")
+        raise UserError(f"on_error={opts.on_error!r}: expected 'raise' or 'skip'")
     sopts = sopts or storage.StorageOptions()
     storage.check_bucket(opts.output, sopts)
     inputs = split_inputs(opts.source, Path(opts.input), opts.split) if opts.source != "demo" else []
@@ -258,7 +259,7 @@ def _write_shards(opts, sopts, items, previous, fingerprint):
         pool.shutdown(wait=True)
         bar.close()
     if not shards:
-        raise ValueError(f"no images found for split {opts.split!r} in {opts.input or opts.source}")
+        raise UserError(f"no images found for split {opts.split!r} in {opts.input or opts.source}")
     return shards, kept
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from orchestrator.errors import UserError
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SOURCES = ("vdo", "npz", "folder", "demo")
 
@@ -38,8 +40,12 @@ DEMO_PHOTOS = {
 }
 
 
-class CorruptInputError(ValueError):
+class CorruptInputError(UserError, ValueError):
     """An input image could not be decoded; the message names the file."""
+
+
+class InputNotFoundError(UserError, FileNotFoundError):
+    """A source's input file or folder does not exist; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,9 @@ def _vdo_items(path: Path, rng=None) -> Iterator[Item]:
         members = _shuffled(members, rng)
         for m in members:
             stem = m.name.rsplit(".", 1)[0].lstrip("./")
-            yield Item(key=_safe_key(stem), ref=f"{path}:{m.name}", data=tar.extractfile(m).read())
+            member = tar.extractfile(m)
+            assert member is not None  # a regular file
+            yield Item(key=_safe_key(stem), ref=f"{path}:{m.name}", data=member.read())
 
 
 def _npz_items(path: Path, rng=None) -> Iterator[Item]:
@@ -124,7 +132,7 @@ def _demo_items(split: str, count: int, size: int, seed: int) -> Iterator[Item]:
         h, w, _ = img.shape
         side = int(rng.integers(size, min(h, w) // 2 + 1))  # random scale, at least 1:1
         y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-        patch = Image.fromarray(img[y : y + side, x : x + side]).resize((size, size), Image.BOX)
+        patch = Image.fromarray(img[y : y + side, x : x + side]).resize((size, size), Image.Resampling.BOX)
         yield Item(
             key=f"{Path(name).stem}_{i:06d}",
             ref=f"skimage/data/{name}@{y},{x},{side}",
@@ -146,7 +154,7 @@ def split_inputs(source: str, path: Path, split: str) -> list[Path]:
         if split != "train":
             names = sorted(path.glob("val_data*.npz"))
         if not names:
-            raise FileNotFoundError(f"no {split} .npz batches under {path}")
+            raise InputNotFoundError(f"no {split} .npz batches under {path}")
         return names
     return [path]
 
@@ -168,10 +176,10 @@ def iter_items(
         return
     reader = {"vdo": _vdo_items, "npz": _npz_items, "folder": _folder_items}.get(source)
     if reader is None:
-        raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
+        raise UserError(f"unknown source {source!r}; expected one of {SOURCES}")
     for n, path in enumerate(inputs):
         if not path.exists():
-            raise FileNotFoundError(f"input {path} does not exist")
+            raise InputNotFoundError(f"input {path} does not exist")
         yield from reader(path, np.random.default_rng([seed, n]) if shuffle else None)
 
 
@@ -183,14 +191,14 @@ def decode(item: Item, size: int) -> np.ndarray:
         arr = item.array
     else:
         try:
-            with Image.open(io.BytesIO(item.data)) as im:
+            with Image.open(io.BytesIO(item.data or b"")) as im:
                 im.load()
                 im = im.convert("RGB")
                 if im.size != (size, size):
                     w, h = im.size
                     s = min(w, h)
                     box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
-                    im = im.resize((size, size), Image.BOX, box=box)
+                    im = im.resize((size, size), Image.Resampling.BOX, box=box)
                 arr = np.asarray(im)
         except Exception as exc:  # noqa: BLE001 - PIL raises many types
             raise CorruptInputError(f"cannot decode {item.ref}: {type(exc).__name__}: {exc}") from None

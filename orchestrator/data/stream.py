@@ -30,24 +30,29 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from orchestrator import storage
 from orchestrator.data.plan import Plan
+from orchestrator.errors import FlowppError, UserError
 
 log = logging.getLogger(__name__)
 
 STATS = ("corrupt_samples", "truncated_samples", "truncated_shards", "shards_read")
 
 
-class ShardIntegrityError(RuntimeError):
-    pass
+class ShardIntegrityError(FlowppError, RuntimeError):
+    """A shard whose bytes do not match its manifest's sha256."""
+
+
+class ManifestError(UserError, ValueError):
+    """A manifest that cannot be read as one; names its URL."""
 
 
 def load_manifest(url: str, options: storage.StorageOptions | None = None) -> dict:
     try:
         doc = json.loads(storage.read_bytes(url, options))
     except ValueError as exc:
-        raise ValueError(f"{url}: not a valid manifest ({exc})") from None
+        raise ManifestError(f"{url}: not a valid manifest ({exc})") from None
     for k in ("shards", "format", "image_size"):
         if k not in doc:
-            raise ValueError(f"{url}: manifest has no {k!r}")
+            raise ManifestError(f"{url}: manifest has no {k!r}")
     base = url.rsplit("/", 1)[0]
     for shard in doc["shards"]:
         shard["url"] = storage.join(base, shard["url"])
@@ -103,7 +108,7 @@ class _WorkerReader:
         self.manifest, self.plan, self.rank, self.worker = manifest, plan, rank, worker
         self.skip, self.verify, self.options = skip, verify, options
         self.fmt, self.size = manifest["format"], manifest["image_size"]
-        self.stats = Counter()
+        self.stats: Counter[str] = Counter()
         self._cache: tuple[int, list, bool] | None = None
         self._last_good: np.ndarray | bytes | None = None  # an image, or a raw payload
         self._next: dict[int, int] = {}  # shard -> the shard this reader needs after it

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.jobs import shrunk_demo
 from tests.s3fixtures import free_port
 
 pytestmark = pytest.mark.e2e
@@ -69,19 +70,9 @@ def local_stack(tmp_path_factory):
 
 def test_ray_job_submit_trains_evaluates_and_registers(local_stack):
     state, env = local_stack
-    sets = [
-        "name=e2e-demo",
-        "model.image_size=16",
-        "model.stages=[stripe:2, s2d, channel:2, stripe:2]",
-        "train.max_steps=16",
-        "train.warmup_steps=2",
-        "train.log_every=4",
-        "train.checkpoint_every=8",
-        "train.eval_every=16",
-        "data.prepare_count=128",
-        "data.prepare_valid_count=32",
-        "train.global_batch_size=8",
-    ]
+    sets = shrunk_demo(
+        name="e2e-demo", train__max_steps=16, train__log_every=4, train__checkpoint_every=8, train__eval_every=16
+    )
     cmd = [
         "ray",
         "job",
@@ -96,7 +87,7 @@ def test_ray_job_submit_trains_evaluates_and_registers(local_stack):
         "orchestrator",
         "train",
         "jobs/demo.yaml",
-        *[a for s in sets for a in ("--set", s)],
+        *sets,
     ]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     log = out.stdout + out.stderr
@@ -124,7 +115,7 @@ def test_ray_job_submit_trains_evaluates_and_registers(local_stack):
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert "job.yaml" in artifacts and "samples" in artifacts
 
-    from orchestrator.registry import load_flow
+    from orchestrator.tracking import load_flow
 
     model = load_flow(f"models:/flowpp-demo/{v.version}", tracking_uri=env["MLFLOW_TRACKING_URI"])
     assert model.sample(2).shape == (2, 3, 16, 16)
@@ -141,22 +132,19 @@ def test_ray_job_submit_trains_evaluates_and_registers(local_stack):
 
 def test_flowpp_submit_uses_the_yaml_ray_section_and_streams_logs(local_stack):
     state, env = local_stack
-    sets = [
-        "name=e2e-submit",
-        "model.image_size=16",
-        "model.stages=[stripe:2, s2d, channel:2, stripe:2]",
-        "train.max_steps=4",
-        "train.warmup_steps=1",
-        "train.log_every=2",
-        "train.checkpoint_every=4",
-        "train.eval_every=4",
-        "train.eval_batches=1",
-        "data.prepare_count=64",
-        "data.prepare_valid_count=16",
-        "train.global_batch_size=8",
-        "mlflow.registered_model=flowpp-e2e-submit",
-    ]
-    cmd = [sys.executable, "-m", "orchestrator", "submit", "jobs/demo.yaml", *[a for s in sets for a in ("--set", s)]]
+    sets = shrunk_demo(
+        name="e2e-submit",
+        train__max_steps=4,
+        train__warmup_steps=1,
+        train__log_every=2,
+        train__checkpoint_every=4,
+        train__eval_every=4,
+        train__eval_batches=1,
+        data__prepare_count=64,
+        data__prepare_valid_count=16,
+        mlflow__registered_model="flowpp-e2e-submit",
+    )
+    cmd = [sys.executable, "-m", "orchestrator", "submit", "jobs/demo.yaml", *sets]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
@@ -166,22 +154,17 @@ def test_flowpp_submit_uses_the_yaml_ray_section_and_streams_logs(local_stack):
 
 def test_ray_job_submit_runs_a_tune_search_and_registers_its_best(local_stack):
     state, env = local_stack
-    sets = [
-        "name=e2e-tune",
-        "model.image_size=16",
-        "train.max_steps=20",
-        "train.eval_every=10",
-        "train.eval_batches=1",
-        "train.global_batch_size=8",
-        "data.prepare_count=128",
-        "data.prepare_valid_count=32",
-        'tune.space={"model.num_components": {"grid": [2, 4]}}',
-        "tune.scheduler.max_t=20",
-        "tune.scheduler.grace_period=10",
-        "mlflow.registered_model=flowpp-e2e-tune",
-    ]
-    entrypoint = ["python", "-m", "orchestrator", "tune", "jobs/tune-mixtures.yaml"]
-    entrypoint += [a for s in sets for a in ("--set", s)]
+    sets = shrunk_demo(
+        name="e2e-tune",
+        train__max_steps=20,
+        train__eval_every=10,
+        train__eval_batches=1,
+        tune__space={"model.num_components": {"grid": [2, 4]}},
+        tune__scheduler__max_t=20,
+        tune__scheduler__grace_period=10,
+        mlflow__registered_model="flowpp-e2e-tune",
+    )
+    entrypoint = ["python", "-m", "orchestrator", "tune", "jobs/tune-mixtures.yaml", *sets]
     cmd = ["ray", "job", "submit", "--address", env["RAY_DASHBOARD"], "--working-dir", str(ROOT), "--", *entrypoint]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     log = out.stdout + out.stderr

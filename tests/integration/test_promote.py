@@ -19,14 +19,15 @@ import torch
 
 from flowpp import build_model, get_preset
 from flowpp.distributed import data_dependent_init
-from orchestrator import registry
+from orchestrator import tracking
 from orchestrator.cli import main as cli
 from orchestrator.data.prepare import PrepareOptions, prepare
 from orchestrator.data.stream import ShardStream
 from orchestrator.evaluate import per_image_bpd
 from orchestrator.promote import CHAMPION, LOCK_TAG, PREVIOUS, EvalSettings, PromotionError, promote, rollback
 from orchestrator.storage import StorageOptions
-from tests.integration.test_registry import _no_pickle
+from orchestrator.tracking import ModelNotFoundError
+from tests.integration.test_tracking import _no_pickle
 from tests.mlflowfixtures import mlflow_server  # noqa: F401  (fixture)
 from tests.s3fixtures import ACCESS_KEY, SECRET
 
@@ -62,7 +63,7 @@ def world(mlflow_server):  # noqa: F811
     train = ShardStream(f"{data}/train/manifest.json", batch_size=16, options=opts, shuffle_buffer=64)
     data_dependent_init(model, next(iter(train))["images"].long())
     uris = {}
-    client = registry._mlflow(mlflow_server.uri).MlflowClient()
+    client = tracking._mlflow(mlflow_server.uri).MlflowClient()
     exp = client.create_experiment("promote-" + uuid.uuid4().hex[:6])
     for name, steps in (("weak", 0), ("good", 40), ("best", 110)):
         model.train()
@@ -71,10 +72,10 @@ def world(mlflow_server):  # noqa: F811
         run = client.create_run(exp, run_name=name).info.run_id
         client.log_param(run, "data.valid", valid)
         client.log_metric(run, "val_bpd", per_image_bpd(model, valid, opts, max_images=16).mean)
-        uris[name] = registry.log_flow_model(mlflow_server.uri, run, model)
+        uris[name] = tracking.log_flow_model(mlflow_server.uri, run, model)
     run = client.create_run(exp, run_name="no-metric").info.run_id
     client.log_param(run, "data.valid", valid)
-    uris["no_metric"] = registry.log_flow_model(mlflow_server.uri, run, model)
+    uris["no_metric"] = tracking.log_flow_model(mlflow_server.uri, run, model)
     return {"uris": uris, "valid": valid, "opts": opts, "server": mlflow_server}
 
 
@@ -85,14 +86,14 @@ def reg(world, aws_env, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AWS_ENDPOINT_URL", world["server"].s3_endpoint)
     uri, name = world["server"].uri, "flow-" + uuid.uuid4().hex[:8]
-    client = registry._mlflow(uri).MlflowClient()
+    client = tracking._mlflow(uri).MlflowClient()
 
     class Reg:
         def __init__(self):
             self.uri, self.name, self.client = uri, name, client
 
         def add(self, which: str) -> str:
-            return registry.register(uri, world["uris"][which], name, {})
+            return tracking.register(uri, world["uris"][which], name, {})
 
         def alias(self, alias):
             try:
@@ -157,9 +158,9 @@ def test_missing_metric_and_missing_version_are_clear_errors(reg):
     v1 = reg.add("no_metric")
     with pytest.raises(PromotionError, match=rf"version {v1} has no val_bpd"):
         reg.promote(v1)
-    with pytest.raises(PromotionError, match="has no version 99"):
+    with pytest.raises(ModelNotFoundError, match="has no version 99"):
         reg.promote("99")
-    with pytest.raises(PromotionError, match="does not exist or has no versions"):
+    with pytest.raises(ModelNotFoundError, match="does not exist or has no versions"):
         promote(reg.uri, "never-registered-" + uuid.uuid4().hex[:6], log=lambda *_: None)
     assert reg.alias(CHAMPION) is None
 

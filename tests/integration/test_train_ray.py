@@ -20,6 +20,7 @@ import pytest
 
 from orchestrator.config import validate
 from orchestrator.data.stream import ShardStream
+from tests.jobs import tiny_job, write_job
 
 pytestmark = pytest.mark.integration
 
@@ -27,37 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def job(tmp_path: Path, **train) -> dict:
-    data = f"file://{tmp_path}/data"
-    return {
-        "name": "t-" + tmp_path.name[-12:].replace("_", "-").strip("-") or "t",
-        "model": {"preset": "debug"},
-        "data": {
-            "train": f"{data}/train/manifest.json",
-            "valid": f"{data}/valid/manifest.json",
-            "prepare": "demo",
-            "prepare_count": 192,
-            "prepare_valid_count": 32,
-            "num_workers": 1,
-            "shuffle_buffer": 32,
-        },
-        "train": {
-            "global_batch_size": 8,
-            "lr": 2e-3,
-            "warmup_steps": 2,
-            "max_steps": 30,
-            "log_every": 5,
-            "checkpoint_every": 10,
-            "keep_checkpoints": 2,
-            "eval_every": 30,
-            "eval_batches": 2,
-            "sample_grid": 4,
-            "trace_dir": str(tmp_path / "trace"),
-            **train,
-        },
-        "scaling": {"num_workers": 2, "cpus_per_worker": 1, "max_failures": 2},
-        "storage": {"path": str(tmp_path / "runs")},
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "t", "registered_model": "t"},
-    }
+    """The tiny job with ``train.*`` overrides."""
+    return tiny_job(tmp_path, **{f"train__{k}": v for k, v in train.items()})
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +114,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint_without_skipping_data(t
 
 
 def test_nonfinite_losses_are_skipped_then_stop_the_run_keeping_the_checkpoint(tmp_path, local_ray):
-    import ray.train
-
-    from orchestrator.launch import run_training
+    from orchestrator.launch import TrainingFailed, run_training
 
     # lr ramps by 0.01 per step: fine for the first steps, then the loss blows up
     spec = validate(
@@ -159,7 +129,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run_keeping_the_checkpoint(t
         )
     )
     spec = spec.model_copy(update={"scaling": spec.scaling.model_copy(update={"max_failures": 0})})
-    with pytest.raises(ray.train.TrainingFailedError, match="3 consecutive non-finite losses"):
+    with pytest.raises(TrainingFailed, match="3 consecutive non-finite losses"):
         run_training(spec)
     records = [r for r in trace(tmp_path, 0) if "step" in r]
     skipped = [r["step"] for r in records if r["skipped"]]
@@ -171,14 +141,12 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run_keeping_the_checkpoint(t
     assert json.loads((ckpt / "meta.json").read_text())["step"] == kept
     import torch
 
-    state = torch.load(ckpt / "state.pt", weights_only=False)
+    state = torch.load(ckpt / "state.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
 def test_killed_driver_then_resubmitted_job_resumes(tmp_path):
-    spec = job(tmp_path, max_steps=40)
-    path = tmp_path / "job.yaml"
-    path.write_text(json.dumps(spec))  # JSON is YAML
+    path = write_job(job(tmp_path, max_steps=40), tmp_path / "job.yaml")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "orchestrator", "train", str(path)]

@@ -18,44 +18,31 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.jobs import tiny_job, write_job
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def search_job(tmp_path: Path, name: str, space: dict, max_steps: int) -> Path:
-    data = f"file://{tmp_path}/data"
-    spec = {
-        "name": name,
-        "model": {"preset": "debug", "checkpoint": "attention"},
-        "data": {
-            "train": f"{data}/train/manifest.json",
-            "valid": f"{data}/valid/manifest.json",
-            "prepare": "demo",
-            "prepare_count": 128,
-            "prepare_valid_count": 32,
-            "num_workers": 0,
-            "shuffle_buffer": 32,
-        },
-        "train": {
-            "global_batch_size": 8,
-            "lr": 2e-3,
-            "warmup_steps": 2,
-            "max_steps": max_steps,
-            "eval_every": 10,
-            "eval_batches": 2,
-            "keep_checkpoints": 1,
-            "sample_grid": 0,
-            "ema_decay": 0.9,
-        },
-        "scaling": {"max_failures": 1},
-        "storage": {"path": str(tmp_path / "runs")},
-        "mlflow": {
-            "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
-            "experiment": "tune",
-            "registered_model": "tuned",
-        },
-        "tune": {
+    """The tiny job as a search: one worker of half a CPU a trial, two trials at a time."""
+    tree = tiny_job(
+        tmp_path,
+        name=name,
+        model__checkpoint="attention",
+        data__prepare_count=128,
+        data__num_workers=0,
+        train__max_steps=max_steps,
+        train__eval_every=10,
+        train__keep_checkpoints=1,
+        train__sample_grid=0,
+        train__ema_decay=0.9,
+        train__trace_dir=None,
+        scaling={"max_failures": 1},
+        mlflow__experiment="tune",
+        mlflow__registered_model="tuned",
+        tune={
             "space": space,
             "scheduler": {"time_attr": "step", "max_t": max_steps, "grace_period": 10, "reduction_factor": 2},
             "workers_per_trial": 1,
@@ -63,10 +50,8 @@ def search_job(tmp_path: Path, name: str, space: dict, max_steps: int) -> Path:
             "driver_cpus": 0.05,
             "max_concurrent_trials": 2,
         },
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(json.dumps(spec))  # JSON is YAML
-    return path
+    )
+    return write_job(tree, tmp_path / f"{name}.yaml")
 
 
 def tune_cmd(job: Path, *extra: str) -> list[str]:
@@ -176,7 +161,7 @@ def test_killed_search_resumes_unfinished_trials_from_their_checkpoints(tmp_path
     assert checkpointed and all(step < 40 for step in checkpointed.values())
 
     again = subprocess.run(tune_cmd(job), cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
-    assert again.returncode == 1 and "--resume" in again.stderr  # no silent restart from scratch
+    assert again.returncode == 2 and "--resume" in again.stderr  # no silent restart from scratch
 
     out = subprocess.run(
         tune_cmd(job, "--resume"), cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from flowpp import FlowPlusPlus, build_model
-from flowpp.checkpointing import apply_checkpointing
+from flowpp.activation_checkpointing import apply_checkpointing
 from flowpp.nets import CouplingBlock, GatedAttention
 from tests.helpers import random_images, tiny_config
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flowpp.nets import Conv2d, _ConcatELUConv, concat_elu, gated_residual
+from flowpp.nets import Conv2d
+from flowpp.ops import _ConcatELUConv, concat_elu, gated_residual
 
 pytestmark = pytest.mark.unit
 

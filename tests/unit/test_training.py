@@ -4,6 +4,7 @@ import torch
 from flowpp import FlowPlusPlus, get_preset
 from flowpp.distributed import data_dependent_init
 from orchestrator.cli import smooth_images
+from orchestrator.train import lr_at, train_step
 
 pytestmark = pytest.mark.unit
 
@@ -39,11 +40,42 @@ def test_200_steps_on_a_fixed_batch_cut_bits_per_dim_by_30_percent():
     with torch.no_grad():
         start = _seeded_loss(model, x).item()
     for _ in range(200):
-        loss = model.bits_per_dim(x).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        assert not train_step(model, opt, x, lr=2e-3, grad_clip=1.0).skipped
     with torch.no_grad():
         end = _seeded_loss(model, x).item()
     assert end <= 0.7 * start, (start, end)
+
+
+def test_train_step_reports_bits_per_dim_and_clips_the_gradient():
+    model, x = _model_and_batch(8)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        expected = model.bits_per_dim(x).mean().item()
+    torch.manual_seed(5)  # the same dequantization noise
+    out = train_step(model, opt, x, lr=1e-3, grad_clip=1e-3)
+    assert not out.skipped and out.grad_norm > 1e-3  # the norm before clipping
+    assert abs(out.loss - expected) < 1e-4
+    assert opt.param_groups[0]["lr"] == 1e-3
+
+
+def test_a_non_finite_loss_skips_the_step_and_leaves_the_weights():
+    model, x = _model_and_batch(8)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = train_step(model, opt, x, lr=1e-3, grad_clip=1.0)
+    assert out.skipped
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], equal_nan=True)
+    assert all(p.grad is None for p in model.parameters())
+    assert not opt.state  # Adam took no step
+
+
+def test_lr_warms_up_linearly_then_holds():
+    from orchestrator.config import TrainSpec
+
+    train = TrainSpec(lr=4e-4, warmup_steps=4, max_steps=10)
+    assert [lr_at(s, train) for s in range(6)] == pytest.approx([1e-4, 2e-4, 3e-4, 4e-4, 4e-4, 4e-4])
+    assert lr_at(0, TrainSpec(lr=1e-3, warmup_steps=0)) == 1e-3

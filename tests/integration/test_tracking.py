@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from flowpp import FlowPlusPlus
-from orchestrator import registry
+from orchestrator import tracking
 from tests.helpers import initialized_model, random_images, tiny_config
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def tracking(tmp_path):
+def store(tmp_path):
     return f"sqlite:///{tmp_path}/mlflow.db"
 
 
@@ -32,19 +32,19 @@ def _no_pickle(monkeypatch):
         pass
 
 
-def test_logged_model_loads_as_a_flow_without_pickle(tracking, monkeypatch):
+def test_logged_model_loads_as_a_flow_without_pickle(store, monkeypatch):
     import mlflow
 
     model = initialized_model(tiny_config(image_size=8)).float()
-    run_id = registry.ensure_run(tracking, "exp", "job-a")
-    uri = registry.log_flow_model(tracking, run_id, model)
-    version = registry.register(tracking, uri, "reg-model", {"val_bpd": "5.5"})
+    run_id = tracking.ensure_run(store, "exp", "job-a")
+    uri = tracking.log_flow_model(store, run_id, model)
+    version = tracking.register(store, uri, "reg-model", {"val_bpd": "5.5"})
     assert version == "1"
 
     _no_pickle(monkeypatch)
     x = random_images(3, 8)
     for loaded in (
-        registry.load_flow("models:/reg-model/1", tracking_uri=tracking),
+        tracking.load_flow("models:/reg-model/1", tracking_uri=store),
         mlflow.pyfunc.load_model("models:/reg-model/1").unwrap_python_model().model,
     ):
         assert isinstance(loaded, FlowPlusPlus)
@@ -62,8 +62,8 @@ def test_logged_model_loads_as_a_flow_without_pickle(tracking, monkeypatch):
     assert mv.tags["val_bpd"] == "5.5"
 
 
-def test_ensure_run_resumes_unfinished_and_starts_after_finished(tracking):
-    a = registry.ensure_run(tracking, "exp", "job-b")
-    assert registry.ensure_run(tracking, "exp", "job-b") == a
-    registry.RunLogger(tracking, a).finish()
-    assert registry.ensure_run(tracking, "exp", "job-b") != a
+def test_ensure_run_resumes_unfinished_and_starts_after_finished(store):
+    a = tracking.ensure_run(store, "exp", "job-b")
+    assert tracking.ensure_run(store, "exp", "job-b") == a
+    tracking.RunLogger(store, a).finish()
+    assert tracking.ensure_run(store, "exp", "job-b") != a

@@ -1,0 +1,151 @@
+"""The training checkpoint: one format, written and read here only.
+
+A checkpoint is a folder that Ray Train copies to ``storage.path``:
+
+    meta.json       {"format_version", "step", "stream": the train stream's position, "stats"}  rank 0
+    state.pt        {"model", "ema", "optimizer", "step"}: tensors in plain containers      rank 0
+    rng-rank{r}.pt  rank r's torch, numpy and python RNG states                              every rank
+
+Every ``.pt`` file holds only tensors, numbers, strings and containers, so it loads with
+``torch.load(weights_only=True)``: nothing here unpickles arbitrary objects. A checkpoint
+whose ``format_version`` this code does not know is refused with a message naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import random
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+import numpy as np
+import torch
+
+from orchestrator import storage
+from orchestrator.errors import FlowppError
+
+if TYPE_CHECKING:
+    from flowpp import FlowConfig, FlowPlusPlus
+    from orchestrator.train import TrainState
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+"""Bump on any change to the layout above, and say in ``_check_version`` what older ones need."""
+_OLDEST_READABLE = 0  # version 0: the same layout before it carried a version
+
+
+class CheckpointError(FlowppError):
+    """A checkpoint that cannot be read: unknown format version or damaged files; names the folder."""
+
+
+# -- writing ------------------------------------------------------------------------------
+def _rng_state() -> dict:
+    name, keys, pos, has_gauss, cached = cast(tuple, np.random.get_state())
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "python": random.getstate(),
+    }
+
+
+def save(directory: Path, state: TrainState, rank: int) -> None:
+    """Every rank writes its own RNG state; rank 0 writes the rest."""
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(_rng_state(), directory / f"rng-rank{rank}.pt")
+    if rank != 0:
+        return
+    torch.save(
+        {
+            "model": state.model.state_dict(),
+            "ema": state.ema.state_dict(),
+            "optimizer": state.opt.state_dict(),
+            "step": state.step,
+        },
+        directory / "state.pt",
+    )
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "step": state.step,
+        "stream": state.train_stream.state_dict(),
+        "stats": state.stats,
+    }
+    (directory / "meta.json").write_text(json.dumps(meta))
+
+
+@contextlib.contextmanager
+def staged(state: TrainState, rank: int) -> Iterator[str]:
+    """A temporary folder holding this rank's part of a checkpoint, for ``ray.train.report``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save(Path(tmp), state, rank)
+        yield tmp
+
+
+# -- reading ------------------------------------------------------------------------------
+def _check_version(meta: dict, where: str) -> None:
+    version = meta.get("format_version", 0)
+    if not _OLDEST_READABLE <= version <= FORMAT_VERSION:
+        raise CheckpointError(
+            f"{where}: checkpoint format version {version}, this code reads versions "
+            f"{_OLDEST_READABLE}..{FORMAT_VERSION}; resume it with the release that wrote it, or start a new run "
+            "(a new `name`)"
+        )
+
+
+def _torch_load(data: bytes | Path, where: str):
+    try:
+        return torch.load(io.BytesIO(data) if isinstance(data, bytes) else data, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+        raise CheckpointError(f"{where}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+
+
+def load(directory: Path, state: TrainState, rank: int) -> None:
+    """Restore ``state`` in place (model, EMA, optimizer, step, stats, stream position, RNG)."""
+    meta = json.loads((directory / "meta.json").read_text())
+    _check_version(meta, str(directory))
+    saved = _torch_load(directory / "state.pt", str(directory / "state.pt"))
+    state.model.load_state_dict(saved["model"])
+    state.ema.load_state_dict(saved["ema"])
+    state.opt.load_state_dict(saved["optimizer"])
+    state.train_stream.load_state_dict(meta["stream"])
+    state.step, state.stats = saved["step"], meta.get("stats", {})
+    rng_file = directory / f"rng-rank{rank}.pt"
+    if rng_file.exists():  # absent when the world size grew
+        _restore_rng(rng_file)
+
+
+def _restore_rng(path: Path) -> None:
+    try:
+        rng = torch.load(path, weights_only=True)
+    except Exception:  # noqa: BLE001 - a version-0 file keeps numpy's state as a pickled array
+        log.warning("%s: RNG state of an older checkpoint format not restored", path)
+        return
+    torch.set_rng_state(rng["torch"])
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(rng["python"])
+
+
+def load_ema_model(url: str, config: FlowConfig, options: storage.StorageOptions | None = None) -> FlowPlusPlus:
+    """The model of ``config`` holding the EMA weights of the checkpoint at ``url`` (eval mode).
+
+    ``url`` is a checkpoint folder on any storage (``s3://...``, ``file://...``, a path).
+    """
+    from flowpp import build_model
+    from flowpp.ema import EMA
+
+    meta_url, state_url = storage.join(url, "meta.json"), storage.join(url, "state.pt")
+    if storage.object_size(meta_url, options) is not None:
+        _check_version(json.loads(storage.read_bytes(meta_url, options)), url)
+    saved = _torch_load(storage.read_bytes(state_url, options), state_url)
+    model = build_model(config.replace(checkpoint="none"))
+    model.load_state_dict(saved["model"])
+    ema = EMA(model)
+    ema.load_state_dict(saved["ema"])
+    ema.copy_to(model)
+    return model.eval()

@@ -1,0 +1,24 @@
+"""The one error base of the orchestrator, and the exit codes the CLI turns errors into.
+
+Every error a user can cause or a run can meet derives from ``FlowppError``, whose
+message names the field, file or URL at fault and never a credential. ``cli.main``
+catches the base once, prints the message on one line and exits with the error's
+``exit_code``: 2 for a user mistake (``UserError``), 1 for a runtime failure.
+"""
+
+from __future__ import annotations
+
+USER_MISTAKE = 2
+RUNTIME_FAILURE = 1
+
+
+class FlowppError(Exception):
+    """A failure the CLI reports in one line (exit code 1), without a traceback."""
+
+    exit_code = RUNTIME_FAILURE
+
+
+class UserError(FlowppError):
+    """A mistake in what the user asked for: a bad job spec, a missing file, an unknown model (exit code 2)."""
+
+    exit_code = USER_MISTAKE

@@ -1,0 +1,306 @@
+"""MLflow, and only here: runs, metrics, model logging (safetensors + code, no pickle), the registry.
+
+Every MLflow call of the project lives in this module. The trainer calls it from rank 0
+only, through a ``RunLogger``; promotion goes through a ``ModelRegistry``. Values the
+project needs later (a run's id, its final validation bits/dim) travel as values from
+the code that produced them; they are not read back from the tracking server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import FlowppError, UserError
+
+log = logging.getLogger(__name__)
+
+JOB_TAG = "flowpp.job"
+REGISTERED_TAG = "flowpp.registered_version"
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+
+
+class ModelNotFoundError(UserError):
+    """A registered model, version, alias or model URI that does not exist; names it."""
+
+
+def _mlflow(tracking_uri: str):
+    import mlflow
+
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow
+
+
+def _client(tracking_uri: str):
+    return _mlflow(tracking_uri).MlflowClient()
+
+
+# -- runs ---------------------------------------------------------------------------------
+def _job_runs(client, experiment_id: str, job_name: str, max_results: int = 1) -> list:
+    return client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{JOB_TAG}` = '{job_name}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=max_results,
+    )
+
+
+def ensure_run(
+    tracking_uri: str,
+    experiment: str,
+    job_name: str,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> str:
+    """The MLflow run of this job: the unfinished one of the same name, or a new one.
+
+    ``parent_run_id`` makes a new run a child (a Tune trial under its search).
+    """
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, _artifact_root(tracking_uri))
+    runs = _job_runs(client, exp_id, job_name)
+    if runs and runs[0].info.status != "FINISHED":
+        return runs[0].info.run_id
+    all_tags = {JOB_TAG: job_name, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    return client.create_run(exp_id, run_name=job_name, tags=all_tags).info.run_id
+
+
+def find_run(tracking_uri: str, experiment: str, job_name: str) -> str | None:
+    """The newest run of this job whatever its status, or None."""
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = _job_runs(client, exp.experiment_id, job_name) if exp else []
+    return runs[0].info.run_id if runs else None
+
+
+def finish_children(tracking_uri: str, parent_run_id: str, statuses: dict[str, str]) -> None:
+    """Close a search's child runs: FINISHED when complete, KILLED when ASHA stopped them, FAILED on error."""
+    client = _client(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    )
+    terminal = {"complete": "FINISHED", "stopped early": "KILLED", "error": "FAILED"}
+    for run in children:
+        status = statuses.get(run.data.tags.get("flowpp.trial", ""))
+        if status:
+            client.set_tag(run.info.run_id, "flowpp.trial_status", status)
+        if run.info.status == "RUNNING" and status:
+            client.set_terminated(run.info.run_id, terminal[status])
+
+
+def _artifact_root(tracking_uri: str) -> str | None:
+    """Beside a sqlite store, not in ./mlruns of whatever directory the process runs in."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return None  # a tracking server decides (the local stack proxies artifacts to S3)
+
+
+class RunLogger:
+    """One MLflow run; every method is a no-op when disabled (ranks > 0, tracking off)."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None):
+        self.enabled = bool(tracking_uri and run_id)
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        if tracking_uri and run_id:
+            self.client = _client(tracking_uri)
+
+    def params(self, params: dict) -> None:
+        """Log the params this run does not have yet (a resumed run keeps its first values)."""
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        new = [Param(k, str(v)) for k, v in params.items() if k not in existing]
+        for i in range(0, len(new), 100):
+            self.client.log_batch(self.run_id, params=new[i : i + 100])
+
+    def metrics(self, metrics: dict, step: int) -> None:
+        if not self.enabled or not metrics:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def text(self, text: str, name: str) -> None:
+        if self.enabled:
+            self.client.log_text(self.run_id, text, name)
+
+    def tag(self, key: str, value: str) -> None:
+        if self.enabled:
+            self.client.set_tag(self.run_id, key, value)
+
+    def registered_version(self) -> str | None:
+        """The model version this run already registered (a re-submitted finished job), or None."""
+        return self.client.get_run(self.run_id).data.tags.get(REGISTERED_TAG) if self.enabled else None
+
+    def register_model(self, model, name: str, tags: dict[str, Any]) -> str:
+        """Log ``model``'s current weights as this run's pyfunc, register it; returns the version."""
+        assert self.enabled and self.tracking_uri and self.run_id
+        uri = log_flow_model(self.tracking_uri, self.run_id, model)
+        version = register(self.tracking_uri, uri, name, {**tags, "run_id": self.run_id})
+        self.tag(REGISTERED_TAG, version)
+        return version
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.enabled:
+            self.client.set_terminated(self.run_id, status)
+
+
+# -- models: safetensors + config.json, logged as a pyfunc from code -----------------------
+def save_model_files(model, directory: Path) -> tuple[Path, Path]:
+    """weights.safetensors (float32) + config.json for a FlowPlusPlus."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    weights, config = directory / "weights.safetensors", directory / "config.json"
+    state = {
+        k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().cpu()
+        for k, v in model.state_dict().items()
+    }
+    save_file(state, str(weights))
+    config.write_text(json.dumps(model.config.to_dict(), indent=1))
+    return weights, config
+
+
+def build_from_files(weights: str | Path, config: str | Path):
+    """A FlowPlusPlus (eval mode) from weights.safetensors + config.json: no pickle involved."""
+    from safetensors.torch import load_file
+
+    from flowpp import FlowConfig, FlowPlusPlus
+
+    cfg = FlowConfig.from_dict(json.loads(Path(config).read_text())).replace(checkpoint="none")
+    model = FlowPlusPlus(cfg)
+    model.load_state_dict(load_file(str(weights)))
+    return model.eval()
+
+
+def log_flow_model(tracking_uri: str, run_id: str, model) -> str:
+    """Log a FlowPlusPlus (its current weights) as an MLflow pyfunc; returns the model URI."""
+    mlflow = _mlflow(tracking_uri)
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+        weights, config = save_model_files(model, Path(tmp))
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PYFUNC_CODE),
+            artifacts={"weights": str(weights), "config": str(config)},
+            code_paths=[str(root / "flowpp"), str(root / "orchestrator")],
+            pip_requirements=["torch>=2.4", "safetensors", "numpy"],
+        )
+    return info.model_uri
+
+
+def register(tracking_uri: str, model_uri: str, name: str, tags: dict[str, Any]) -> str:
+    """A new version of registered model ``name``; returns its version number."""
+    mlflow = _mlflow(tracking_uri)
+    mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    return str(mv.version)
+
+
+def load_flow(model_uri: str, tracking_uri: str | None = None):
+    """FlowPlusPlus from a runs:/ or models:/ URI (e.g. models:/flowpp@champion), without pickle."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow = _mlflow(tracking_uri) if tracking_uri else __import__("mlflow")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise ModelNotFoundError(f"{model_uri}: {_first_line(exc.message)}") from None
+            raise FlowppError(f"{model_uri}: cannot download its artifacts: {_first_line(exc.message)}") from None
+        except OSError as exc:  # the artifact store lost the files (or cannot be reached)
+            raise FlowppError(f"{model_uri}: cannot download its artifacts: {_first_line(str(exc))}") from None
+        weights, config = (next(local.rglob(name), None) for name in ("weights.safetensors", "config.json"))
+        if weights is None or config is None:
+            missing = "weights.safetensors" if weights is None else "config.json"
+            raise FlowppError(f"{model_uri}: its artifacts hold no {missing} (was the artifact store reset?)")
+        return build_from_files(weights, config)
+
+
+def _first_line(text: str) -> str:
+    from orchestrator.storage import redact
+
+    return redact(text.strip().splitlines()[0] if text.strip() else text)
+
+
+# -- the registry: versions, aliases, tags --------------------------------------------------
+class ModelRegistry:
+    """The registry calls promotion needs, on one registered model."""
+
+    def __init__(self, tracking_uri: str, name: str):
+        self.client = _client(tracking_uri)
+        self.tracking_uri, self.name = tracking_uri, name
+
+    def version(self, version: str):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version(self.name, str(version))
+        except MlflowException:
+            raise ModelNotFoundError(f"registered model {self.name!r} has no version {version}") from None
+
+    def latest(self):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            versions = self.client.search_model_versions(f"name = '{self.name}'")
+        except MlflowException:
+            versions = []
+        if not versions:
+            raise ModelNotFoundError(f"registered model {self.name!r} does not exist or has no versions")
+        return max(versions, key=lambda v: int(v.version))
+
+    def alias(self, alias: str) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_model_version_by_alias(self.name, alias).version)
+        except MlflowException:
+            return None
+
+    def set_alias(self, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(self.name, alias, str(version))
+
+    def delete_alias(self, alias: str) -> None:
+        self.client.delete_registered_model_alias(self.name, alias)
+
+    def tags(self) -> dict:
+        return self.client.get_registered_model(self.name).tags
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_registered_model_tag(self.name, key, value)
+
+    def delete_tag(self, key: str) -> None:
+        self.client.delete_registered_model_tag(self.name, key)
+
+    def tag_version(self, version: str, tags: dict) -> None:
+        for k, v in tags.items():
+            self.client.set_model_version_tag(self.name, version, k, str(v))
+
+    def run_metric(self, run_id: str, key: str) -> float | None:
+        """A metric of the run that produced a version (for versions registered without the tag)."""
+        return self.client.get_run(run_id).data.metrics.get(key) if run_id else None
+
+    def run_param(self, run_id: str, key: str) -> str | None:
+        return self.client.get_run(run_id).data.params.get(key) if run_id else None
+
+    def load(self, version: str):
+        return load_flow(f"models:/{self.name}/{version}", self.tracking_uri)

@@ -1,0 +1,81 @@
+"""User mistakes end in one line naming the field, file or URL, and exit code 2; runtime failures in 1.
+
+No traceback unless ``--debug``. Real components: job YAMLs on disk, a sqlite MLflow
+store, an S3 endpoint on a loopback port where nothing listens.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import main
+from tests.jobs import tiny_job, write_job
+from tests.s3fixtures import free_port
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    """Exit code and stderr without log lines (those start with a timestamp)."""
+    code = main(args)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, "".join(line for line in err.splitlines(True) if not line[:4].isdigit())
+
+
+def test_a_bad_yaml_names_the_file_and_line(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ndata: [unclosed\n")
+    code, err = run_cli(["train", str(path)], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert f"flowpp train: {path}: 1 problem(s) in the job spec" in err and "YAML syntax error at line" in err
+
+
+def test_a_missing_manifest_names_the_url(tmp_path, capsys):
+    tree = tiny_job(tmp_path, data__prepare=None)
+    code, err = run_cli(["train", str(write_job(tree, tmp_path / "job.yaml"))], capsys)
+    assert code == 2 and "Traceback" not in err
+    url = f"file://{tmp_path}/data/train/manifest.json"
+    assert err.strip() == f"flowpp train: data.train: no manifest at {url} (run `flowpp prepare` first)"
+
+
+def test_an_unreachable_endpoint_is_a_runtime_failure_naming_the_url(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    url = "s3://nowhere/data/valid/manifest.json"
+    # `train` reaches storage before anything else (Ray, MLflow)
+    tree = tiny_job(tmp_path, data__train=url, data__valid=url, storage__endpoint_url=endpoint)
+    code, err = run_cli(["train", str(write_job(tree, tmp_path / "job.yaml"))], capsys)
+    assert code == 1
+    assert err.startswith(f"flowpp train: checking bucket of {url}: still failing after") and endpoint in err
+    assert len(err.strip().splitlines()) == 1 and "testing-secret" not in err
+
+
+def test_an_unknown_model_version_names_it(tmp_path, capsys):
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["--model", "models:/never-registered/3", "--tracking-uri", store]
+    code, err = run_cli(["sample", *args, "--out", str(tmp_path / "x.png")], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("flowpp sample: models:/never-registered/3:") and len(err.strip().splitlines()) == 1
+    code, err = run_cli(["promote", "--model", "never-registered", "--version", "3", "--tracking-uri", store], capsys)
+    assert code == 2 and err.strip() == "flowpp promote: registered model 'never-registered' has no version 3"
+
+
+def test_debug_shows_the_traceback_and_the_process_exit_code(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ntrain: {lrr: 1}\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "orchestrator"]
+    plain = subprocess.run([*cmd, "train", str(path)], env=env, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    assert "train.lrr: Extra inputs are not permitted" in plain.stderr and "data: Field required" in plain.stderr
+    debug = subprocess.run([*cmd, "--debug", "train", str(path)], env=env, capture_output=True, text=True, timeout=120)
+    assert debug.returncode == 2 and "Traceback" in debug.stderr and "JobSpecError" in debug.stderr

@@ -1,0 +1,105 @@
+"""The training checkpoint format: round trip, RNG, EMA model, version refusal, no pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from flowpp import build_model
+from flowpp.ema import EMA
+from orchestrator import checkpoint
+from orchestrator.train import TrainState, train_step
+from tests.helpers import random_images, tiny_config
+
+pytestmark = pytest.mark.unit
+
+
+class Position:
+    """A stand-in for the train stream: only its state_dict travels through a checkpoint."""
+
+    def __init__(self, state=None):
+        self.state = state or {}
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def load_state_dict(self, state):
+        self.state = dict(state)
+
+
+def trained_state(seed: int = 0, steps: int = 2) -> TrainState:
+    torch.manual_seed(seed)
+    model = build_model(tiny_config(image_size=8))
+    ema, opt = EMA(model, 0.5), torch.optim.Adam(model.parameters(), lr=1e-3)
+    state = TrainState(model, model, ema, opt, Position({"epoch": 1, "consumed": 24}))  # type: ignore[arg-type]
+    x = random_images(4, 8)
+    for _ in range(steps):
+        train_step(model, opt, x, lr=1e-3, grad_clip=1.0)
+        ema.update(model)
+        state.step += 1
+    state.stats = {"nonfinite_skipped": 1, "val_bpd": 5.25}
+    return state
+
+
+def test_round_trip_restores_every_part_and_the_rng(tmp_path):
+    saved = trained_state()
+    checkpoint.save(tmp_path, saved, rank=0)
+    after_save = torch.rand(3)
+
+    torch.manual_seed(99)
+    fresh = trained_state(seed=1, steps=0)
+    fresh.train_stream = Position()
+    checkpoint.load(tmp_path, fresh, rank=0)
+    assert fresh.step == 2 and fresh.stats == saved.stats
+    assert fresh.train_stream.state_dict() == {"epoch": 1, "consumed": 24}
+    for k, v in saved.model.state_dict().items():
+        torch.testing.assert_close(fresh.model.state_dict()[k], v)
+    for k, v in saved.ema.shadow.items():
+        torch.testing.assert_close(fresh.ema.shadow[k], v)
+    assert fresh.opt.state_dict()["state"][0]["step"] == saved.opt.state_dict()["state"][0]["step"]
+    torch.testing.assert_close(torch.rand(3), after_save)  # the RNG continues where it was saved
+    assert json.loads((tmp_path / "meta.json").read_text())["format_version"] == checkpoint.FORMAT_VERSION
+
+
+def test_load_ema_model_holds_the_averaged_weights(tmp_path):
+    saved = trained_state()
+    checkpoint.save(tmp_path, saved, rank=0)
+    model = checkpoint.load_ema_model(str(tmp_path), saved.model.config)
+    assert not model.training
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), saved.ema.shadow[k])
+    assert any(not torch.equal(saved.ema.shadow[k], p) for k, p in saved.model.named_parameters())
+
+
+def test_an_unknown_format_version_is_refused_by_name(tmp_path):
+    saved = trained_state(steps=0)
+    checkpoint.save(tmp_path, saved, rank=0)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    (tmp_path / "meta.json").write_text(json.dumps({**meta, "format_version": checkpoint.FORMAT_VERSION + 1}))
+    with pytest.raises(checkpoint.CheckpointError, match=rf"{tmp_path}: checkpoint format version 2"):
+        checkpoint.load(tmp_path, trained_state(steps=0), rank=0)
+    with pytest.raises(checkpoint.CheckpointError, match="format version"):
+        checkpoint.load_ema_model(str(tmp_path), saved.model.config)
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_a_crafted_state_file_that_would_run_code_is_refused(tmp_path):
+    saved = trained_state(steps=0)
+    checkpoint.save(tmp_path, saved, rank=0)
+    marker = str(tmp_path / "code-ran")
+    torch.save({"model": _RunsCode(marker)}, tmp_path / "state.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="state.pt: unreadable"):
+        checkpoint.load(tmp_path, trained_state(steps=0), rank=0)
+    with pytest.raises(checkpoint.CheckpointError, match="state.pt: unreadable"):
+        checkpoint.load_ema_model(str(tmp_path), saved.model.config)
+    assert not os.path.exists(marker)
