@@ -79,3 +79,23 @@ def test_debug_shows_the_traceback_and_the_process_exit_code(tmp_path):
     assert "train.lrr: Extra inputs are not permitted" in plain.stderr and "data: Field required" in plain.stderr
     debug = subprocess.run([*cmd, "--debug", "train", str(path)], env=env, capture_output=True, text=True, timeout=120)
     assert debug.returncode == 2 and "Traceback" in debug.stderr and "JobSpecError" in debug.stderr
+
+
+def test_a_registered_model_whose_artifacts_vanished_is_one_clear_line(tmp_path, capsys):
+    import shutil
+
+    from orchestrator import tracking
+    from tests.helpers import initialized_model, tiny_config
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = tracking.ensure_run(store, "exp", "job")
+    uri = tracking.log_flow_model(store, run_id, initialized_model(tiny_config(image_size=8)).float())
+    version = tracking.register(store, uri, "gone", {"val_bpd": "5.0"})
+    shutil.rmtree(tmp_path / "mlartifacts")  # as when the artifact store is reset under the database
+    args = ["--model", f"models:/gone/{version}", "--tracking-uri", store, "--out", str(tmp_path / "x.png")]
+    code, err = run_cli(["sample", *args], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("flowpp ")]  # not MLflow's progress bar
+    assert code == 1 and errors == [
+        f"flowpp sample: models:/gone/{version}: its artifacts hold no weights.safetensors "
+        "(was the artifact store reset?)"
+    ]
