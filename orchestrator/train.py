@@ -111,8 +111,8 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, *,
     """
     for group in opt.param_groups:
         group["lr"] = lr
+    opt.zero_grad(set_to_none=True)  # before the forward: the last step's gradients never meet its activations
     loss = -model(x).mean() / (x[0].numel() * math.log(2))
-    opt.zero_grad(set_to_none=True)
     if all_sum([float(torch.isfinite(loss))])[0] != world_rank_size()[1]:
         return StepResult(float("nan"), float("nan"), True)
     loss.backward()
