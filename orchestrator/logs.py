@@ -23,9 +23,14 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def setup_logging(level: str = "INFO") -> None:
-    """Route every logger to stderr in one format; a second call only changes the level."""
+    """Route every logger to stderr in one format; a second call only changes the level.
+
+    A process whose root logger already has handlers keeps them and gets only the level: a
+    Ray Train worker's root logger writes to Ray's console (streamed to the driver) and to
+    its application log file, and a second handler would print every line twice.
+    """
     root = logging.getLogger()
-    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+    if not root.handlers:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter(FORMAT))
         root.addHandler(handler)
