@@ -35,7 +35,7 @@ def run_loop(cfg: dict, in_ray: bool) -> dict:
     from flowpp import build_model, get_preset
     from flowpp.distributed import data_dependent_init
     from orchestrator.data.stream import ShardStream
-    from orchestrator.train import train_step
+    from orchestrator.step import train_step
 
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(0)

@@ -51,7 +51,7 @@ import torch
 
 from flowpp import build_model, get_preset
 from flowpp.distributed import data_dependent_init
-from orchestrator.train import train_step
+from orchestrator.step import train_step
 
 CONFIGS = ("cifar10", "narrow")
 MODES = ("none", "attention", "all")

@@ -15,13 +15,18 @@ from torch import nn
 
 
 @torch.no_grad()
-def data_dependent_init(model: nn.Module, batch: torch.Tensor, src: int = 0, group=None) -> None:
+def data_dependent_init(model: nn.Module, batch: torch.Tensor | None, src: int = 0, group=None) -> None:
     """Run the init forward pass on rank ``src`` and broadcast the result to all ranks.
 
-    Without an initialised process group this is a plain local init.
+    ``batch`` is only read on rank ``src`` (the others may pass None). The model must
+    already sit on the device of the process group's backend (CUDA for NCCL): the
+    broadcast sends its parameters in place. Without a process group this is a plain
+    local init.
     """
     distributed = dist.is_available() and dist.is_initialized()
     if not distributed or dist.get_rank(group) == src:
+        if batch is None:
+            raise ValueError("data_dependent_init: the source rank needs a batch")
         was_training = model.training
         model.train()
         model(batch)

@@ -53,4 +53,5 @@ class EMA:
             raise KeyError(f"EMA state does not match the model; differing keys: {sorted(missing)[:5]}")
         self.decay = state["decay"]
         self.num_updates = state["num_updates"]
-        self.shadow = {k: v.clone().float() for k, v in state["shadow"].items()}
+        # onto the device of the live shadow (a checkpoint is read onto the CPU)
+        self.shadow = {k: v.to(self.shadow[k].device, torch.float32, copy=True) for k, v in state["shadow"].items()}

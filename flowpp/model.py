@@ -114,8 +114,30 @@ class FlowPlusPlus(nn.Module):
         return standard_normal_log_prob(z) + logdet
 
     # -- likelihoods of discrete images ---------------------------------------------------
+    def check_pixels(self, x: torch.Tensor) -> None:
+        """Integer pixels in [0, 2**num_bits), or a ValueError naming the range.
+
+        A uint8 batch of an 8-bit model cannot be out of range, so it costs nothing; any
+        other batch costs one device sync (its min and max).
+        """
+        if x.is_floating_point() or x.is_complex():
+            raise ValueError(f"pixels must be integers in [0, {self.num_levels}), got a {x.dtype} tensor")
+        if x.dtype == torch.uint8 and self.num_levels == 256:
+            return
+        lo, hi = (int(v) for v in torch.aminmax(x))
+        if lo < 0 or hi >= self.num_levels:
+            bits = self.config.num_bits
+            raise ValueError(
+                f"pixel values must lie in [0, {self.num_levels}) for a {bits}-bit model, got [{lo}, {hi}]"
+                + (f"; reduce 8-bit pixels with x >> {8 - bits} first" if bits < 8 and hi < 256 else "")
+            )
+
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """One-sample dequantization lower bound on log P(x), per image (B,), in nats."""
+        """One-sample dequantization lower bound on log P(x), per image (B,), in nats.
+
+        ``x``: integer pixels (B, C, H, W) in [0, 2**num_bits), any integer dtype.
+        """
+        self.check_pixels(x)
         u, log_q = self.dequantizer(x, dtype=self._dtype())
         return self.log_density(x.to(u.dtype) + u) - log_q
 

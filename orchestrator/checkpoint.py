@@ -4,7 +4,7 @@ A checkpoint is a folder that Ray Train copies to ``storage.path``:
 
     meta.json       {"format_version", "step", "stream": the train stream's position, "stats"}  rank 0
     state.pt        {"model", "ema", "optimizer", "step"}: tensors in plain containers      rank 0
-    rng-rank{r}.pt  rank r's torch, numpy and python RNG states                              every rank
+    rng-rank{r}.pt  rank r's torch (CPU, and its GPU's where it has one), numpy and python RNG every rank
 
 Every ``.pt`` file holds only tensors, numbers, strings and containers, so it loads with
 ``torch.load(weights_only=True)``: nothing here unpickles arbitrary objects. A checkpoint
@@ -47,11 +47,14 @@ class CheckpointError(FlowppError):
 # -- writing ------------------------------------------------------------------------------
 def _rng_state() -> dict:
     name, keys, pos, has_gauss, cached = cast(tuple, np.random.get_state())
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
         "python": random.getstate(),
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's current device: the dequantization noise
+    return state
 
 
 def save(directory: Path, state: TrainState, rank: int) -> None:
@@ -126,6 +129,8 @@ def _restore_rng(path: Path) -> None:
         log.warning("%s: RNG state of an older checkpoint format not restored", path)
         return
     torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
     name, keys, pos, has_gauss, cached = rng["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(rng["python"])

@@ -52,7 +52,7 @@ def _cmd_smoke(args) -> int:
 
     from flowpp import build_model, get_preset
     from flowpp.distributed import data_dependent_init
-    from orchestrator.train import train_step
+    from orchestrator.step import train_step
 
     torch.manual_seed(args.seed)
     model = build_model(get_preset(args.preset))
@@ -70,6 +70,22 @@ def _cmd_smoke(args) -> int:
     ok = math.isfinite(loss) and samples.dtype == torch.uint8
     print(f"sampled {tuple(samples.shape)} uint8 images; final bits/dim {loss:.3f}")
     return 0 if ok else 1
+
+
+def _device(args) -> str:
+    """``--device``, checked before any model is downloaded."""
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:1)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _storage_options(args):
@@ -156,6 +172,7 @@ def _cmd_promote(args) -> int:
         samples=args.samples,
         max_images=args.max_images,
         options=_storage_options(args),
+        device=_device(args),
     )
     decision = promote(uri, args.model, args.version, settings, args.margin, args.z, args.dry_run)
     return 0 if decision.promote or args.dry_run else 3
@@ -169,8 +186,9 @@ def _cmd_sample(args) -> int:
     from orchestrator.images import sample_grid
     from orchestrator.tracking import load_flow
 
+    device = _device(args)
     torch.manual_seed(args.seed)
-    model = load_flow(args.model, args.tracking_uri)
+    model = load_flow(args.model, args.tracking_uri, device)
     path = sample_grid(model, args.n, Path(args.out), seed=args.seed, temperature=args.temperature)
     print(f"wrote {args.n} samples from {args.model} to {path}")
     return 0
@@ -180,10 +198,11 @@ def _cmd_evaluate(args) -> int:
     from orchestrator.evaluate import per_image_bpd
     from orchestrator.tracking import load_flow
 
-    model = load_flow(args.model, args.tracking_uri)
+    device = _device(args)
+    model = load_flow(args.model, args.tracking_uri, device)
     common = dict(seed=args.seed, max_images=args.max_images, batch_size=args.batch_size)
     elbo = per_image_bpd(model, args.data, _storage_options(args), samples=1, **common)
-    print(f"{args.model}: {elbo.mean:.4f} bits/dim (dequantization bound) on {len(elbo.bpd)} images")
+    print(f"{args.model}: {elbo.mean:.4f} bits/dim (dequantization bound) on {len(elbo.bpd)} images ({device})")
     if args.iw_samples > 1:
         iw = per_image_bpd(model, args.data, _storage_options(args), samples=args.iw_samples, **common)
         print(f"{args.model}: {iw.mean:.4f} bits/dim (importance-weighted bound, {args.iw_samples} samples)")
@@ -203,10 +222,15 @@ def _add_storage_args(p) -> None:
     p.add_argument("--s3-region", default=None)
 
 
+def _add_device_arg(p) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+
+
 def _add_model_args(p) -> None:
     p.add_argument("--model", required=True, help="models:/NAME@champion, models:/NAME/3 or runs:/ID/model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI")
+    _add_device_arg(p)
 
 
 def _add_job_args(p, example: str) -> None:
@@ -252,6 +276,7 @@ def _add_promote(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the decision only")
     p.add_argument("--rollback", action="store_true", help="move @champion back to @previous")
     p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI")
+    _add_device_arg(p)
     _add_storage_args(p)
     p.set_defaults(func=_cmd_promote)
 
@@ -267,7 +292,13 @@ def _add_sample_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="bits/dim of a registered model on a manifest's shards")
     _add_model_args(p)
     p.add_argument("--data", required=True, help="manifest URL of the split to score")
-    p.add_argument("--iw-samples", type=int, default=1, help=">1: also the importance-weighted bound")
+    p.add_argument(
+        "--iw-samples",
+        type=int,
+        default=16,
+        help="also the importance-weighted bound with this many samples an image, as a run's final "
+        "evaluation (train.final_eval_samples) gives it (default: 16; 1: the one-sample bound only)",
+    )
     p.add_argument("--max-images", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     _add_storage_args(p)

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestrator.errors import UserError
+from orchestrator.schedule import ScheduleSpec, schedule_problems
 
 
 class _Strict(BaseModel):
@@ -77,8 +78,12 @@ class TrainSpec(_Strict):
     global_batch_size: int = Field(72, ge=1)
     """Images per optimiser step across all workers (the official recipe: 72)."""
     lr: float = Field(4e-4, gt=0)
+    """The peak rate of train.schedule constant and cosine; piecewise ignores it (phases carry the rates)."""
     warmup_steps: int = Field(10_000, ge=0)
+    """Linear warm-up from 0 to lr (constant, cosine); piecewise refuses it (warm up in its phases)."""
     max_steps: int = Field(300_000, ge=1)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    """The learning-rate schedule (orchestrator.schedule): constant (the default), cosine or piecewise."""
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     seed: int = 0
@@ -90,6 +95,12 @@ class TrainSpec(_Strict):
     """Validation batches per rank at each evaluation (0: the whole split)."""
     eval_samples: int = Field(1, ge=1)
     """Dequantization samples per image at evaluation (>1: importance-weighted bound)."""
+    final_eval_samples: int = Field(16, ge=0)
+    """At the end of the run, the EMA weights' importance-weighted bound over the whole validation
+    split with this many dequantization samples an image, logged as ``val_bpd_iw`` (0 or 1: none)."""
+    init_batch_size: int = Field(72, ge=1)
+    """Training images of the data-dependent init (the official recipe: 72), read by rank 0 and
+    broadcast; all of them if the split is smaller."""
     sample_grid: int = Field(16, ge=0)
     """Images in the sample grid PNG at each evaluation (0: none)."""
     max_nonfinite_steps: int = Field(20, ge=1)
@@ -250,8 +261,7 @@ def semantic_problems(spec: JobSpec) -> list[str]:
             problems.append(f"data.{field}: {url!r} should point at a manifest .json file")
     if spec.storage.path.startswith(("http://", "https://")):
         problems.append(f"storage.path: {spec.storage.path!r} is not a filesystem URL (use s3://, file:// or a path)")
-    if spec.train.warmup_steps > spec.train.max_steps and spec.train.max_steps > 1:
-        problems.append(f"train.warmup_steps: {spec.train.warmup_steps} exceeds train.max_steps={spec.train.max_steps}")
+    problems += schedule_problems(spec.train)  # and warmup_steps <= max_steps
     if spec.tune is not None:
         problems += tune_problems(spec)
     return problems
@@ -395,4 +405,4 @@ def public_tree(tree: Any) -> Any:
 def public_params(spec: JobSpec) -> dict[str, str]:
     """Flattened spec for MLflow, with anything that looks like a secret removed."""
     flat = flatten(spec.model_dump())
-    return {k: str(v)[:500] for k, v in flat.items() if not _SECRET_KEYS.search(k)}
+    return {k: str(v)[:6000] for k, v in flat.items() if not _SECRET_KEYS.search(k)}  # MLflow's longest param

@@ -1,4 +1,5 @@
-"""Held-out evaluation of a model: per-image bits/dim over a manifest's shards.
+"""Held-out evaluation: the training loop's all-reduced bits/dim, and per-image bits/dim
+over a manifest's shards for ``flowpp evaluate`` and promotion.
 
 Deterministic for a given (manifest, seed, samples): the shard order comes from the
 seed, and the dequantization noise is drawn from a generator seeded the same way for
@@ -9,13 +10,19 @@ their per-image figures can be paired.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from orchestrator import storage
-from orchestrator.data.stream import ShardStream
+from orchestrator.data.stream import ShardStream, to_device
+from orchestrator.step import all_sum
+
+if TYPE_CHECKING:
+    from flowpp import FlowPlusPlus
 
 
 @dataclass
@@ -30,6 +37,41 @@ class Scores:
 
 
 @torch.no_grad()
+def evaluate(model: FlowPlusPlus, batches: Iterable[torch.Tensor], *, samples: int, seed: int) -> tuple[float, int]:
+    """Bits/dim over every rank's ``batches`` of uint8 pixels, and the number of images scored.
+
+    With whatever weights ``model`` holds, on its device; ``samples`` > 1 gives the
+    importance-weighted bound. The same dequantization noise at every evaluation (seeded),
+    the caller's RNG (CPU, and the model's GPU) untouched. Every rank must call it (the
+    totals are all-reduced).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync a batch
+    count = 0
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for images in batches:
+            x = to_device(images, device, model.config.num_bits)
+            lp = model.importance_weighted_log_prob(x, samples) if samples > 1 else model.log_prob(x)
+            total -= lp.double().sum()
+            count += x.shape[0]
+    model.train(was_training)
+    total_sum, count_sum = all_sum(torch.stack([total, total.new_tensor(float(count))]))
+    return total_sum / (max(count_sum, 1.0) * model.num_dims * math.log(2)), int(count_sum)
+
+
+def periodic_batches(valid: ShardStream, max_batches: int) -> Iterator[torch.Tensor]:
+    """This rank's validation share from its start: the first ``max_batches`` (0: all)."""
+    valid.load_state_dict({**valid.state_dict(), "consumed": 0})
+    for i, batch in enumerate(valid):
+        yield batch["images"]
+        if max_batches and i + 1 >= max_batches:
+            return
+
+
+@torch.no_grad()
 def per_image_bpd(
     model,
     manifest_url: str,
@@ -40,7 +82,7 @@ def per_image_bpd(
     max_images: int = 0,
     batch_size: int = 32,
 ) -> Scores:
-    """Score ``model`` (eval mode, whatever weights it holds) on a split, image by image."""
+    """Score ``model`` (eval mode, whatever weights it holds, on its device) on a split, image by image."""
     model.eval()
     # batch 1 at the stream level: a plan never drops a remainder; batches are re-formed below
     stream = ShardStream(manifest_url, batch_size=1, seed=seed, options=options, shuffle_buffer=1)
@@ -49,9 +91,8 @@ def per_image_bpd(
     scores: list[torch.Tensor] = []
     devices = {p.device for p in model.parameters()}
     device = devices.pop() if devices else torch.device("cpu")
-    state = torch.get_rng_state()
-    torch.manual_seed(seed)  # the same dequantization noise for every model scored this way
-    try:
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)  # the same dequantization noise for every model scored this way
         for batch in stream:
             keys += list(batch["keys"])
             images.append(batch["images"])
@@ -62,14 +103,13 @@ def per_image_bpd(
                 break
         if images:
             scores.append(_score(model, torch.cat(images), samples, device))
-    finally:
-        torch.set_rng_state(state)
-    bpd = torch.cat(scores).double().numpy()
+    bpd = torch.cat(scores).double().cpu().numpy()
     n = max_images or len(keys)
     return Scores(keys[:n], bpd[:n])
 
 
-def _score(model, x: torch.Tensor, samples: int, device) -> torch.Tensor:
-    x = x.to(device).long()
+def _score(model, images: torch.Tensor, samples: int, device) -> torch.Tensor:
+    """(B,) bits/dim, left on the device: one copy back at the end, not a sync a batch."""
+    x = to_device(images, device, model.config.num_bits)
     log_prob = model.importance_weighted_log_prob(x, samples) if samples > 1 else model.log_prob(x)
-    return (-log_prob / (model.num_dims * math.log(2))).cpu()
+    return -log_prob.double() / (model.num_dims * math.log(2))

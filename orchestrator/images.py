@@ -25,8 +25,9 @@ def sample_grid(model, n: int, path: Path, seed: int, temperature: float = 1.0) 
     """Write a PNG of ``model.sample(n)`` drawn with ``seed``; returns ``path``."""
     from PIL import Image
 
-    gen = torch.Generator().manual_seed(seed)
-    images = model.sample(n, temperature=temperature, generator=gen).numpy()  # (n, C, H, W)
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)  # on the model's device, where randn draws
+    images = model.sample(n, temperature=temperature, generator=gen).cpu().numpy()  # (n, C, H, W)
     grid = tile(images)
     Image.fromarray(grid.squeeze() if grid.shape[2] == 1 else grid).save(path)
     return path

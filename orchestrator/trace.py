@@ -1,7 +1,8 @@
 """An audit trail of the data plan: per step, the sample keys each rank trained on.
 
 With ``train.trace_dir`` set, every rank appends JSON lines to ``rank{r}.jsonl``: one per
-step (``step``, ``keys``, ``skipped``) and, at the end, a hash of its parameters. Tests
+step (``step``, ``keys``, ``skipped``) and, at the end, a hash of its parameters and
+the device they lived on. Tests
 use it to show that a restarted run trains on exactly the samples it had not seen, and
 that every rank ends with the same weights.
 """
@@ -36,7 +37,8 @@ class Trace:
 
     def final(self, step: int, model: nn.Module) -> None:
         if self.path is not None:
-            self.write(final_step=step, params_sha256=param_digest(model))
+            device = str(next(model.parameters()).device)
+            self.write(final_step=step, params_sha256=param_digest(model), device=device)
 
 
 def param_digest(model: nn.Module) -> str:

@@ -13,9 +13,12 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import FlowppError, UserError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -179,15 +182,15 @@ def save_model_files(model, directory: Path) -> tuple[Path, Path]:
     return weights, config
 
 
-def build_from_files(weights: str | Path, config: str | Path):
-    """A FlowPlusPlus (eval mode) from weights.safetensors + config.json: no pickle involved."""
+def build_from_files(weights: str | Path, config: str | Path, device: str | torch.device = "cpu"):
+    """A FlowPlusPlus (eval mode, on ``device``) from weights.safetensors + config.json: no pickle involved."""
     from safetensors.torch import load_file
 
     from flowpp import FlowConfig, FlowPlusPlus
 
     cfg = FlowConfig.from_dict(json.loads(Path(config).read_text())).replace(checkpoint="none")
-    model = FlowPlusPlus(cfg)
-    model.load_state_dict(load_file(str(weights)))
+    model = FlowPlusPlus(cfg).to(device)
+    model.load_state_dict(load_file(str(weights), device=str(device)))
     return model.eval()
 
 
@@ -214,8 +217,8 @@ def register(tracking_uri: str, model_uri: str, name: str, tags: dict[str, Any])
     return str(mv.version)
 
 
-def load_flow(model_uri: str, tracking_uri: str | None = None):
-    """FlowPlusPlus from a runs:/ or models:/ URI (e.g. models:/flowpp@champion), without pickle."""
+def load_flow(model_uri: str, tracking_uri: str | None = None, device: str | torch.device = "cpu"):
+    """FlowPlusPlus on ``device`` from a runs:/ or models:/ URI (e.g. models:/flowpp@champion), without pickle."""
     from mlflow.exceptions import MlflowException
 
     mlflow = _mlflow(tracking_uri) if tracking_uri else __import__("mlflow")
@@ -232,7 +235,7 @@ def load_flow(model_uri: str, tracking_uri: str | None = None):
         if weights is None or config is None:
             missing = "weights.safetensors" if weights is None else "config.json"
             raise FlowppError(f"{model_uri}: its artifacts hold no {missing} (was the artifact store reset?)")
-        return build_from_files(weights, config)
+        return build_from_files(weights, config, device)
 
 
 def _first_line(text: str) -> str:
@@ -302,5 +305,5 @@ class ModelRegistry:
     def run_param(self, run_id: str, key: str) -> str | None:
         return self.client.get_run(run_id).data.params.get(key) if run_id else None
 
-    def load(self, version: str):
-        return load_flow(f"models:/{self.name}/{version}", self.tracking_uri)
+    def load(self, version: str, device: str | torch.device = "cpu"):
+        return load_flow(f"models:/{self.name}/{version}", self.tracking_uri, device)

@@ -10,18 +10,19 @@ or talks to MLflow (``orchestrator.tracking``).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
 import random
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from flowpp import FlowPlusPlus, build_model
@@ -29,10 +30,13 @@ from flowpp.distributed import data_dependent_init
 from flowpp.ema import EMA
 from orchestrator import checkpoint
 from orchestrator.config import JobSpec, TrainSpec, public_params, public_tree
-from orchestrator.data.stream import ShardStream
+from orchestrator.data.stream import ShardStream, to_device
 from orchestrator.errors import FlowppError
+from orchestrator.evaluate import evaluate, periodic_batches
 from orchestrator.images import sample_grid
 from orchestrator.logs import setup_logging
+from orchestrator.schedule import learning_rate
+from orchestrator.step import StepResult, train_step
 from orchestrator.trace import Trace
 from orchestrator.tracking import RunLogger
 
@@ -75,85 +79,41 @@ class Worker:
 
 
 # -- one step -----------------------------------------------------------------------------
-def world_rank_size() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_sum(values: list[float]) -> list[float]:
-    """Sum ``values`` over every rank (a no-op on one)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if world_rank_size()[1] > 1:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
 def lr_at(step: int, train: TrainSpec) -> float:
-    """Linear warm-up to ``train.lr``, then constant (the official recipe's first phase)."""
-    warm = train.warmup_steps
-    return train.lr * min(1.0, (step + 1) / warm) if warm else train.lr
+    """The learning rate of (0-based) ``step`` under ``train.schedule``."""
+    return learning_rate(step, train)
 
 
-@dataclass
-class StepResult:
-    loss: float
-    """Training bits/dim of the batch (NaN when the loss was not finite)."""
-    grad_norm: float
-    skipped: bool
-
-
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, *, lr: float, grad_clip: float):
-    """One optimiser step on integer pixels ``x`` (B, C, H, W), minimising bits/dim.
-
-    A non-finite loss or gradient on any rank skips the step on every rank (the loss
-    check is all-reduced; gradients already are), leaving the weights untouched.
-    """
-    for group in opt.param_groups:
-        group["lr"] = lr
-    opt.zero_grad(set_to_none=True)  # before the forward: the last step's gradients never meet its activations
-    loss = -model(x).mean() / (x[0].numel() * math.log(2))
-    if all_sum([float(torch.isfinite(loss))])[0] != world_rank_size()[1]:
-        return StepResult(float("nan"), float("nan"), True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if not torch.isfinite(grad_norm):
-        opt.zero_grad(set_to_none=True)
-        return StepResult(loss.item(), float("nan"), True)
-    opt.step()
-    return StepResult(loss.item(), grad_norm.item(), False)
-
-
-@torch.no_grad()
-def evaluate(model: FlowPlusPlus, valid: ShardStream, train: TrainSpec) -> float:
-    """Validation bits/dim over every rank's share, with whatever weights ``model`` holds.
-
-    The same dequantization noise at every evaluation (seeded), the caller's RNG untouched.
-    """
-    was_training = model.training
-    model.eval()
-    valid.load_state_dict({**valid.state_dict(), "consumed": 0})
-    rng = torch.get_rng_state()
-    torch.manual_seed(train.seed + 12345)
-    total, count = 0.0, 0.0
-    for i, batch in enumerate(valid):
-        x = batch["images"].long()
-        k = train.eval_samples
-        lp = model.importance_weighted_log_prob(x, k) if k > 1 else model.log_prob(x)
-        total += float(-lp.sum())
-        count += x.shape[0]
-        if train.eval_batches and i + 1 >= train.eval_batches:
-            break
-    torch.set_rng_state(rng)
-    model.train(was_training)
-    total, count = all_sum([total, count])
-    return total / (count * model.num_dims * math.log(2))
+def whole_split_batches(w: Worker) -> Iterator[torch.Tensor]:
+    """Every validation image, split across ranks one image at a time (a plan of batch 1
+    leaves fewer than ``world`` images out), re-batched to the training batch."""
+    spec = w.spec
+    stream = ShardStream(
+        spec.data.valid,
+        batch_size=1,
+        rank=w.rank,
+        world_size=w.world,
+        seed=spec.train.seed,
+        shuffle_buffer=1,
+        verify=spec.data.verify,
+        options=spec.storage.options(),
+        manifest=w.valid.manifest,
+    )
+    images: list[torch.Tensor] = []
+    for batch in stream:
+        images.append(batch["images"])
+        if len(images) == spec.per_worker_batch:
+            yield torch.cat(images)
+            images = []
+    if images:
+        yield torch.cat(images)
 
 
 # -- building the state -------------------------------------------------------------------
-def make_streams(spec: JobSpec, rank: int, world: int) -> tuple[ShardStream, ShardStream]:
+def make_streams(spec: JobSpec, rank: int, world: int, pin_memory: bool = False) -> tuple[ShardStream, ShardStream]:
+    """This rank's train and validation streams (pinned batches when it trains on a GPU)."""
     common = dict(rank=rank, world_size=world, seed=spec.train.seed, options=spec.storage.options())
-    common["verify"] = spec.data.verify
+    common.update(verify=spec.data.verify, pin_memory=pin_memory)
     train = ShardStream(
         spec.data.train,
         batch_size=spec.per_worker_batch,
@@ -165,34 +125,54 @@ def make_streams(spec: JobSpec, rank: int, world: int) -> tuple[ShardStream, Sha
     return train, valid
 
 
-def _init_from_data(spec: JobSpec, model: FlowPlusPlus, train: ShardStream) -> None:
-    """Data-dependent init (ActNorm, convs) on one batch, identical on every rank."""
+def init_images(spec: JobSpec, manifest: dict) -> torch.Tensor:
+    """``train.init_batch_size`` training images (fewer if the split is smaller), the same
+    whatever the world size: a fixed seed, one image at a time from a shuffled plan."""
     stream = ShardStream(
         spec.data.train,
-        batch_size=spec.per_worker_batch,
+        batch_size=1,
         seed=10**6,
+        shuffle_buffer=256,
         options=spec.storage.options(),
-        manifest=train.manifest,
+        manifest=manifest,
     )
-    data_dependent_init(model, next(iter(stream))["images"].long())
+    images = [batch["images"] for batch in itertools.islice(stream, spec.train.init_batch_size)]
+    return torch.cat(images)
+
+
+def _init_from_data(spec: JobSpec, model: FlowPlusPlus, train: ShardStream, rank: int) -> None:
+    """Data-dependent init (ActNorm, convs): rank 0 runs it on ``init_images`` on the
+    model's device, then broadcasts every parameter and buffer from there."""
+    batch = None
+    if rank == 0:
+        device = next(model.parameters()).device
+        batch = to_device(init_images(spec, train.manifest), device, model.config.num_bits)
+        log.info("data-dependent init on %d images (%s)", batch.shape[0], device)
+    data_dependent_init(model, batch)
 
 
 def build_state(spec: JobSpec, rank: int, world: int) -> tuple[TrainState, ShardStream]:
-    """A fresh state after data-dependent init, or the state of Ray Train's last checkpoint."""
+    """A fresh state after data-dependent init, or the state of Ray Train's last checkpoint.
+
+    Everything is made on the worker's device (``ray.train.torch.get_device``) before the
+    EMA copy, the optimizer and DDP see the parameters.
+    """
     import ray.train
     import ray.train.torch
 
-    model = build_model(spec.model.flow_config())
-    train, valid = make_streams(spec, rank, world)
-    state = TrainState(model, model, EMA(model, spec.train.ema_decay), _adam(model, spec), train)
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model = build_model(spec.model.flow_config()).to(device)
+    train, valid = make_streams(spec, rank, world, pin_memory=device.type == "cuda")
     restored = ray.train.get_checkpoint()
+    if not restored:
+        _init_from_data(spec, model, train, rank)
+    state = TrainState(model, model, EMA(model, spec.train.ema_decay), _adam(model, spec), train)
     if restored:
         with restored.as_directory() as d:
             checkpoint.load(Path(d), state, rank)
         log.info("rank %d resumed from step %d (%s)", rank, state.step, restored.path)
-    else:
-        _init_from_data(spec, model, train)
-        state.ema, state.opt = EMA(model, spec.train.ema_decay), _adam(model, spec)
     state.ddp_model = ray.train.torch.prepare_model(model, move_to_device=True)
     return state, valid
 
@@ -250,7 +230,7 @@ def run(w: Worker, state: TrainState) -> None:
     meter = Meter(state.step, w.world)
     while state.step < train.max_steps:
         for batch in state.train_stream:
-            x = batch["images"].to(w.device).long()
+            x = to_device(batch["images"], w.device, state.model.config.num_bits)
             out = train_step(state.ddp_model, state.opt, x, lr=lr_at(state.step, train), grad_clip=train.grad_clip)
             w.trace.write(step=state.step, keys=batch["keys"], skipped=out.skipped)
             _account(w, state, out, meter, x.shape[0])
@@ -291,6 +271,8 @@ def _on_schedule(w: Worker, state: TrainState, meter: Meter) -> None:
             log.info(meter.line(step, train.max_steps, metrics))
     if step % train.eval_every == 0 or last:
         metrics["val_bpd"] = state.stats["val_bpd"] = evaluate_ema(w, state)
+    if last and train.final_eval_samples > 1:
+        metrics["val_bpd_iw"] = state.stats["val_bpd_iw"] = final_evaluation(w, state)
     with_checkpoint = step % train.checkpoint_every == 0 or last
     if metrics or with_checkpoint:
         report(w, state, metrics, with_checkpoint)
@@ -298,9 +280,10 @@ def _on_schedule(w: Worker, state: TrainState, meter: Meter) -> None:
 
 def evaluate_ema(w: Worker, state: TrainState) -> float:
     """Validation bits/dim of the EMA weights; rank 0 also logs a sample grid from them."""
-    model = state.model
+    model, train = state.model, w.spec.train
     with state.ema.average_parameters(model):
-        val_bpd = evaluate(model, w.valid, w.spec.train)
+        batches = periodic_batches(w.valid, train.eval_batches)
+        val_bpd, _ = evaluate(model, batches, samples=train.eval_samples, seed=train.seed + 12345)
         if w.rank == 0 and w.spec.train.sample_grid:
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / f"samples-{state.step:08d}.png"
@@ -310,6 +293,23 @@ def evaluate_ema(w: Worker, state: TrainState) -> float:
     if w.rank == 0:
         log.info("step %d: validation bits/dim (EMA) %.4f", state.step, val_bpd)
     return val_bpd
+
+
+def final_evaluation(w: Worker, state: TrainState) -> float:
+    """The importance-weighted bound of the EMA weights, ``train.final_eval_samples`` samples
+    an image, over the whole validation split: the figure comparable with the paper's."""
+    train = w.spec.train
+    if w.rank == 0:
+        log.info("step %d: final evaluation, %d samples an image, whole validation split", state.step,
+                 train.final_eval_samples)  # fmt: skip
+    started = time.perf_counter()
+    with state.ema.average_parameters(state.model):
+        bpd, count = evaluate(state.model, whole_split_batches(w), samples=train.final_eval_samples,
+                              seed=train.seed + 54321)  # fmt: skip
+    if w.rank == 0:
+        log.info("step %d: validation bits/dim (EMA, importance-weighted, %d samples) %.4f on %d images in %.0f s",
+                 state.step, train.final_eval_samples, bpd, count, time.perf_counter() - started)  # fmt: skip
+    return bpd
 
 
 def report(w: Worker, state: TrainState, metrics: dict, with_checkpoint: bool) -> None:
@@ -375,9 +375,12 @@ def finish(w: Worker, state: TrainState) -> None:
         return
     if tracker.registered_version():
         return  # a re-submitted, already finished job: nothing new to register
-    val = state.stats.get("val_bpd")
+    val, val_iw = state.stats.get("val_bpd"), state.stats.get("val_bpd_iw")
     tags = {"val_bpd": f"{val:.6f}" if val is not None else "nan", "job": spec.name}
+    if val_iw is not None:
+        tags.update(val_bpd_iw=f"{val_iw:.6f}", val_bpd_iw_samples=str(spec.train.final_eval_samples))
     with state.ema.average_parameters(state.model):
         version = tracker.register_model(state.model, spec.mlflow.registered_model, tags)
     tracker.finish()
-    log.info("registered %s version %s (val bits/dim %s)", spec.mlflow.registered_model, version, val)
+    log.info("registered %s version %s (val bits/dim %s, importance-weighted %s)", spec.mlflow.registered_model,
+             version, val, val_iw)  # fmt: skip

@@ -19,6 +19,7 @@ SHRINK_DEMO = {
     "model.stages": ["stripe:2", "s2d", "channel:2", "stripe:2"],
     "train.global_batch_size": 8,
     "train.warmup_steps": 2,
+    "train.final_eval_samples": 2,
     "data.prepare_count": 128,
     "data.prepare_valid_count": 32,
 }
@@ -54,6 +55,7 @@ def tiny_job(tmp_path: Path, **overrides: Any) -> dict:
             "eval_every": 30,
             "eval_batches": 2,
             "sample_grid": 4,
+            "final_eval_samples": 2,
             "trace_dir": str(tmp_path / "trace"),
         },
         "scaling": {"num_workers": 2, "cpus_per_worker": 1, "max_failures": 2},

@@ -45,6 +45,19 @@ class ManifestError(UserError, ValueError):
     """A manifest that cannot be read as one; names its URL."""
 
 
+def to_device(images: torch.Tensor, device: torch.device | str, num_bits: int = 8) -> torch.Tensor:
+    """A stream's uint8 pixels (B, C, H, W) on ``device``, reduced to ``num_bits`` levels.
+
+    They travel as uint8 (an eighth of int64's bytes; asynchronously from pinned memory),
+    and stay uint8 on the device: the model takes any integer dtype. A 5-bit model sees
+    ``x >> 3`` = floor(x / 8), as the official 5-bit launcher feeds it.
+    """
+    if not 1 <= num_bits <= 8:
+        raise ValueError(f"num_bits must be in 1..8, got {num_bits}")
+    x = images.to(device, non_blocking=True)
+    return x >> (8 - num_bits) if num_bits < 8 else x
+
+
 def load_manifest(url: str, options: storage.StorageOptions | None = None) -> dict:
     try:
         doc = json.loads(storage.read_bytes(url, options))
@@ -261,6 +274,7 @@ class ShardStream:
         verify: bool = False,
         options: storage.StorageOptions | None = None,
         manifest: dict | None = None,
+        pin_memory: bool = False,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -271,6 +285,8 @@ class ShardStream:
         self.manifest_url = manifest_url
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.num_workers, self.shuffle_buffer, self.verify = num_workers, shuffle_buffer, verify
+        self.pin_memory = pin_memory
+        """Batches in page-locked memory, for ``to_device``'s asynchronous copy to a GPU."""
         self.counts = [s["num_samples"] for s in self.manifest["shards"]]
         self.plan = self._new_plan(seed, epoch)
         self.consumed = 0
@@ -304,7 +320,8 @@ class ShardStream:
         if self.num_workers == 0:
             plan = self.plan
             readers = [_WorkerReader(self.manifest, plan, self.rank, 0, skips[0], self.verify, self.options)]
-            yield from readers[0].batches()
+            for batch in readers[0].batches():
+                yield {**batch, "images": batch["images"].pin_memory()} if self.pin_memory else batch
             return
         ds = _ShardDataset(self.manifest, self.plan.to_dict(), self.rank, skips, self.verify, self.options)
         loader = DataLoader(
@@ -314,6 +331,7 @@ class ShardStream:
             persistent_workers=False,
             prefetch_factor=2,
             multiprocessing_context="fork",
+            pin_memory=self.pin_memory,  # in the loader's own thread, off the training step's path
         )
         yield from loader
 

@@ -107,9 +107,9 @@ def test_ray_job_submit_trains_evaluates_and_registers(local_stack):
     versions = client.search_model_versions("name='flowpp-demo'")
     assert versions, "no registered version"
     v = max(versions, key=lambda m: int(m.version))
-    assert float(v.tags["val_bpd"]) > 0
+    assert float(v.tags["val_bpd"]) > 0 and float(v.tags["val_bpd_iw"]) > 0
     run = client.get_run(v.run_id)
-    assert {"train_bpd", "val_bpd", "images_per_s", "lr", "grad_norm"} <= set(run.data.metrics)
+    assert {"train_bpd", "val_bpd", "val_bpd_iw", "images_per_s", "lr", "grad_norm"} <= set(run.data.metrics)
     assert run.data.params["model.preset"] == "debug"
     assert not any("secret" in k.lower() for k in run.data.params)
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]

@@ -99,3 +99,21 @@ def test_a_registered_model_whose_artifacts_vanished_is_one_clear_line(tmp_path,
         f"flowpp sample: models:/gone/{version}: its artifacts hold no weights.safetensors "
         "(was the artifact store reset?)"
     ]
+
+
+@pytest.mark.parametrize("command", ["sample", "evaluate", "promote"])
+def test_a_device_this_machine_lacks_is_refused_before_any_download(tmp_path, command, capsys):
+    import torch
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    args = {
+        "sample": ["sample", "--model", "models:/m/1", "--out", str(tmp_path / "x.png")],
+        "evaluate": ["evaluate", "--model", "models:/m/1", "--data", f"file://{tmp_path}/manifest.json"],
+        "promote": ["promote", "--model", "m"],
+    }[command]
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU, or the first where there is none
+    code, err = run_cli([*args, "--tracking-uri", store, "--device", missing], capsys)
+    assert code == 2 and "--device cuda:" in err and "Traceback" not in err, err
+    assert not (tmp_path / "mlflow.db").exists()  # refused before MLflow was touched
+    code, err = run_cli([*args, "--tracking-uri", store, "--device", "abacus"], capsys)
+    assert code == 2 and "--device 'abacus': not a torch device" in err, err

@@ -99,6 +99,15 @@ def test_killed_worker_restarts_from_the_last_checkpoint_without_skipping_data(t
     thread.join(timeout=600)
     result = box["result"]
     assert result.error is None and result.metrics["step"] == 40
+    # the last report carries the final importance-weighted evaluation; the registered version both figures
+    assert 0 < result.metrics["val_bpd_iw"] < 16
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=spec.mlflow.tracking_uri)
+    (version,) = client.search_model_versions(f"name='{spec.mlflow.registered_model}'")
+    assert float(version.tags["val_bpd_iw"]) == pytest.approx(result.metrics["val_bpd_iw"], abs=1e-6)
+    assert float(version.tags["val_bpd"]) == pytest.approx(result.metrics["val_bpd"], abs=1e-6)
+    assert version.tags["val_bpd_iw_samples"] == "2"
 
     for rank in (0, 1):
         records = [r for r in trace(tmp_path, rank) if "step" in r]

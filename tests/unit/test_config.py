@@ -36,8 +36,18 @@ def test_imagenet64_is_the_official_recipe():
     spec = load_job(Path(JOBS[0]).parent / "imagenet64.yaml")
     assert spec.model.preset == "imagenet64" and spec.model.checkpoint == "attention"
     t = spec.train
-    assert (t.global_batch_size, t.lr, t.warmup_steps, t.grad_clip, t.ema_decay) == (72, 4e-4, 10000, 1.0, 0.999)
+    assert (t.global_batch_size, t.lr, t.schedule.kind, t.grad_clip, t.ema_decay) == (72, 4e-4, "piecewise", 1.0, 0.999)
     assert spec.scaling.use_gpu and spec.data.train.startswith("s3://") and spec.storage.path.startswith("s3://")
+    assert (t.init_batch_size, t.final_eval_samples) == (72, 16)
+
+
+def test_imagenet64_5bit_is_the_official_5_bit_recipe():
+    spec = load_job(Path(JOBS[0]).parent / "imagenet64-5bit.yaml")
+    cfg = spec.model.flow_config()
+    assert (cfg.num_bits, cfg.num_levels, cfg.image_size) == (5, 32, 64)
+    t = spec.train
+    assert (t.global_batch_size, t.init_batch_size, t.ema_decay, t.grad_clip) == (60, 60, 0.999, 1.0)
+    assert spec.per_worker_batch * spec.scaling.num_workers == 60
 
 
 MISTAKES = {

@@ -1,5 +1,6 @@
-"""Data-dependent init under torch.distributed: 2 gloo processes on CPU, each with
-its own seed and its own batch, must end with identical parameters (rank 0's)."""
+"""Data-dependent init under torch.distributed: 2 gloo processes on CPU, each with its own
+seed, only rank 0 reading a batch, must end with identical parameters (rank 0's). And
+``all_sum`` over the same group, from a list or from a tensor left where it is."""
 
 import socket
 
@@ -10,6 +11,7 @@ import torch.multiprocessing as mp
 
 from flowpp import FlowPlusPlus
 from flowpp.distributed import data_dependent_init
+from orchestrator.step import all_sum
 from tests.helpers import random_images, tiny_config
 
 pytestmark = pytest.mark.unit
@@ -26,9 +28,11 @@ def _worker(rank, world, port, out_dir):
     try:
         torch.manual_seed(100 + rank)  # different random init per rank
         model = FlowPlusPlus(tiny_config(image_size=8))
-        batch = random_images(4, 8, seed=rank)  # different data per rank
+        batch = random_images(4, 8, seed=rank) if rank == 0 else None  # only rank 0 reads data
         data_dependent_init(model, batch)
         torch.save(model.state_dict(), f"{out_dir}/rank{rank}.pt")
+        sums = all_sum([1.0, rank]) + all_sum(torch.tensor([rank + 1.0]))
+        torch.save(torch.tensor(sums), f"{out_dir}/sums{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -41,6 +45,8 @@ def test_two_gloo_ranks_end_identical(tmp_path):
     for k in s0:
         assert torch.equal(s0[k], s1[k]), k
     assert all(bool(v) for k, v in s0.items() if k.endswith("initialized"))
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"sums{rank}.pt").tolist() == [2.0, 1.0, 3.0]
 
     # and the result is rank 0's own init, not a default: rebuild rank 0 locally
     torch.manual_seed(100)
@@ -48,3 +54,8 @@ def test_two_gloo_ranks_end_identical(tmp_path):
     data_dependent_init(local, random_images(4, 8, seed=0))
     for k, v in local.state_dict().items():
         torch.testing.assert_close(s0[k], v, msg=k)
+
+
+def test_the_source_rank_needs_a_batch():
+    with pytest.raises(ValueError, match="source rank needs a batch"):
+        data_dependent_init(FlowPlusPlus(tiny_config(image_size=8)), None)
