@@ -230,3 +230,19 @@ def test_missing_object_and_bucket_name_the_url(s3_manifest):
             PrepareOptions(source="demo", input="", output="s3://no-such-bucket-xyz/x", count=4, progress=False),
             s3.options,
         )
+
+
+def test_init_images_are_train_init_batch_size_of_them_the_same_on_every_call(local_manifest, tmp_path):
+    from orchestrator.config import validate
+    from orchestrator.data.stream import load_manifest
+    from orchestrator.train import init_images
+    from tests.jobs import tiny_job
+
+    manifest = load_manifest(local_manifest)
+    spec = validate(tiny_job(tmp_path, data__train=local_manifest, train__init_batch_size=24, scaling__num_workers=4))
+    images = init_images(spec, manifest)
+    assert images.shape == (24, 3, 64, 64) and images.dtype == torch.uint8
+    assert torch.equal(images, init_images(spec, manifest))  # what rank 0 reads does not depend on the world
+    everything = init_images(spec.model_copy(update={"train": spec.train.model_copy(update={"init_batch_size": 500})}),
+                             manifest)  # fmt: skip
+    assert everything.shape[0] == 60  # a split smaller than the init batch: all of it
