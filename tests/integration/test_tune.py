@@ -97,8 +97,11 @@ def test_search_stops_laggards_and_registers_the_best_trial(tmp_path):
     rows = [line.split(" | ") for line in out.stdout.splitlines() if line.startswith("| ") and "_0000" in line]
     assert len(rows) == 4
     assert all((int(r[4]) < 30) == (r[6].rstrip(" |") == "stopped early") for r in rows), rows
-    # trials overlapped in time: the search ran two at once on 2 CPUs, without deadlock
-    spans = sorted((h[0].timestamp, h[-1].timestamp) for h in curves.values())
+    # trials overlapped in time: the search ran two at once on 2 CPUs, without deadlock. A trial's
+    # span runs from its first training log line (step 5) to its last validation: a trial ASHA
+    # stops at the first rung has a single validation point, so validations alone can miss it
+    first = {c.data.tags["flowpp.trial"]: client.get_metric_history(c.info.run_id, "train_bpd")[0] for c in children}
+    spans = sorted((first[t].timestamp, h[-1].timestamp) for t, h in curves.items())
     assert any(b_start < a_end for (_, a_end), (b_start, _) in zip(spans, spans[1:], strict=False))
 
     # the best trial by what Tune saw (a stopped trial may log a step or two more to MLflow
