@@ -29,7 +29,8 @@ def data_dependent_init(model: nn.Module, batch: torch.Tensor | None, src: int =
             raise ValueError("data_dependent_init: the source rank needs a batch")
         was_training = model.training
         model.train()
-        model(batch)
+        with torch.compiler.set_stance("force_eager"):  # init branches on data: never trace it
+            model(batch)
         model.train(was_training)
     if not distributed:
         return

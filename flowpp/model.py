@@ -164,9 +164,16 @@ class FlowPlusPlus(nn.Module):
 
 
 def build_model(config: FlowConfig) -> FlowPlusPlus:
-    """The model with the config's build-time wrappers (activation checkpointing) applied."""
+    """The model with the config's build-time options applied: activation checkpointing,
+    channels-last weights and ``torch.compile`` (lazy: it traces on the first call after
+    the data-dependent init, which runs eagerly)."""
     from flowpp.activation_checkpointing import apply_checkpointing
+    from flowpp.compile import compile_model
 
     model = FlowPlusPlus(config)
     apply_checkpointing(model, config.checkpoint)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if config.compile:
+        compile_model(model, config.compile_mode)
     return model

@@ -17,14 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flowpp.datainit import DataInit
 from flowpp.ops import _concat_elu_masked, concat_elu, concat_elu_conv, gated_residual
 from flowpp.presets import ContextConfig, NetConfig
 
 
-class Conv2d(nn.Module):
+class Conv2d(DataInit):
     """k x k convolution with data-dependent init and optional weight norm."""
-
-    initialized: torch.Tensor  # a bool buffer: data-dependent init has run
 
     def __init__(self, c_in, c_out, kernel_size=3, init_scale=1.0, weight_norm=False):
         super().__init__()
@@ -33,7 +32,6 @@ class Conv2d(nn.Module):
         self.gain = nn.Parameter(torch.ones(c_out)) if weight_norm else None
         self.padding = kernel_size // 2
         self.init_scale = init_scale
-        self.register_buffer("initialized", torch.tensor(False))
 
     def _effective_weight(self) -> torch.Tensor:
         if self.gain is None:
@@ -49,10 +47,10 @@ class Conv2d(nn.Module):
         target = self.gain if self.gain is not None else self.weight
         target.mul_(scale.view(-1, *[1] * (target.dim() - 1)))
         self.bias.copy_(-mean * scale)
-        self.initialized.fill_(True)
+        self.mark_initialized()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.initialized:
+        if self.needs_init():
             self._data_init(x)
         return F.conv2d(x, self._effective_weight(), self.bias, padding=self.padding)
 
@@ -65,7 +63,7 @@ class Conv2d(nn.Module):
         if dropout > 0 and self.training:
             b, c, h, w = x.shape
             keep = torch.rand(b, 2 * c, h, w, device=x.device) >= dropout
-        if not self.initialized:
+        if self.needs_init():
             self._data_init(_concat_elu_masked(x, keep, dropout))
         return concat_elu_conv(x, self._effective_weight(), self.bias, self.padding, keep, dropout, residual)
 

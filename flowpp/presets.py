@@ -70,6 +70,12 @@ class FlowConfig:
     """Run the coupling nets under bf16 autocast; the mixture maths stays float32."""
     checkpoint: str = "none"
     """Activation checkpointing applied at build time: ``none``, ``attention`` or ``all``."""
+    compile: bool = False
+    """``torch.compile`` every coupling and the context net at build time (flowpp.compile)."""
+    compile_mode: str = "default"
+    """``default``, ``reduce-overhead`` (CUDA graphs), ``max-autotune`` or ``max-autotune-no-cudagraphs``."""
+    channels_last: bool = False
+    """Keep the convolution weights (and so their activations) in channels-last memory format."""
 
     @property
     def num_levels(self) -> int:
@@ -81,6 +87,10 @@ class FlowConfig:
 
     def replace(self, **changes) -> FlowConfig:
         return dataclasses.replace(self, **changes)
+
+    def for_inference(self) -> FlowConfig:
+        """This config without the training-time build options (checkpointing, compile)."""
+        return self.replace(checkpoint="none", compile=False)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

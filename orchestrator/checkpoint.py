@@ -148,7 +148,7 @@ def load_ema_model(url: str, config: FlowConfig, options: storage.StorageOptions
     if storage.object_size(meta_url, options) is not None:
         _check_version(json.loads(storage.read_bytes(meta_url, options)), url)
     saved = _torch_load(storage.read_bytes(state_url, options), state_url)
-    model = build_model(config.replace(checkpoint="none"))
+    model = build_model(config.for_inference())
     model.load_state_dict(saved["model"])
     ema = EMA(model)
     ema.load_state_dict(saved["ema"])

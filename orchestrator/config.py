@@ -41,6 +41,12 @@ class ModelSpec(_Strict):
     """Activation checkpointing: none, the attention blocks, or every coupling block."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 runs the coupling nets under autocast; the mixture maths stays float32."""
+    compile: bool = False
+    """torch.compile every coupling (net and mixture maths) and the context net, one graph per shape class."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    """reduce-overhead replays CUDA graphs (GPU only; shapes are static); max-autotune also tunes kernels."""
+    channels_last: bool = False
+    """Convolution weights and activations in channels-last memory format (GPU tensor cores)."""
     image_size: int | None = Field(None, ge=4)
     """Override the preset's image size (the data must match)."""
     stages: list[str] | None = None
@@ -50,7 +56,13 @@ class ModelSpec(_Strict):
         """The flowpp.FlowConfig this spec describes."""
         from flowpp import get_preset
 
-        changes: dict[str, Any] = {"checkpoint": self.checkpoint, "bf16": self.precision == "bf16"}
+        changes: dict[str, Any] = {
+            "checkpoint": self.checkpoint,
+            "bf16": self.precision == "bf16",
+            "compile": self.compile,
+            "compile_mode": self.compile_mode,
+            "channels_last": self.channels_last,
+        }
         for k in ("num_components", "dropout", "image_size"):
             if getattr(self, k) is not None:
                 changes[k] = getattr(self, k)
@@ -85,6 +97,8 @@ class TrainSpec(_Strict):
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     """The learning-rate schedule (orchestrator.schedule): constant (the default), cosine or piecewise."""
     grad_clip: float = Field(1.0, gt=0)
+    fused_adam: bool = False
+    """Adam's fused implementation: one kernel for every parameter instead of a few per tensor."""
     ema_decay: float = Field(0.999, ge=0, lt=1)
     seed: int = 0
     log_every: int = Field(100, ge=1)

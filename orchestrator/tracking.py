@@ -188,7 +188,7 @@ def build_from_files(weights: str | Path, config: str | Path, device: str | torc
 
     from flowpp import FlowConfig, FlowPlusPlus
 
-    cfg = FlowConfig.from_dict(json.loads(Path(config).read_text())).replace(checkpoint="none")
+    cfg = FlowConfig.from_dict(json.loads(Path(config).read_text())).for_inference()
     model = FlowPlusPlus(cfg).to(device)
     model.load_state_dict(load_file(str(weights), device=str(device)))
     return model.eval()

@@ -178,7 +178,7 @@ def build_state(spec: JobSpec, rank: int, world: int) -> tuple[TrainState, Shard
 
 
 def _adam(model: nn.Module, spec: JobSpec) -> torch.optim.Optimizer:
-    return torch.optim.Adam(model.parameters(), lr=spec.train.lr)
+    return torch.optim.Adam(model.parameters(), lr=spec.train.lr, fused=spec.train.fused_adam or None)
 
 
 def _seed_everything(seed: int) -> None:

@@ -12,3 +12,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 from tests.s3fixtures import aws_env, s3, s3_endpoint  # noqa: E402,F401  (fixtures)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """torch.compile's caches emptied before and after; yields dynamo's counters (graphs, breaks)."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()

@@ -10,16 +10,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from flowpp.datainit import DataInit
 
-class ActNorm(nn.Module):
-    initialized: torch.Tensor  # a bool buffer: data-dependent init has run
 
+class ActNorm(DataInit):
     def __init__(self, shape: tuple[int, int, int], init_scale: float = 1.0):
         super().__init__()
         self.log_gain = nn.Parameter(torch.zeros(shape))
         self.bias = nn.Parameter(torch.zeros(shape))
         self.init_scale = init_scale
-        self.register_buffer("initialized", torch.tensor(False))
 
     @torch.no_grad()
     def _data_init(self, x: torch.Tensor) -> None:
@@ -31,10 +30,10 @@ class ActNorm(nn.Module):
         scale = self.init_scale * torch.rsqrt(var + 1e-8)
         self.log_gain.copy_(torch.log(scale))
         self.bias.copy_(-mean * scale)
-        self.initialized.fill_(True)
+        self.mark_initialized()
 
     def forward(self, x, cond=None):
-        if not self.initialized:
+        if self.needs_init():
             self._data_init(x)
         y = x * torch.exp(self.log_gain) + self.bias
         return y, x.new_zeros(x.shape[0]) + self.log_gain.sum()
