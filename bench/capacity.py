@@ -84,10 +84,11 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def build(mode: str, seed: int = 0, preset: str = PRESET, device: torch.device | str = "cpu"):
-    """The preset with ActNorm initialised, as the trainer has it after its first batch."""
+def build(mode: str, seed: int = 0, preset: str = PRESET, device: torch.device | str = "cpu", config=None):
+    """The preset (or ``config``, a FlowConfig) with ActNorm initialised, as the trainer has it
+    after its first batch."""
     torch.manual_seed(seed)
-    cfg = get_preset(preset, checkpoint=mode)
+    cfg = (config or get_preset(preset)).replace(checkpoint=mode, compile=False)
     model = build_model(cfg).to(device)
     data_dependent_init(model, torch.randint(0, cfg.num_levels, (2, *cfg.shape), device=device))
     return model.train(), cfg
@@ -137,14 +138,14 @@ def _sdpa_cpu_backward(grad_out, q, k, v, *args, **kwargs) -> int:
     return sdpa_backward_flop_count(grad_out, q, k, v)
 
 
-def count_flops(mode: str, preset: str = PRESET, device: torch.device | str = "cpu") -> dict:
+def count_flops(mode: str, preset: str = PRESET, device: torch.device | str = "cpu", config=None) -> dict:
     """FLOPs of one training step on one image, in total and in fused attention.
 
     Any device: torch's table has CUDA's fused attention kernels (flash, efficient, cuDNN) and
     the CPU kernel is mapped below. ``mode="none"`` gives the model's FLOPs; a checkpoint mode
     adds its recomputed forward.
     """
-    model, cfg = build(mode, preset=preset, device=device)
+    model, cfg = build(mode, preset=preset, device=device, config=config)
     x = torch.randint(0, cfg.num_levels, (1, *cfg.shape), device=device)
     counter = FlopCounterMode(
         display=False,

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from bench.capacity import count_flops
+from bench.variants import apply_variant, parse_variant
 from flowpp import PRESETS, build_model, get_preset
 from flowpp.distributed import data_dependent_init
 from orchestrator.step import train_step
@@ -58,6 +59,8 @@ class Config:
     batch: int
     precision: str
     mode: str
+    variant: str = "eager"
+    """bench/variants.py: eager, or compile / reduce-overhead / fused / channels_last joined by +."""
 
 
 @dataclass
@@ -67,6 +70,7 @@ class Row:
     images_s: float | None = None
     peak_bytes: int | None = None
     setup_s: float = 0.0
+    compile_s: float | None = None  # a compiled variant's first step less a steady one
     note: str = ""  # OOM, error, skipped: shown in place of the step time
 
 
@@ -99,6 +103,19 @@ def _positive(parse):
     return convert
 
 
+def _variants(text: str) -> list[str]:
+    """An argparse type: a comma list of bench/variants.py names."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"{text!r}: give at least one variant")
+    for item in items:
+        try:
+            parse_variant(item)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return items
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="bench/gpu_check",
@@ -106,10 +123,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--preset", default="imagenet64", choices=sorted(PRESETS), help="flowpp preset to time")
-    p.add_argument("--batches", type=_list_of("positive ints", int), default="9,32,64", help="per-GPU batches")
+    p.add_argument("--batches", type=_list_of("positive ints", int), default="9,64", help="per-GPU batches")
     p.add_argument("--precisions", type=_list_of("precisions", str, PRECISIONS), default="fp32,bf16", help="fp32, bf16")
     p.add_argument(
-        "--modes", type=_list_of("checkpoint modes", str, MODES), default="none,attention", help="none, attention, all"
+        "--modes", type=_list_of("checkpoint modes", str, MODES), default="attention", help="none, attention, all"
+    )
+    p.add_argument(
+        "--variants", type=_variants, default="eager,compile+fused", help="bench/variants.py names, e.g. compile+fused"
     )
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per config")
     p.add_argument("--steps", type=_positive(int), default=10, help="timed steps per config (median reported)")
@@ -132,7 +152,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def plan(args: argparse.Namespace) -> list[Config]:
     """Every config, the official mode's rows first within each batch, batches as given."""
-    configs = [Config(b, p, m) for b in args.batches for m in args.modes for p in args.precisions]
+    variants = getattr(args, "variants", ["eager"])
+    configs = [Config(b, p, m, v) for b in args.batches for m in args.modes for v in variants for p in args.precisions]
     return sorted(configs, key=lambda c: (args.batches.index(c.batch), c.mode != OFFICIAL_MODE))
 
 
@@ -208,13 +229,15 @@ def setup(preset: str, config: Config, device: torch.device):
     uint8 pixels, as orchestrator.data.stream.to_device hands them to train_step.
     """
     torch.manual_seed(0)
-    cfg = get_preset(preset, checkpoint=config.mode, bf16=config.precision == "bf16")
+    cfg, fused = apply_variant(
+        get_preset(preset, checkpoint=config.mode, bf16=config.precision == "bf16"), config.variant
+    )
     dtype = torch.uint8 if cfg.num_levels <= 256 else torch.int64
     x = torch.randint(0, cfg.num_levels, (config.batch, *cfg.shape), dtype=dtype, device=device)
     model = build_model(cfg).to(device)
     data_dependent_init(model, x[:INIT_BATCH])
     model.train()
-    return model, torch.optim.Adam(model.parameters(), lr=LR), x
+    return model, torch.optim.Adam(model.parameters(), lr=LR, fused=fused or None), x
 
 
 def measure(preset: str, config: Config, args: argparse.Namespace, device: torch.device, step_fn) -> Row:
@@ -229,8 +252,13 @@ def measure(preset: str, config: Config, args: argparse.Namespace, device: torch
         out = step_fn(model, opt, x, lr=LR, grad_clip=GRAD_CLIP)
         return bool(getattr(out, "skipped", out))
 
+    warm = []
     for _ in range(args.warmup):
+        sync(device)
+        t0 = time.perf_counter()
         step()
+        sync(device)
+        warm.append(time.perf_counter() - t0)
     times, skipped = [], 0
     for _ in range(args.steps):
         sync(device)
@@ -241,7 +269,8 @@ def measure(preset: str, config: Config, args: argparse.Namespace, device: torch
     step_s = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     note = f"{skipped} of {args.steps} steps skipped (non-finite)" if skipped else ""
-    return Row(config, step_s, config.batch / step_s, peak, setup_s, note)
+    compile_s = max(0.0, warm[0] - step_s) if warm and model.config.compile else None
+    return Row(config, step_s, config.batch / step_s, peak, setup_s, note=note, compile_s=compile_s)
 
 
 def free(device: torch.device) -> None:
@@ -288,16 +317,16 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def table(rows: list[Row], flops_per_image: float | None, peak: float | None) -> list[str]:
     lines = [
-        "| batch | precision | checkpoint | step ms | images/s | peak GiB | MFU % |",
-        "|---:|---|---|---:|---:|---:|---:|",
+        "| batch | precision | checkpoint | variant | step ms | images/s | peak GiB | MFU % | compile s |",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         c, m = r.config, mfu(flops_per_image, r.images_s, peak)
         step = r.note if r.step_s is None else f"{r.step_s * 1e3:,.1f}" + (f" ({r.note})" if r.note else "")
         peak_gib = None if r.peak_bytes is None else r.peak_bytes / GIB
         mfu_pct = None if m is None else 100 * m
-        cells = [str(c.batch), c.precision, c.mode, step]
-        cells += [_fmt(r.images_s, ",.1f"), _fmt(peak_gib, ".2f"), _fmt(mfu_pct, ".2f")]
+        cells = [str(c.batch), c.precision, c.mode, c.variant, step]
+        cells += [_fmt(r.images_s, ",.1f"), _fmt(peak_gib, ".2f"), _fmt(mfu_pct, ".2f"), _fmt(r.compile_s, ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -330,10 +359,32 @@ def write(path: Path | None, lines: list[str]) -> None:
         path.write_text("\n".join(lines) + "\n")
 
 
+# Issue 13's goals for the imagenet64 preset on one H200: (label, smallest batch, largest batch, images/s).
+GOALS = (("bf16 at a per-GPU batch of 64 or more", 64, None, 1100.0), ("the official per-GPU batch of 9", 9, 9, 150.0))
+
+
+def goal_lines(rows: list[Row]) -> list[str]:
+    """Each goal against the fastest row that qualifies (bf16 for the first), MET or NOT met."""
+    lines = []
+    for label, lo, hi, target in GOALS:
+        fits = [r for r in rows if r.images_s and lo <= r.config.batch <= (hi or r.config.batch)]
+        if label.startswith("bf16"):
+            fits = [r for r in fits if r.config.precision == "bf16"]
+        if not fits:
+            lines.append(f"- goal {label}: >= {target:,.0f} images/s -> not measured")
+            continue
+        best = max(fits, key=lambda r: r.images_s or 0.0)
+        c, met = best.config, (best.images_s or 0.0) >= target
+        where = f"batch {c.batch} {c.precision} checkpoint={c.mode} {c.variant}"
+        lines.append(f"- goal {label}: >= {target:,.0f} images/s; best {best.images_s:,.1f} ({where}) -> "
+                     f"{'MET' if met else 'NOT met'}")  # fmt: skip
+    return lines
+
+
 def report(header: list[str], rows: list[Row], mfu_of: tuple, footer: list[str], started: float, budget_s: float):
     """The markdown the run prints and writes; ``mfu_of``: (FLOPs per image, peak FLOP/s)."""
     wall = f"wall time: {time.perf_counter() - started:.0f} s (budget {budget_s:.0f} s, tests included)"
-    return [*header, "", *table(rows, *mfu_of), "", *footer, wall]
+    return [*header, "", *table(rows, *mfu_of), "", *goal_lines(rows), "", *footer, wall]
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -363,7 +414,9 @@ def dry_run(args: argparse.Namespace, reason: str) -> int:
     budget = f"budget {args.budget_s:.0f} s from the start (tests included)"
     lines = [f"# bench/gpu_check: {reason}", *device_lines(torch.device("cpu"))]
     lines.append(f"plan: {len(configs)} configurations of preset {args.preset}, in this order, {steps}, {budget}:")
-    lines += [f"  {i:2d}. batch {c.batch} {c.precision} checkpoint={c.mode}" for i, c in enumerate(configs, 1)]
+    lines += [
+        f"  {i:2d}. batch {c.batch} {c.precision} checkpoint={c.mode} {c.variant}" for i, c in enumerate(configs, 1)
+    ]
     lines.append(tests_plan(args))
     print("\n".join(lines), flush=True)
     _, flops_text = count(args.preset, torch.device("cpu"))
