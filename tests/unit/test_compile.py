@@ -99,3 +99,26 @@ def test_channels_last_gives_the_same_loss():
     torch.testing.assert_close(loss_c, loss_p, rtol=1e-5, atol=1e-5)
     for k in grads_p:
         torch.testing.assert_close(grads_c[k], grads_p[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_job_spec_options_reach_the_model_and_the_optimizer():
+    from pathlib import Path
+
+    from orchestrator.config import load_job
+    from orchestrator.step import train_step
+    from orchestrator.train import _adam
+
+    spec = load_job(Path(__file__).resolve().parents[2] / "jobs" / "imagenet64.yaml")
+    assert spec.train.fused_adam and not spec.model.compile
+    spec.model.compile, spec.model.channels_last = True, True
+    cfg = spec.model.flow_config()
+    assert (cfg.compile, cfg.compile_mode, cfg.channels_last) == (True, "default", True)
+    assert cfg.for_inference().compile is False
+    model = build_model(tiny_config(image_size=8))
+    data_dependent_init(model, random_images(4, 8))
+    opt = _adam(model, spec)
+    assert opt.defaults["fused"] is True
+    before = [p.detach().clone() for p in model.parameters()]
+    result = train_step(model, opt, random_images(4, 8), lr=1e-4, grad_clip=1.0)
+    assert not result.skipped
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
