@@ -24,7 +24,7 @@ class DataInit(nn.Module):
         self.register_load_state_dict_post_hook(DataInit._sync_flag)
 
     @staticmethod
-    def _sync_flag(module: nn.Module, incompatible_keys) -> None:
+    def _sync_flag(module: DataInit, incompatible_keys) -> None:
         module._ready = bool(module.initialized)
 
     def needs_init(self) -> bool:

@@ -173,7 +173,7 @@ def build_model(config: FlowConfig) -> FlowPlusPlus:
     model = FlowPlusPlus(config)
     apply_checkpointing(model, config.checkpoint)
     if config.channels_last:
-        model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # (torch's stubs lack it)
     if config.compile:
         compile_model(model, config.compile_mode)
     return model
