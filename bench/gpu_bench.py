@@ -136,6 +136,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=_positive(float), default=420.0, help="wall time from start, tests included")
     p.add_argument("--tests-timeout", type=_positive(float), default=300.0, help="seconds for the gpu tests")
     p.add_argument("--skip-tests", action="store_true", help="do not run the gpu-marked tests")
+    p.add_argument("--no-sample", action="store_true", help="do not time sample(16) against log_prob(16)")
     p.add_argument("--peak-tflops", type=_positive(float), default=None, help="MFU denominator; None: by device name")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the FLOPs (on CPU), run nothing")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: cuda, else a dry run")
@@ -271,6 +272,40 @@ def measure(preset: str, config: Config, args: argparse.Namespace, device: torch
     note = f"{skipped} of {args.steps} steps skipped (non-finite)" if skipped else ""
     compile_s = max(0.0, warm[0] - step_s) if warm and model.config.compile else None
     return Row(config, step_s, config.batch / step_s, peak, setup_s, note=note, compile_s=compile_s)
+
+
+SAMPLE_N, SAMPLE_REPEATS = 16, 3
+
+
+def sample_line(preset: str, device: torch.device) -> str:
+    """``sample(16)`` against ``log_prob`` of 16 images (eval, no grad, fp32, alternating, after one
+    untimed call of each): sampling inverts the main flow once and should cost no more than scoring."""
+    try:
+        torch.manual_seed(0)
+        cfg = get_preset(preset)
+        x = torch.randint(0, cfg.num_levels, (SAMPLE_N, *cfg.shape), dtype=torch.uint8, device=device)
+        model = build_model(cfg).to(device)
+        data_dependent_init(model, x[:INIT_BATCH])
+        model.eval()
+        times: dict[str, list[float]] = {"sample": [], "log_prob": []}
+        calls = {"sample": lambda: model.sample(SAMPLE_N), "log_prob": lambda: model.log_prob(x)}
+        with torch.no_grad():
+            for i in range(SAMPLE_REPEATS + 1):
+                for name, call in calls.items():
+                    sync(device)
+                    t0 = time.perf_counter()
+                    call()
+                    sync(device)
+                    if i:
+                        times[name].append(time.perf_counter() - t0)
+        s_s, lp_s = statistics.median(times["sample"]), statistics.median(times["log_prob"])
+    except Exception as e:  # the step table matters more
+        traceback.print_exc()
+        return f"sample({SAMPLE_N}): error: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:80]}"
+    verdict = "MET" if s_s <= lp_s else "NOT met"
+    return (f"sample({SAMPLE_N}): {s_s * 1e3:,.1f} ms ({SAMPLE_N / s_s:,.1f} images/s) against log_prob({SAMPLE_N}) "
+            f"{lp_s * 1e3:,.1f} ms, ratio {s_s / lp_s:.2f} (median of {SAMPLE_REPEATS}, fp32, eval) -> "
+            f"goal sample <= log_prob {verdict}")  # fmt: skip
 
 
 def free(device: torch.device) -> None:
@@ -450,6 +485,10 @@ def bench(args: argparse.Namespace, device: torch.device, started: float, step_f
         f"convolutions {torch.backends.cudnn.allow_tf32}); bf16 rows: the preset's bf16=True (nets under autocast)",
         tests_line,
     ]
+    if not args.no_sample:
+        footer.append(sample_line(args.preset, device))
+        print(footer[-1], flush=True)
+        free(device)
     rows: list[Row] = []
     ok, deadline = tests_ok, started + args.budget_s
     for config in plan(args):

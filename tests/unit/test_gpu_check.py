@@ -106,6 +106,11 @@ def test_cpu_run_of_the_real_train_step_writes_the_table(fake_flops, tmp_path):
     assert gpu_bench.main(argv) == 0
     text = out.read_text()
     assert "step: orchestrator.step.train_step;" in text
+    sampled = re.search(
+        r"^sample\(16\): ([\d,.]+) ms .* against log_prob\(16\) ([\d,.]+) ms, ratio ([\d.]+)", text, re.M
+    )
+    assert sampled and float(sampled.group(1).replace(",", "")) > 0, text
+    assert re.search(r"-> goal sample <= log_prob (MET|NOT met)$", text, re.M)
     rows = [ln.split(" | ") for ln in text.splitlines() if re.match(r"\| 2 \| ", ln)]
     assert [(r[1], r[2]) for r in rows] == [("fp32", "attention"), ("bf16", "attention")]
     for r in rows:
