@@ -305,6 +305,43 @@ def _add_sample_evaluate(sub) -> None:
     p.set_defaults(func=_cmd_evaluate)
 
 
+def _number(parse, *, minimum: float, what: str):
+    """An argparse type: ``parse`` of the text, at least ``minimum`` (argparse names the flag)."""
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not value >= minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {what}")
+        return value
+
+    return convert
+
+
+_POSITIVE_INT = _number(int, minimum=1, what="a positive integer")
+_COUNT = _number(int, minimum=0, what="an integer >= 0")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive number")
+    return value
+
+
+def _output_url(text: str) -> str:
+    """A local path or an fsspec URL with something after the scheme (``s3://`` alone has no bucket)."""
+    scheme, sep, rest = text.partition("://")
+    if not text.strip() or (sep and not rest.strip("/")):
+        raise argparse.ArgumentTypeError(f"{text!r} names no bucket or folder")
+    return text
+
+
 def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="write WebDataset shards and a manifest from an image source")
     p.add_argument(
@@ -314,11 +351,13 @@ def _add_prepare(sub) -> None:
         "et al.'s batches; folder: any images, box-downsampled; demo: scikit-image photo patches",
     )
     p.add_argument("--input", help="file or folder holding the source (not needed for demo)")
-    p.add_argument("--output", required=True, help="fsspec URL; shards go under OUTPUT/{train,valid}/")
+    p.add_argument(
+        "--output", required=True, type=_output_url, help="fsspec URL; shards go under OUTPUT/{train,valid}/"
+    )
     p.add_argument("--split", default="both", choices=["train", "valid", "both"])
     p.add_argument("--format", default="png", choices=["png", "raw"])
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--shard-mb", type=float, default=64.0, help="target shard size in MiB")
+    p.add_argument("--image-size", type=_POSITIVE_INT, default=64)
+    p.add_argument("--shard-mb", type=_positive_float, default=64.0, help="target shard size in MiB")
     p.add_argument(
         "--on-error",
         default="raise",
@@ -326,9 +365,9 @@ def _add_prepare(sub) -> None:
         help="an unreadable input image: stop naming the file, or skip it and count it",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--count", type=int, default=0, help="demo: train images (default 4096)")
-    p.add_argument("--valid-count", type=int, default=0, help="demo: validation images (default 512)")
-    p.add_argument("--upload-workers", type=int, default=4)
+    p.add_argument("--count", type=_COUNT, default=0, help="demo: train images (default 4096)")
+    p.add_argument("--valid-count", type=_COUNT, default=0, help="demo: validation images (default 512)")
+    p.add_argument("--upload-workers", type=_POSITIVE_INT, default=4)
     _add_storage_args(p)
     p.set_defaults(func=_cmd_prepare)
 

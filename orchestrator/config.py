@@ -246,6 +246,42 @@ def expand_env(text: str) -> str:
     return _ENV.sub(lambda m: os.environ.get(m.group(1), m.group(2) if m.group(2) is not None else m.group(0)), text)
 
 
+class _JobLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses what a job spec never needs and a reader would misread:
+    a key given twice (PyYAML keeps the last one silently), and aliases (``*name``), which also
+    make an alias bomb impossible."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.constructor.ConstructorError(None, None, "aliases (*name) are not allowed in a job spec", mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in first:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {first[key]})", key_node.start_mark
+                )
+            if isinstance(key, (str, int, float, bool)):
+                first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str):
+    """The YAML document in ``text``, through the job loader (yaml.YAMLError on a problem)."""
+    return yaml.load(text, Loader=_JobLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+    kind = "syntax error" if isinstance(exc, (yaml.scanner.ScannerError, yaml.parser.ParserError)) else "error"
+    return f"YAML {kind} at {where}: {getattr(exc, 'problem', None) or exc}"
+
+
 def _set(tree: dict, dotted: str, raw: str, problems: list[str]) -> None:
     path = dotted.split(".")
     node = tree
@@ -254,7 +290,10 @@ def _set(tree: dict, dotted: str, raw: str, problems: list[str]) -> None:
         if not isinstance(node, dict):
             problems.append(f"--set {dotted}: {part} is not a section")
             return
-    node[path[-1]] = yaml.safe_load(raw) if raw != "" else None
+    try:
+        node[path[-1]] = parse_yaml(raw) if raw != "" else None
+    except yaml.YAMLError as exc:
+        problems.append(f"--set {dotted}={raw!r}: not a YAML value ({getattr(exc, 'problem', None) or exc})")
 
 
 def semantic_problems(spec: JobSpec) -> list[str]:
@@ -373,11 +412,14 @@ def load_job(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
     if not path.is_file():
         raise JobSpecError(str(path), ["file not found"])
     try:
-        tree = yaml.safe_load(expand_env(path.read_text()))
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = exc.object[exc.start]
+        raise JobSpecError(str(path), [f"not UTF-8 text: byte 0x{bad:02x} at offset {exc.start}"]) from None
+    try:
+        tree = parse_yaml(expand_env(text))
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
-        raise JobSpecError(str(path), [f"YAML syntax error at {where}: {getattr(exc, 'problem', exc)}"]) from None
+        raise JobSpecError(str(path), [_yaml_problem(exc)]) from None
     tree = tree or {}
     problems: list[str] = []
     for item in overrides:

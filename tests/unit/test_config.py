@@ -132,3 +132,42 @@ def test_env_expansion_and_secret_free_params(tmp_path, monkeypatch):
     params = public_params(spec)
     assert "train.lr" in params and "ray.runtime_env.env_vars.A" in params
     assert not any("hush" in v for v in params.values()) and not any("SECRET" in k for k in params)
+
+
+def test_a_key_given_twice_is_an_error_naming_it_and_both_lines(tmp_path):
+    text = GOOD + "train:\n  lr: 1.0e-4\n  max_steps: 10\n  lr: 3.0e-4\n"
+    with pytest.raises(JobSpecError) as err:
+        load_job(_write(tmp_path, text))
+    (problem,) = err.value.problems
+    assert problem.startswith("YAML error at line 7, column 3: duplicate key 'lr' (first at line 5)"), problem
+    with pytest.raises(JobSpecError, match="duplicate key 'name'"):
+        load_job(_write(tmp_path, GOOD + "name: again\n"))
+
+
+def test_aliases_and_an_alias_bomb_are_refused_without_expanding(tmp_path):
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(9)
+    )
+    with pytest.raises(JobSpecError, match=r"line 2, column \d+: aliases \(\*name\) are not allowed"):
+        load_job(_write(tmp_path, bomb + GOOD))
+    with pytest.raises(JobSpecError, match="aliases"):
+        load_job(_write(tmp_path, GOOD + "model: &m {preset: debug}\ntune: {base: *m}\n"))
+
+
+def test_a_file_that_is_not_utf8_is_one_clear_problem(tmp_path):
+    p = tmp_path / "job.yaml"
+    p.write_bytes(GOOD.encode() + b"# caf\xe9 in latin-1\n")
+    with pytest.raises(JobSpecError) as err:
+        load_job(p)
+    assert err.value.problems == [f"not UTF-8 text: byte 0xe9 at offset {len(GOOD.encode()) + 5}"]
+
+
+def test_a_malformed_set_value_is_a_problem_not_a_traceback(tmp_path):
+    path = _write(tmp_path, GOOD)
+    with pytest.raises(JobSpecError) as err:
+        load_job(path, ["train.lr=[1, 2", "train.max_steps=5", "model.stages=*x"])
+    problems = err.value.problems
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("--set train.lr='[1, 2': not a YAML value (")
+    assert problems[1].startswith("--set model.stages='*x': not a YAML value (")
+    assert load_job(path, ["train.max_steps=5", "train.warmup_steps=0"]).train.max_steps == 5

@@ -1,0 +1,41 @@
+"""flowpp prepare checks its numeric flags and its output URL before any work, naming the flag."""
+
+import pytest
+
+from orchestrator.cli import build_parser
+
+pytestmark = pytest.mark.unit
+
+BASE = ["prepare", "demo", "--output", "file:///tmp/out"]
+
+
+@pytest.mark.parametrize(
+    "argv, flag, says",
+    [
+        (["--upload-workers", "0"], "--upload-workers", "'0': must be a positive integer"),
+        (["--upload-workers", "two"], "--upload-workers", "'two' is not a positive integer"),
+        (["--shard-mb", "-1"], "--shard-mb", "'-1': must be a positive number"),
+        (["--shard-mb", "nan"], "--shard-mb", "'nan': must be a positive number"),
+        (["--image-size", "0"], "--image-size", "'0': must be a positive integer"),
+        (["--count", "-5"], "--count", "'-5': must be an integer >= 0"),
+    ],
+)
+def test_a_bad_number_names_its_flag(argv, flag, says, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(BASE + argv)
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {says}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("url", ["s3://", "s3:///", "file://", "  "])
+def test_an_output_without_a_bucket_or_folder_is_refused(url, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["prepare", "demo", "--output", url])
+    assert exit_info.value.code == 2
+    assert f"argument --output: {url!r} names no bucket or folder" in capsys.readouterr().err
+
+
+def test_good_flags_parse_to_numbers():
+    args = build_parser().parse_args(BASE + ["--upload-workers", "2", "--shard-mb", "0.5", "--image-size", "32"])
+    assert (args.upload_workers, args.shard_mb, args.image_size, args.output) == (2, 0.5, 32, "file:///tmp/out")
+    assert build_parser().parse_args(["prepare", "demo", "--output", "s3://bucket"]).output == "s3://bucket"
