@@ -139,12 +139,21 @@ class StorageSpec(_Strict):
     endpoint_url: str | None = None
     """S3-compatible endpoint; credentials come from the AWS environment, never from here."""
     region: str | None = None
+    retry_mode: Literal["standard", "adaptive"] = "standard"
+    """botocore's retry mode for each S3 request (both back off exponentially with jitter)."""
+    retry_budget_s: float = Field(60.0, gt=0)
+    """How long a read or write keeps being retried on transient errors (5xx, throttling, resets)."""
 
     def options(self):
         """The ``storage.StorageOptions`` every reader and writer of this job uses."""
         from orchestrator.storage import StorageOptions
 
-        return StorageOptions(endpoint_url=self.endpoint_url, region=self.region)
+        return StorageOptions(
+            endpoint_url=self.endpoint_url,
+            region=self.region,
+            retry_mode=self.retry_mode,
+            retry_budget_s=self.retry_budget_s,
+        )
 
 
 class MlflowSpec(_Strict):

@@ -6,9 +6,15 @@ other fsspec protocol work the same. Credentials come from ``StorageOptions``
 or the standard AWS environment / instance role, never from code, and
 ``redact`` strips them from any text that could reach a log or an exception.
 
-Reads and writes are retried with exponential backoff on transient errors
-(connection resets, 5xx, SlowDown, timeouts); a missing object, bucket or a
-permission problem fails at once with an error that names the URL.
+Retrying has two layers, neither of which reads error text. botocore retries each S3
+request itself (``retries.mode`` standard or adaptive: exponential backoff with jitter,
+``max_attempts`` per request). Above it, every read and write here is retried as a whole
+(which also covers a body cut off mid-download, which botocore never sees) with full-jitter
+backoff until ``retry_budget_s`` (60 s by default) is spent, when botocore's own checkers,
+s3fs's list of retryable types or a connection/timeout type say the error is transient. A
+missing object, bucket or a permission problem fails at once with an error that names the
+URL; an endpoint that refuses connections, once the budget is spent, is reported as
+unreachable, naming the endpoint.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -26,28 +33,6 @@ from orchestrator.errors import USER_MISTAKE, FlowppError
 log = logging.getLogger(__name__)
 
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
-_TRANSIENT_MARKERS = (
-    "SlowDown",
-    "reduce your request rate",
-    "ServiceUnavailable",
-    "InternalError",
-    "RequestTimeout",
-    "Throttl",
-    "Connection reset",
-    "ConnectionReset",
-    "Connection aborted",
-    "Server disconnected",
-    "500",
-    "502",
-    "503",
-    "504",
-    "timed out",
-    "Timeout",
-    "EndpointConnectionError",
-    "ClientPayloadError",
-    "IncompleteRead",
-    "Connection closed",
-)
 
 
 class StorageError(FlowppError, RuntimeError):
@@ -64,16 +49,26 @@ class StorageTransientError(StorageError):
     """Still failing after every retry."""
 
 
+class StorageUnreachableError(StorageTransientError):
+    """The endpoint refused or timed out every connection for the whole retry budget; names it."""
+
+
 @dataclass(frozen=True)
 class StorageOptions:
     endpoint_url: str | None = None
     """S3-compatible endpoint (e.g. http://127.0.0.1:9000); default: AWS_ENDPOINT_URL or AWS itself."""
     region: str | None = None
     anon: bool = False
-    max_attempts: int = 5
-    """Attempts per read or write before a transient error becomes fatal."""
+    max_attempts: int = 3
+    """botocore's attempts per S3 request (its ``total_max_attempts``), before this module retries."""
+    retry_mode: str = "standard"
+    """botocore's retry mode: ``standard`` or ``adaptive`` (adds client-side rate limiting)."""
+    retry_budget_s: float = 60.0
+    """Total time a read or write keeps being retried on transient errors before it fails."""
     backoff_s: float = 0.2
-    """First retry delay; doubles each attempt (with jitter-free, deterministic timing)."""
+    """Cap of the first retry delay; the cap doubles each time (to 10 s), the delay is uniform below it."""
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
     key: str | None = field(default=None, repr=False)
     """Access key; normally left unset so that the AWS environment or instance role is used."""
     secret: str | None = field(default=None, repr=False)
@@ -84,7 +79,12 @@ class StorageOptions:
     def fsspec_kwargs(self, protocol: str) -> dict:
         if protocol not in ("s3", "s3a"):
             return {}
-        kw: dict = {"anon": self.anon, "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
+        config = {
+            "retries": {"mode": self.retry_mode, "total_max_attempts": max(1, self.max_attempts)},
+            "connect_timeout": self.connect_timeout_s,
+            "read_timeout": self.read_timeout_s,
+        }
+        kw: dict = {"anon": self.anon, "config_kwargs": config}
         if self.resolved_endpoint():
             kw["endpoint_url"] = self.resolved_endpoint()
         if self.region:
@@ -159,18 +159,72 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
+def _causes(exc: BaseException):
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__ or cur.__context__
+
+
+def _botocore_says_retry(exc: BaseException) -> bool:
+    """botocore's own standard-mode checkers (transient status/code/exception, throttling)."""
+    from types import SimpleNamespace
+
+    from botocore.exceptions import ClientError
+    from botocore.retries.standard import RetryContext, ThrottledRetryableChecker, TransientRetryableChecker
+
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        ctx = RetryContext(1, parsed_response=exc.response, http_response=SimpleNamespace(status_code=status))
+    else:
+        ctx = RetryContext(1, caught_exception=exc)
+    return TransientRetryableChecker().is_retryable(ctx) or ThrottledRetryableChecker().is_retryable(ctx)
+
+
 def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
-        return False
-    if isinstance(exc, ConnectionError | TimeoutError):
-        return True
-    text = f"{type(exc).__name__}: {exc}"
-    return any(marker in text for marker in _TRANSIENT_MARKERS)
+    """By type only: botocore's checkers, s3fs's retryable types, connection and timeout errors."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        from s3fs.core import S3_RETRYABLE_ERRORS as s3fs_retryable
+    except ImportError:  # pragma: no cover - s3fs is a dependency
+        s3fs_retryable = ()
+    for cause in _causes(exc):
+        if isinstance(cause, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
+            return False
+        if isinstance(cause, ClientError | BotoCoreError):
+            return _botocore_says_retry(cause)
+        if isinstance(cause, (ConnectionError, TimeoutError, *s3fs_retryable)):
+            return True
+    return False
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    """No connection could be made at all (refused, no route, connect timeout)."""
+    from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError
+
+    return any(
+        isinstance(c, EndpointConnectionError | ConnectTimeoutError | ConnectionRefusedError) for c in _causes(exc)
+    )
+
+
+def _endpoint_name(url: str, options: StorageOptions) -> str:
+    endpoint = options.resolved_endpoint()
+    if endpoint:
+        scheme, _, rest = endpoint.partition("://")
+        return f"{scheme}://{rest.rsplit('@', 1)[-1]}" if rest else endpoint  # no user:password@
+    return "the default AWS S3 endpoint" if protocol_of(url) in ("s3", "s3a") else protocol_of(url)
 
 
 def _with_retries(what: str, url: str, options: StorageOptions, fn):
-    delay = options.backoff_s
-    for attempt in range(1, options.max_attempts + 1):
+    """``fn()``, retried on transient errors with full-jitter backoff until ``retry_budget_s`` is spent."""
+    started = time.monotonic()
+    deadline = started + options.retry_budget_s
+    cap, attempt = options.backoff_s, 0
+    while True:
+        attempt += 1
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - classified below
@@ -181,22 +235,20 @@ def _with_retries(what: str, url: str, options: StorageOptions, fn):
                 raise StorageError(f"{what} {url}: permission denied ({detail})") from None
             if not _is_transient(exc):
                 raise StorageError(f"{what} {url}: {detail}") from None
-            if attempt == options.max_attempts:
-                raise StorageTransientError(
-                    f"{what} {url}: still failing after {attempt} attempts ({detail})"
-                ) from None
-            log.warning(
-                "%s %s: transient error, retry %d/%d in %.1fs: %s",
-                what,
-                url,
-                attempt,
-                options.max_attempts - 1,
-                delay,
-                detail,
-            )
+            left = deadline - time.monotonic()
+            if left <= 0:
+                spent = f"{attempt} attempts over {time.monotonic() - started:.1f} s"
+                if _is_unreachable(exc):
+                    raise StorageUnreachableError(
+                        f"{what} {url}: the endpoint {_endpoint_name(url, options)} is unreachable "
+                        f"(still failing after {spent}: {detail})"
+                    ) from None
+                raise StorageTransientError(f"{what} {url}: still failing after {spent} ({detail})") from None
+            delay = min(left, random.uniform(0, cap))
+            log.warning("%s %s: transient error, retry %d in %.2fs (%.0f s of the budget left): %s",
+                        what, url, attempt, delay, left, detail)  # fmt: skip
             time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")
+            cap = min(cap * 2, 10.0)
 
 
 def read_bytes(url: str, options: StorageOptions | None = None) -> bytes:

@@ -2,13 +2,15 @@
 
 import json
 import logging
+import re
+import time
 
 import pytest
 
 from orchestrator import storage
 from orchestrator.data.prepare import PrepareOptions, prepare
 from orchestrator.data.stream import ShardStream
-from tests.s3fixtures import ACCESS_KEY, SECRET, FaultProxy
+from tests.s3fixtures import ACCESS_KEY, SECRET, FaultProxy, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -29,44 +31,96 @@ def shards_on_s3(s3):
     return s3
 
 
-@pytest.mark.parametrize("mode", ["503", "500", "reset"])
-def test_transient_errors_are_retried_with_backoff(shards_on_s3, mode, caplog):
+def _keys(s3, opts) -> list[str]:
+    stream = ShardStream(s3.url("d", "train", "manifest.json"), batch_size=8, options=opts)
+    return [k for b in stream for k in b["keys"]]
+
+
+@pytest.mark.parametrize(("mode", "retry_mode"), [("503", "standard"), ("500", "adaptive"), ("reset", "standard")])
+def test_botocore_retries_a_transient_error_itself(shards_on_s3, mode, retry_mode, caplog):
+    """No budget left to this module: only botocore's own retry (standard or adaptive) can absorb the faults."""
     s3 = shards_on_s3
     proxy = FaultProxy(s3.endpoint, match=".tar", failures=2, mode=mode)
     try:
-        opts = storage.StorageOptions(endpoint_url=proxy.endpoint, backoff_s=0.01, max_attempts=4)
+        opts = storage.StorageOptions(endpoint_url=proxy.endpoint, max_attempts=3, retry_mode=retry_mode,
+                                      retry_budget_s=0.0)  # fmt: skip
         with caplog.at_level(logging.WARNING):
-            keys = [
-                k
-                for b in ShardStream(s3.url("d", "train", "manifest.json"), batch_size=8, options=opts)
-                for k in b["keys"]
-            ]
+            keys = _keys(s3, opts)
     finally:
         proxy.close()
     assert len(keys) == 48 and proxy.injected == 2
+    assert not [r for r in caplog.records if "transient error, retry" in r.message]
+
+
+def test_an_outage_longer_than_botocores_attempts_is_retried_within_the_budget(shards_on_s3, caplog):
+    s3 = shards_on_s3
+    proxy = FaultProxy(s3.endpoint, match=".tar", failures=6, mode="503")
+    try:
+        opts = storage.StorageOptions(endpoint_url=proxy.endpoint, max_attempts=2, backoff_s=0.01, retry_budget_s=30)
+        with caplog.at_level(logging.WARNING):
+            keys = _keys(s3, opts)
+    finally:
+        proxy.close()
+    assert len(keys) == 48 and proxy.injected == 6
     retries = [r.message for r in caplog.records if "transient error, retry" in r.message]
-    # every injected failure was absorbed. Ours are logged; the HTTP client may absorb a dropped
-    # connection (or s3fs a SlowDown) itself before our retry sees it.
-    assert len(retries) <= 2 and all(".tar" in m for m in retries)
-    if mode != "reset":
-        assert retries
+    assert len(retries) == 3 and all(".tar" in m and "reduce your request rate" in m for m in retries)
 
 
-def test_persistent_transient_errors_end_in_a_clear_error(shards_on_s3):
+def test_persistent_transient_errors_end_in_a_clear_error_once_the_budget_is_spent(shards_on_s3, caplog):
     s3 = shards_on_s3
     proxy = FaultProxy(s3.endpoint, match=".tar", failures=10**6, mode="503")
     try:
-        opts = storage.StorageOptions(endpoint_url=proxy.endpoint, backoff_s=0.01, max_attempts=3)
+        opts = storage.StorageOptions(endpoint_url=proxy.endpoint, max_attempts=1, backoff_s=0.05, retry_budget_s=1.5)
         stream = ShardStream(s3.url("d", "train", "manifest.json"), batch_size=8, options=opts)
-        with pytest.raises(storage.StorageTransientError, match=r"s3://.*\.tar: still failing after 3 attempts"):
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING), pytest.raises(storage.StorageTransientError) as err:
             next(iter(stream))
+        spent = time.monotonic() - started
     finally:
         proxy.close()
-    assert proxy.injected >= 3
+    assert re.search(r"s3://.*\.tar: still failing after \d+ attempts over \d+\.\d s", str(err.value))
+    assert not isinstance(err.value, storage.StorageUnreachableError)
+    assert 1.5 <= spent < 10 and proxy.injected >= 3
+    # full jitter: each delay is drawn below a cap that doubles, so they are not the caps themselves
+    delays = [float(m) for m in re.findall(r"retry \d+ in (\d+\.\d+)s", caplog.text)]
+    caps = [min(0.05 * 2**i, 10.0) for i in range(len(delays))]
+    assert len(delays) >= 3 and all(d <= c + 0.005 for d, c in zip(delays, caps, strict=True))
+    assert delays[:-1] != [round(c, 2) for c in caps[:-1]]
+
+
+def test_an_endpoint_that_refuses_connections_is_reported_unreachable_not_missing(aws_env):
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    opts = storage.StorageOptions(endpoint_url=endpoint, max_attempts=1, backoff_s=0.01, retry_budget_s=0.5)
+    for call in (
+        lambda: storage.check_bucket("s3://some-bucket/data/manifest.json", opts),
+        lambda: storage.read_bytes("s3://some-bucket/data/manifest.json", opts),
+        lambda: storage.object_size("s3://some-bucket/data/manifest.json", opts),
+    ):
+        with pytest.raises(storage.StorageUnreachableError) as err:
+            call()
+        text = str(err.value)
+        assert f"the endpoint {endpoint} is unreachable" in text and "s3://some-bucket/data/manifest.json" in text
+        assert "does not exist" not in text and not isinstance(err.value, storage.StorageNotFoundError)
+        assert SECRET not in text and ACCESS_KEY not in text
+
+
+def test_retry_defaults_are_botocores_standard_mode_with_a_minute_of_budget(tmp_path):
+    from orchestrator.config import JobSpec
+    from tests.jobs import tiny_job
+
+    opts = storage.StorageOptions()
+    assert opts.retry_budget_s >= 60
+    config = opts.fsspec_kwargs("s3")["config_kwargs"]
+    assert config["retries"] == {"mode": "standard", "total_max_attempts": 3}
+    tree = tiny_job(tmp_path, storage__retry_budget_s=90, storage__retry_mode="adaptive")
+    spec_opts = JobSpec.model_validate(tree).storage.options()
+    assert (spec_opts.retry_budget_s, spec_opts.retry_mode) == (90, "adaptive")
+    assert spec_opts.fsspec_kwargs("s3")["config_kwargs"]["retries"]["mode"] == "adaptive"
+    assert JobSpec.model_validate(tiny_job(tmp_path)).storage.options().retry_budget_s >= 60
 
 
 def test_credentials_never_reach_logs_manifests_or_errors(s3, caplog, capsys, tmp_path):
-    opts = storage.StorageOptions(endpoint_url=s3.endpoint, backoff_s=0.01, max_attempts=2)
+    opts = storage.StorageOptions(endpoint_url=s3.endpoint, backoff_s=0.01, max_attempts=2, retry_budget_s=1)
     texts = []
     # our loggers at DEBUG, everything else at INFO (botocore's DEBUG dumps signed headers)
     with caplog.at_level(logging.INFO), caplog.at_level(logging.DEBUG, logger="orchestrator"):
