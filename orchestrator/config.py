@@ -1,16 +1,15 @@
 """The typed job spec, loaded from jobs/*.yaml, strict, validated before any cluster work.
 
 One tree of pydantic models with ``extra="forbid"``. ``load_job`` reads YAML,
-expands ``${VAR:-default}`` from the environment, applies dotted ``--set``
-overrides and validates; every problem is reported at once, each with its path.
-The result is plain data: ``spec.model_dump()`` goes to YAML, MLflow params and
-Ray Tune's param_space alike.
+expands ``${VAR:-default}`` from the allowed environment variables (orchestrator.jobenv),
+applies dotted ``--set`` overrides and validates; every problem is reported at once,
+each with its path. The result is plain data: ``spec.model_dump()`` goes to YAML,
+MLflow params and Ray Tune's param_space alike, through ``redact.redact_tree`` first
+wherever it leaves the process.
 """
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +17,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from orchestrator import jobenv
 from orchestrator.errors import UserError
+from orchestrator.redact import flatten, public_params, public_tree, redact  # noqa: F401  (the spec's public forms)
 from orchestrator.schedule import ScheduleSpec, schedule_problems
 
 
@@ -169,6 +170,8 @@ class RaySpec(_Strict):
     address: str | None = None
     """Dashboard address for ``flowpp submit`` (http://127.0.0.1:8265), or None to run here."""
     runtime_env: dict[str, Any] = Field(default_factory=dict)
+    """Ray's runtime_env for ``flowpp submit``. Its ``env_vars`` reach the job's processes through Ray
+    only: never the workers' ``train_loop_config``, and every value is masked in MLflow and logs."""
     entrypoint_num_cpus: float = Field(0.0, ge=0)
     entrypoint_num_gpus: float = Field(0.0, ge=0)
 
@@ -232,6 +235,11 @@ class JobSpec(_Strict):
     ray: RaySpec = Field(default_factory=RaySpec)
     tune: TuneSpec | None = None
     """A Ray Tune search over this job (``flowpp tune``; see orchestrator.tune)."""
+    env_allow: list[str] = Field(default_factory=list)
+    """Environment variables the YAML may read as ``${NAME}`` besides ``FLOWPP_*`` and
+    ``MLFLOW_TRACKING_URI`` (e.g. ``[RAY_DASHBOARD]``). Read before expansion; a reference to
+    any other variable is an error naming it. A credential listed here is masked wherever the
+    spec is logged (its key or its ``env_vars`` entry)."""
 
     @property
     def per_worker_batch(self) -> int:
@@ -242,17 +250,9 @@ class JobSpecError(UserError, ValueError):
     """Every problem in a job spec, one per line, each with its path."""
 
     def __init__(self, source: str, problems: list[str]):
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
+        self.problems = [redact(p) for p in problems]
+        lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{source}: {len(problems)} problem(s) in the job spec:\n{lines}")
-
-
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def expand_env(text: str) -> str:
-    """``${VAR}`` and ``${VAR:-default}`` from the environment."""
-    return _ENV.sub(lambda m: os.environ.get(m.group(1), m.group(2) if m.group(2) is not None else m.group(0)), text)
 
 
 class _JobLoader(yaml.SafeLoader):
@@ -425,12 +425,7 @@ def load_job(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
     except UnicodeDecodeError as exc:
         bad = exc.object[exc.start]
         raise JobSpecError(str(path), [f"not UTF-8 text: byte 0x{bad:02x} at offset {exc.start}"]) from None
-    try:
-        tree = parse_yaml(expand_env(text))
-    except yaml.YAMLError as exc:
-        raise JobSpecError(str(path), [_yaml_problem(exc)]) from None
-    tree = tree or {}
-    problems: list[str] = []
+    tree, problems = _expanded_tree(str(path), text)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -443,31 +438,14 @@ def load_job(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
     return validate(tree, str(path))
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{"train.lr": 4e-4, ...}: the spec as MLflow params."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-_SECRET_KEYS = re.compile(r"(secret|password|token|credential|access_key)", re.I)
-
-
-def public_tree(tree: Any) -> Any:
-    """The spec with every secret-looking key (and environment value) removed."""
-    if isinstance(tree, dict):
-        return {k: public_tree(v) for k, v in tree.items() if not _SECRET_KEYS.search(str(k))}
-    if isinstance(tree, list):
-        return [public_tree(v) for v in tree]
-    return tree
-
-
-def public_params(spec: JobSpec) -> dict[str, str]:
-    """Flattened spec for MLflow, with anything that looks like a secret removed."""
-    flat = flatten(spec.model_dump())
-    return {k: str(v)[:6000] for k, v in flat.items() if not _SECRET_KEYS.search(k)}  # MLflow's longest param
+def _expanded_tree(source: str, text: str) -> tuple[Any, list[str]]:
+    """The document with ``${...}`` expanded (jobenv), and the reference problems."""
+    try:
+        shape = jobenv.placeholders(text)
+        allow, problems = jobenv.allowed_names(parse_yaml(shape))
+        expanded, env_problems = jobenv.expand(text, allow, jobenv.scalar_spans(shape, _JobLoader))
+        if problems or env_problems:
+            raise JobSpecError(source, problems + env_problems)
+        return parse_yaml(expanded) or {}, []
+    except yaml.YAMLError as exc:
+        raise JobSpecError(source, [_yaml_problem(exc)]) from None

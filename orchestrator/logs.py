@@ -1,10 +1,16 @@
 """One logging setup, called once by each process entry point (the CLI, a Ray Train worker,
-a Tune trial's driver). Every module logs through ``logging.getLogger(__name__)``."""
+a Tune trial's driver). Every module logs through ``logging.getLogger(__name__)``.
+
+Every handler it finds or adds gets ``redact.RedactingFilter``: no record reaches a console or a
+log file with URL user-info or the value of a credential variable of this process in it.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+
+from orchestrator.redact import install_filter
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -28,6 +34,9 @@ def setup_logging(level: str = "INFO") -> None:
     A process whose root logger already has handlers keeps them and gets only the level: a
     Ray Train worker's root logger writes to Ray's console (streamed to the driver) and to
     its application log file, and a second handler would print every line twice.
+
+    The redacting filter goes on the root's handlers and on those of every logger configured so
+    far (MLflow's and Ray's own console handlers, which do not pass records to the root).
     """
     root = logging.getLogger()
     if not root.handlers:
@@ -35,3 +44,7 @@ def setup_logging(level: str = "INFO") -> None:
         handler.setFormatter(logging.Formatter(FORMAT))
         root.addHandler(handler)
     root.setLevel(level.upper())
+    loggers = [root, *(v for v in logging.root.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    for logger in loggers:
+        for each in logger.handlers:
+            install_filter(each)
