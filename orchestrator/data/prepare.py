@@ -1,12 +1,25 @@
 """Sources -> WebDataset tar shards + ``manifest.json``, at any fsspec URL.
 
-Shards are deterministic (same input, same bytes: sorted/seeded order, ``mtime=0``,
-fixed owner) and named ``{split}-000000.tar``. Each sample is ``KEY.png`` (or
-``KEY.raw``: 12,288 bytes, HWC uint8) plus ``KEY.cls`` for labelled sources.
+Shards are deterministic (same input, same bytes: hash-ordered, ``mtime=0``, fixed owner).
+Each sample is ``KEY.png`` (or ``KEY.raw``: S*S*3 bytes, HWC uint8) plus ``KEY.cls`` for
+labelled sources. Two inputs with the same key in one shard are an error naming both.
 
-Re-running with the same inputs and options is idempotent: a shard already at
-the destination with the size and sha256 the manifest (or the progress file of
-an interrupted run) records is kept, and its images are not re-encoded.
+A re-run never serves stale or half-written data:
+
+- **What makes a shard current** is its ``content`` id: the sha256 over the options that shape
+  its bytes and the digest of every input image in it (key, name, label, bytes). A re-run reads
+  and hashes every input (no decoding); where a shard of the previous manifest (or of an
+  interrupted run's ``_progress.json``) starts, it checks that the same inputs follow and that
+  the object still has its size and sha256. Such a shard is kept; everything else (an added,
+  removed or changed image) is encoded into new shards.
+- **New shards go beside the old ones**: ``{split}-{index:06d}.tar`` where no object has that
+  name yet, else ``{split}-{index:06d}-{content[:12]}.tar``. No object a manifest names is
+  overwritten, unless it no longer matches that manifest's sha256 anyway.
+- **The manifest is published last, in one step**: one PUT on an object store, a temp file and
+  ``os.replace`` on a local disk. A run that fails before that leaves the previous manifest and
+  every shard it names intact.
+- **Old shards are left in place**: a training run that loaded the previous manifest keeps
+  reading them. Objects that no manifest names may be deleted by hand once no run uses them.
 """
 
 from __future__ import annotations
@@ -15,14 +28,28 @@ import hashlib
 import io
 import json
 import logging
+import os
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from orchestrator import storage
-from orchestrator.data.sources import CorruptInputError, Item, decode, iter_items, split_inputs
+from orchestrator.data.manifest import VERSION, ManifestError, ShardEntry, parse_manifest
+from orchestrator.data.sources import (
+    HOLDOUT,
+    CorruptInputError,
+    Item,
+    SplitInputs,
+    decode,
+    iter_items,
+    split_inputs,
+)
 from orchestrator.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -30,6 +57,9 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 PROGRESS = "_progress.json"
 FORMATS = ("png", "raw")
+LAYOUT = 2
+"""Bumped whenever the same inputs and options would make other shard bytes: old shards then
+no longer count as current."""
 _MEMBER_OVERHEAD = 1024  # two 512-byte tar headers per member, roughly
 
 
@@ -82,34 +112,57 @@ def shard_tar(samples: list[tuple[str, bytes, int]], fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _fingerprint(opts: PrepareOptions, inputs: list[Path]) -> str:
-    parts = [
-        opts.source,
-        opts.split,
-        opts.format,
-        opts.image_size,
-        opts.shard_bytes,
-        opts.on_error,
-        opts.seed,
-        opts.count,
-        [(p.name, p.stat().st_size if p.is_file() else 0) for p in inputs],
-    ]
-    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+def publish(url: str, data: bytes, sopts: storage.StorageOptions) -> None:
+    """Write ``data`` in one step: a reader sees the old object or the new one, never a part."""
+    if storage.protocol_of(url) != "file":
+        storage.write_bytes(url, data, sopts)  # one PUT: an object store swaps the whole object
+        return
+    tmp = f"{url}.tmp-{os.getpid()}"
+    storage.write_bytes(tmp, data, sopts)
+    os.replace(storage.filesystem(tmp, sopts)[1], storage.filesystem(url, sopts)[1])
 
 
-def _previous_shards(out: str, fingerprint: str, sopts) -> dict[int, dict]:
-    """Shards recorded by an earlier run with identical inputs and options."""
-    for name in (MANIFEST, PROGRESS):
-        url = storage.join(out, name)
-        if storage.object_size(url, sopts) is None:
-            continue
+def _options_id(opts: PrepareOptions) -> bytes:
+    fields = [LAYOUT, opts.source, opts.split, opts.format, opts.image_size, opts.shard_bytes, opts.on_error]
+    return json.dumps(fields).encode()
+
+
+def content_id(options_id: bytes, digests: Iterable[bytes]) -> str:
+    h = hashlib.sha256(options_id)
+    for d in digests:
+        h.update(d)
+    return h.hexdigest()
+
+
+def _read_entries(url: str, sopts) -> list[dict]:
+    """Shard entries recorded at ``url`` (a manifest or a progress file); [] if none or unreadable."""
+    if storage.object_size(url, sopts) is None:
+        return []
+    data = storage.read_bytes(url, sopts)
+    if url.endswith(MANIFEST):
         try:
-            doc = json.loads(storage.read_bytes(url, sopts))
-        except (ValueError, storage.StorageError):
-            continue
-        if doc.get("fingerprint") == fingerprint:
-            return {s["index"]: s for s in doc["shards"]}
-    return {}
+            return [s.model_dump(exclude_none=True) for s in parse_manifest(data, url).shards]
+        except ManifestError as exc:
+            log.warning("ignoring the previous manifest: %s", exc)
+            return []
+    try:
+        entries = [ShardEntry.model_validate(e) for e in json.loads(data)["shards"]]
+    except (ValueError, KeyError, TypeError, ValidationError):
+        return []
+    return [e.model_dump(exclude_none=True) for e in entries]
+
+
+def previous_shards(out: str, sopts) -> dict[str, list[dict]]:
+    """Content-addressed shards of earlier runs at ``out``, by the digest of their first input."""
+    by_head: dict[str, list[dict]] = {}
+    seen = set()
+    for name in (MANIFEST, PROGRESS):
+        for e in _read_entries(storage.join(out, name), sopts):
+            plain = "/" not in e["url"] and "://" not in e["url"]
+            if plain and "content" in e and "head" in e and "num_inputs" in e and e["url"] not in seen:
+                seen.add(e["url"])
+                by_head.setdefault(e["head"], []).append(e)
+    return by_head
 
 
 def _verified(url: str, entry: dict, sopts) -> bool:
@@ -118,153 +171,219 @@ def _verified(url: str, entry: dict, sopts) -> bool:
     return hashlib.sha256(storage.read_bytes(url, sopts)).hexdigest() == entry["sha256"]
 
 
-class _Sharder:
-    """Groups encoded samples into shards of about ``shard_bytes``."""
+class _Lookahead:
+    """The item stream with a window: (item, digest) pairs, digested once."""
 
-    def __init__(self, opts: PrepareOptions):
-        self.opts = opts
+    def __init__(self, items: Iterator[Item]):
+        self._items = items
+        self._buf: deque[tuple[Item, bytes]] = deque()
+
+    def peek(self, n: int) -> list[tuple[Item, bytes]]:
+        while len(self._buf) < n:
+            item = next(self._items, None)
+            if item is None:
+                break
+            self._buf.append((item, item.digest()))
+        return list(islice(self._buf, n))
+
+    def pop(self, n: int) -> None:
+        for _ in range(n):
+            self._buf.popleft()
+
+
+class _Builder:
+    """Walks the inputs once: keeps current shards, encodes the rest into new ones."""
+
+    def __init__(self, opts: PrepareOptions, sopts, previous: dict[str, list[dict]], pool, bar):
+        self.opts, self.sopts, self.previous, self.pool, self.bar = opts, sopts, previous, pool, bar
+        self.options_id = _options_id(opts)
+        self.shards: list[dict] = []
+        self.kept = 0
         self.skipped: list[str] = []
-        self.items_seen = 0
+        self.uploads: list[tuple[dict, Future]] = []
+        self._reset()
 
-    def encoded(self, items: Iterator[Item], skip_until: int) -> Iterator[tuple[int, tuple | None]]:
-        for i, item in enumerate(items):
-            self.items_seen = i + 1
-            if i < skip_until:
-                yield i, None  # inside a kept shard: not decoded again
+    def _reset(self) -> None:
+        self.samples: list[tuple[str, bytes, int]] = []
+        self.digests: list[bytes] = []
+        self.refs: dict[str, str] = {}
+        self.size = 0
+
+    def run(self, items: Iterator[Item]) -> None:
+        ahead = _Lookahead(items)
+        while window := ahead.peek(1):
+            item, digest = window[0]
+            if self._keep(ahead, digest):
                 continue
-            try:
-                yield i, (item.key, encode(item, self.opts.format, self.opts.image_size), item.label)
-            except CorruptInputError as exc:
-                if self.opts.on_error == "raise":
-                    raise
-                log.warning("skipping %s", exc)
-                self.skipped.append(str(exc))
+            ahead.pop(1)
+            self._add(item, digest)
+        self._flush()
+
+    def _keep(self, ahead: _Lookahead, digest: bytes) -> bool:
+        """Keep an earlier shard that starts here, if the same inputs follow and it is intact."""
+        for entry in self.previous.get(digest.hex(), ()):
+            n = entry["num_inputs"]
+            window = ahead.peek(n)
+            if len(window) < n or content_id(self.options_id, (d for _, d in window)) != entry["content"]:
+                continue
+            if not _verified(storage.join(self.opts.output, entry["url"]), entry, self.sopts):
+                continue
+            self._flush()
+            self.shards.append({**entry, "index": len(self.shards)})
+            self.kept += 1
+            ahead.pop(n)
+            self.bar.update(n)
+            self._save_progress()
+            return True
+        return False
+
+    def _add(self, item: Item, digest: bytes) -> None:
+        self.bar.update(1)
+        try:
+            payload = encode(item, self.opts.format, self.opts.image_size)
+        except CorruptInputError as exc:
+            if self.opts.on_error == "raise":
+                raise
+            log.warning("skipping %s", exc)
+            self.skipped.append(str(exc))
+            self.digests.append(digest)
+            return
+        cost = len(payload) + _MEMBER_OVERHEAD * (2 if item.label >= 0 else 1)
+        if self.samples and self.size + cost > self.opts.shard_bytes:
+            self._flush()
+        if item.key in self.refs:
+            raise UserError(f"two inputs have the sample key {item.key!r}: {self.refs[item.key]} and {item.ref}")
+        self.samples.append((item.key, payload, item.label))
+        self.digests.append(digest)
+        self.refs[item.key] = item.ref
+        self.size += cost
+
+    def _name(self, index: int, content: str) -> str:
+        """A name no object has yet (or one whose object no longer matches what named it)."""
+        plain = f"{self.opts.split}-{index:06d}.tar"
+        if storage.object_size(storage.join(self.opts.output, plain), self.sopts) is None:
+            return plain
+        return f"{self.opts.split}-{index:06d}-{content[:12]}.tar"
+
+    def _flush(self) -> None:
+        if not self.samples:  # nothing, or only skipped inputs: no shard
+            self._reset()
+            return
+        data = shard_tar(self.samples, self.opts.format)
+        content = content_id(self.options_id, self.digests)
+        index = len(self.shards)
+        name = self._name(index, content)
+        entry = {
+            "index": index,
+            "url": name,
+            "num_samples": len(self.samples),
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "num_inputs": len(self.digests),
+            "content": content,
+            "head": self.digests[0].hex(),
+        }
+        self.shards.append(entry)
+        url = storage.join(self.opts.output, name)
+        self.uploads.append((entry, self.pool.submit(storage.write_bytes, url, data, self.sopts)))
+        self._reset()
+        self._save_progress()
+
+    def _save_progress(self) -> None:
+        """Record the shards that are in place, so that an interrupted run's work is kept."""
+        pending = {id(e) for e, f in self.uploads if not f.done() or f.exception() is not None}
+        done = [e for e in self.shards if id(e) not in pending]
+        doc = json.dumps({"version": VERSION, "shards": done}).encode()
+        publish(storage.join(self.opts.output, PROGRESS), doc, self.sopts)
 
 
-def prepare(opts: PrepareOptions, sopts: storage.StorageOptions | None = None) -> dict:
-    """Write one split's shards and manifest; returns the manifest."""
+def _build(opts: PrepareOptions, sopts, items: Iterator[Item]) -> _Builder:
+    from tqdm import tqdm
+
+    bar = tqdm(desc=f"prepare {opts.split}", unit="img", disable=not opts.progress)
+    pool = ThreadPoolExecutor(max_workers=opts.upload_workers)
+    builder = _Builder(opts, sopts, previous_shards(opts.output, sopts), pool, bar)
+    try:
+        builder.run(items)
+        for _, f in builder.uploads:
+            f.result()
+    finally:
+        pool.shutdown(wait=True)
+        bar.close()
+    return builder
+
+
+def _check_options(opts: PrepareOptions) -> None:
     if opts.format not in FORMATS:
         raise UserError(f"format={opts.format!r}: expected one of {FORMATS}")
     if opts.on_error not in ("raise", "skip"):
         raise UserError(f"on_error={opts.on_error!r}: expected 'raise' or 'skip'")
+    if opts.split not in ("train", "valid"):
+        raise UserError(f"split={opts.split!r}: expected 'train' or 'valid'")
+
+
+def prepare(opts: PrepareOptions, sopts: storage.StorageOptions | None = None) -> dict:
+    """Write one split's shards, then publish its manifest; returns the manifest."""
+    _check_options(opts)
     sopts = sopts or storage.StorageOptions()
     storage.check_bucket(opts.output, sopts)
-    inputs = split_inputs(opts.source, Path(opts.input), opts.split) if opts.source != "demo" else []
-    fingerprint = _fingerprint(opts, inputs)
-    previous = _previous_shards(opts.output, fingerprint, sopts)
-    items = iter_items(opts.source, inputs, split=opts.split, count=opts.count, size=opts.image_size, seed=opts.seed)
+    inputs = split_inputs(opts.source, Path(opts.input), opts.split) if opts.source != "demo" else SplitInputs([])
+    items = iter_items(
+        opts.source,
+        inputs.paths,
+        split=opts.split,
+        count=opts.count,
+        size=opts.image_size,
+        seed=opts.seed,
+        holdout=inputs.holdout,
+    )
     started = time.perf_counter()
-    shards, kept = _write_shards(opts, sopts, items, previous, fingerprint)
-    manifest = {
-        "version": 1,
-        "fingerprint": fingerprint,
-        "split": opts.split,
-        "source": {
-            "kind": opts.source,
-            "inputs": [p.name for p in inputs],
-            "dataset": _dataset_name(opts.source),
-        },
-        "format": opts.format,
-        "image_size": opts.image_size,
-        "num_samples": sum(s["num_samples"] for s in shards),
-        "num_shards": len(shards),
-        "total_bytes": sum(s["bytes"] for s in shards),
-        "skipped": {"count": len(kept["skipped"]), "examples": kept["skipped"][:20]},
-        "shards": shards,
-    }
-    storage.write_bytes(storage.join(opts.output, MANIFEST), json.dumps(manifest, indent=1).encode(), sopts)
+    builder = _build(opts, sopts, items)
+    if not builder.shards:
+        raise UserError(f"no images found for split {opts.split!r} in {opts.input or opts.source}")
+    manifest = _manifest(opts, inputs, builder)
+    url = storage.join(opts.output, MANIFEST)
+    data = json.dumps(manifest, indent=1).encode()
+    parse_manifest(data, url)  # what is published loads
+    publish(url, data, sopts)
     log.info(
         "%s: %d samples in %d shards (%d kept from an earlier run) in %.1fs",
         opts.output,
         manifest["num_samples"],
-        len(shards),
-        kept["count"],
+        len(builder.shards),
+        builder.kept,
         time.perf_counter() - started,
     )
-    manifest["_kept_shards"] = kept["count"]
+    manifest["_kept_shards"] = builder.kept
     return manifest
 
 
-def _dataset_name(source: str) -> str:
+def _manifest(opts: PrepareOptions, inputs: SplitInputs, builder: _Builder) -> dict:
+    shards = builder.shards
+    source: dict = {"kind": opts.source, "inputs": [p.name for p in inputs.paths], "dataset": _dataset_name(opts)}
+    if inputs.holdout:
+        source["holdout"] = HOLDOUT
+    return {
+        "version": VERSION,
+        "fingerprint": content_id(builder.options_id, (bytes.fromhex(s["content"]) for s in shards))[:16],
+        "split": opts.split,
+        "source": source,
+        "format": opts.format,
+        "image_size": opts.image_size,
+        "channels": 3,
+        "bits": 8,
+        "num_samples": sum(s["num_samples"] for s in shards),
+        "num_shards": len(shards),
+        "total_bytes": sum(s["bytes"] for s in shards),
+        "skipped": {"count": len(builder.skipped), "examples": builder.skipped[:20]},
+        "shards": shards,
+    }
+
+
+def _dataset_name(opts: PrepareOptions) -> str:
     return {
         "vdo": "imagenet64-vdo (van den Oord et al. 2016)",
         "npz": "imagenet64-chrabaszcz (Chrabaszcz et al. 2017)",
         "folder": "image folder",
         "demo": "scikit-image photograph patches",
-    }[source]
-
-
-def _write_shards(opts, sopts, items, previous, fingerprint):
-    from tqdm import tqdm
-
-    sharder = _Sharder(opts)
-    shards: list[dict] = []
-    kept = {"count": 0, "skipped": sharder.skipped}
-    pending, size, first_item = [], 0, 0
-    bar = tqdm(desc=f"prepare {opts.split}", unit="img", disable=not opts.progress)
-    pool = ThreadPoolExecutor(max_workers=opts.upload_workers)
-    uploads = []
-
-    # Shards kept from an earlier run: verify them up front, then skip their items.
-    skip_until, reuse = 0, []
-    for idx in sorted(previous):
-        entry = previous[idx]
-        url = storage.join(opts.output, entry["url"])
-        if idx != len(reuse) or not _verified(url, entry, sopts):
-            break
-        reuse.append(entry)
-        skip_until = entry["last_item"] + 1
-    shards.extend(reuse)
-    kept["count"] = len(reuse)
-    first_item = skip_until
-
-    def flush(last_item: int):
-        nonlocal pending, size, first_item
-        if not pending:
-            return
-        index = len(shards)
-        name = f"{opts.split}-{index:06d}.tar"
-        data = shard_tar(pending, opts.format)
-        entry = {
-            "index": index,
-            "url": name,
-            "num_samples": len(pending),
-            "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "first_item": first_item,
-            "last_item": last_item,
-        }
-        shards.append(entry)
-        uploads.append((entry, pool.submit(storage.write_bytes, storage.join(opts.output, name), data, sopts)))
-        pending, size, first_item = [], 0, last_item + 1
-
-    try:
-        last = skip_until - 1
-        for i, sample in sharder.encoded(items, skip_until):
-            bar.update(1)
-            last = i
-            if sample is None:
-                continue
-            cost = len(sample[1]) + _MEMBER_OVERHEAD * (2 if sample[2] >= 0 else 1)
-            if pending and size + cost > opts.shard_bytes:
-                flush(i - 1)
-                first_item = i
-                _save_progress(opts, sopts, reuse, uploads, fingerprint)
-            pending.append(sample)
-            size += cost
-        flush(last)
-        for _, f in uploads:
-            f.result()
-    finally:
-        pool.shutdown(wait=True)
-        bar.close()
-    if not shards:
-        raise UserError(f"no images found for split {opts.split!r} in {opts.input or opts.source}")
-    return shards, kept
-
-
-def _save_progress(opts, sopts, reused, uploads, fingerprint) -> None:
-    """Record shards whose uploads finished, so an interrupted run can be resumed."""
-    done = [entry for entry, f in uploads if f.done() and f.exception() is None]
-    doc = {"fingerprint": fingerprint, "shards": sorted(reused + done, key=lambda s: s["index"])}
-    storage.write_bytes(storage.join(opts.output, PROGRESS), json.dumps(doc).encode(), sopts)
+    }[opts.source]

@@ -7,16 +7,30 @@
 - ``folder``: any folder of images, centre-cropped to a square and box-downsampled.
 - ``demo``: 64x64 patches cut from the colour photographs inside the scikit-image
   wheel; train and validation come from different photographs.
+
+Order: each input's images are sorted by a hash of (seed, name), a shuffled order that an
+added or removed image does not reorder, so that a re-run keeps the shards it did not touch.
+
+Keys: the sanitised name without its extension; names that sanitise alike (``a b.png`` and
+``a_b.png``, ``c.png`` and ``c.jpg``, ``é.png`` and ``è.png``) each get a short hash of the
+full name appended, so that every image keeps its own key.
+
+Splits: an input named for a split (``train_64x64.tar``, ``valid_64x64/``, ``val_data.npz``,
+``train/``) is that split. An input that names none (a plain folder of images) is split
+deterministically by a hash of each image's name: ``HOLDOUT`` of them go to ``valid``, the
+rest to ``train``, whatever the seed, so the two never share an image.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import tarfile
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -24,6 +38,9 @@ from orchestrator.errors import UserError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SOURCES = ("vdo", "npz", "folder", "demo")
+HOLDOUT = 0.05
+"""Share of a split-less input's images (by a hash of the name) that is the ``valid`` split."""
+_SPLIT_WORDS = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid"}
 
 # Colour photographs shipped in scikit-image's wheel (skimage/data), split by photograph.
 DEMO_PHOTOS = {
@@ -54,37 +71,103 @@ class Item:
     """Unique sample key within the split (becomes the tar member stem)."""
     ref: str
     """Where it came from, for error messages: a file, or tar/npz path plus member."""
+    name: str = ""
+    """The image's name inside its input (relative path, tar member, ``file.npz[i]``): it
+    decides the order and, for a split-less input, the split."""
     label: int = -1
     data: bytes | None = None
     """Encoded image bytes (PNG, JPEG, ...) as found in the source, or None if ``array`` is set."""
     array: np.ndarray | None = None
     """(H, W, 3) uint8 pixels, for sources that store raw pixels."""
 
+    def digest(self) -> bytes:
+        """sha256 of everything that goes into this image's sample: key, name, label, pixels."""
+        h = hashlib.sha256(f"{self.key}\0{self.name}\0{self.label}\0".encode())
+        if self.array is not None:
+            h.update(f"{self.array.shape}{self.array.dtype}".encode())
+            h.update(np.ascontiguousarray(self.array).tobytes())
+        else:
+            h.update(self.data or b"")
+        return h.digest()
+
+
+@dataclass(frozen=True)
+class SplitInputs:
+    paths: list[Path]
+    holdout: bool = False
+    """True when the inputs name no split: each image's split comes from a hash of its name."""
+
+
+Keep = Callable[[str], bool]
+
 
 def _safe_key(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", name)
 
 
-def _shuffled(seq: list, rng: np.random.Generator | None) -> list:
-    return seq if rng is None else [seq[i] for i in rng.permutation(len(seq))]
+def unique_keys(names: list[str]) -> list[str]:
+    """One key per name: the sanitised name without extension, plus a hash of the name where
+    two names sanitise to the same key."""
+    base = [_safe_key(str(PurePosixPath(n).with_suffix(""))) for n in names]
+    clashes = Counter(base)
+    tag = lambda n: hashlib.sha256(n.encode()).hexdigest()[:8]  # noqa: E731
+    return [k if clashes[k] == 1 else f"{k}-{tag(n)}" for n, k in zip(names, base, strict=True)]
 
 
-def _vdo_items(path: Path, rng=None) -> Iterator[Item]:
+def _unit_hash(*parts) -> float:
+    digest = hashlib.sha256("\0".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def in_split(name: str, split: str) -> bool:
+    """The split of an image of a split-less input: ``valid`` for a HOLDOUT share of names."""
+    return (_unit_hash("holdout", name) < HOLDOUT) == (split == "valid")
+
+
+def _ordered(names: list[str], seed: int | None) -> list[int]:
+    """Indices of ``names`` in read order: sorted by name, or by a seeded hash of each name."""
+    if seed is None:
+        return sorted(range(len(names)), key=names.__getitem__)
+    return sorted(range(len(names)), key=lambda i: (_unit_hash(seed, names[i]), names[i]))
+
+
+def _images_in(path: Path) -> list[str]:
+    return sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+
+
+def _files_items(path: Path, seed: int | None, keep: Keep) -> Iterator[Item]:
+    names = [n for n in _images_in(path) if keep(n)]
+    keys = unique_keys(names)
+    for i in _ordered(names, seed):
+        f = path / names[i]
+        yield Item(key=keys[i], ref=str(f), name=names[i], data=f.read_bytes())
+
+
+def _tar_members(tar: tarfile.TarFile, path: Path) -> list[tarfile.TarInfo]:
+    members = [m for m in tar if m.isreg() and m.name.lower().endswith(IMAGE_EXTS)]
+    first: dict[str, int] = {}
+    for n, m in enumerate(members):
+        if m.name in first:
+            raise CorruptInputError(f"{path}: member {m.name} appears twice (entries {first[m.name]} and {n})")
+        first[m.name] = n
+    return members
+
+
+def _vdo_items(path: Path, seed: int | None, keep: Keep) -> Iterator[Item]:
     if path.is_dir():
-        for f in _shuffled(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS), rng):
-            yield Item(key=_safe_key(str(f.relative_to(path).with_suffix(""))), ref=str(f), data=f.read_bytes())
+        yield from _files_items(path, seed, keep)
         return
     with tarfile.open(path) as tar:
-        members = sorted((m for m in tar if m.isreg() and m.name.lower().endswith(IMAGE_EXTS)), key=lambda m: m.name)
-        members = _shuffled(members, rng)
-        for m in members:
-            stem = m.name.rsplit(".", 1)[0].lstrip("./")
-            member = tar.extractfile(m)
+        members = [m for m in _tar_members(tar, path) if keep(m.name)]
+        names = [m.name.removeprefix("./") for m in members]
+        keys = unique_keys(names)
+        for i in _ordered(names, seed):
+            member = tar.extractfile(members[i])
             assert member is not None  # a regular file
-            yield Item(key=_safe_key(stem), ref=f"{path}:{m.name}", data=member.read())
+            yield Item(key=keys[i], ref=f"{path}:{members[i].name}", name=names[i], data=member.read())
 
 
-def _npz_items(path: Path, rng=None) -> Iterator[Item]:
+def _npz_items(path: Path, seed: int | None, keep: Keep, stem: str) -> Iterator[Item]:
     with np.load(path) as npz:
         missing = [k for k in ("data", "labels") if k not in npz.files]
         if missing:
@@ -95,19 +178,17 @@ def _npz_items(path: Path, rng=None) -> Iterator[Item]:
     side = int(round((data.shape[1] // 3) ** 0.5))
     # rows are [R plane | G plane | B plane], each S*S row-major
     images = data.reshape(-1, 3, side, side).transpose(0, 2, 3, 1)
-    stem = _safe_key(path.stem)
-    for i in _shuffled(list(range(images.shape[0])), rng):
+    names = [f"{path.name}[{i}]" for i in range(images.shape[0])]
+    rows = [i for i in range(images.shape[0]) if keep(names[i])]
+    for j in _ordered([names[i] for i in rows], seed):
+        i = rows[j]
         yield Item(
             key=f"{stem}_{i:07d}",
             ref=f"{path}[{i}]",
+            name=names[i],
             label=int(labels[i]),
             array=np.ascontiguousarray(images[i]),
         )
-
-
-def _folder_items(path: Path, rng=None) -> Iterator[Item]:
-    for f in _shuffled(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS), rng):
-        yield Item(key=_safe_key(str(f.relative_to(path).with_suffix(""))), ref=str(f), data=f.read_bytes())
 
 
 def _demo_dir() -> Path:
@@ -136,27 +217,54 @@ def _demo_items(split: str, count: int, size: int, seed: int) -> Iterator[Item]:
         yield Item(
             key=f"{Path(name).stem}_{i:06d}",
             ref=f"skimage/data/{name}@{y},{x},{side}",
+            name=f"{Path(name).stem}_{i:06d}",
             array=np.asarray(patch),
         )
 
 
-def split_inputs(source: str, path: Path, split: str) -> list[Path]:
-    """The input files of one split under ``path`` (a file is taken as is)."""
-    if path.is_file() or source in ("folder",):
-        return [path]
+def own_split(path: Path) -> str | None:
+    """The split an input's name declares (``train_64x64.tar``, ``val_data.npz``, ``valid/``), if any."""
+    word = re.split(r"[_.\-]", path.name.lower(), maxsplit=1)[0]
+    return _SPLIT_WORDS.get(word)
+
+
+def _split_candidates(source: str, split: str) -> tuple[str, ...]:
     if source == "vdo":
-        for cand in (f"{split}_64x64.tar", f"{split}_64x64", f"{split}_32x32.tar", f"{split}_32x32"):
-            if (path / cand).exists():
-                return [path / cand]
-        return [path]
-    if source == "npz":
+        return tuple(f"{split}_{s}" for s in ("64x64.tar", "64x64", "32x32.tar", "32x32"))
+    return (split, "val") if split == "valid" else (split,)
+
+
+def _npz_batches(path: Path, split: str) -> list[Path]:
+    if split == "train":
         names = sorted(path.glob("train_data_batch_*.npz"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-        if split != "train":
-            names = sorted(path.glob("val_data*.npz"))
-        if not names:
-            raise InputNotFoundError(f"no {split} .npz batches under {path}")
-        return names
-    return [path]
+    else:
+        names = sorted(path.glob("val_data*.npz"))
+    if not names:
+        raise InputNotFoundError(f"no {split} .npz batches under {path}")
+    return names
+
+
+def split_inputs(source: str, path: Path, split: str) -> SplitInputs:
+    """The inputs of one split under ``path``: the file or folder named for it, else ``path``
+    itself, split by a hash of each image's name (see HOLDOUT) if its name declares no split."""
+    if not path.exists():
+        raise InputNotFoundError(f"input {path} does not exist")
+    if path.is_dir() and source == "npz":
+        return SplitInputs(_npz_batches(path, split))
+    if path.is_dir():
+        found = [path / c for c in _split_candidates(source, split) if (path / c).exists()]
+        if found:
+            return SplitInputs(found[:1])
+        others = [path / c for s in ("train", "valid") for c in _split_candidates(source, s) if (path / c).exists()]
+        if others:
+            want = _split_candidates(source, split)[0]
+            raise InputNotFoundError(f"{path} holds {others[0].name} but no {split} split ({want})")
+    declared = own_split(path)
+    if declared is None:
+        return SplitInputs([path], holdout=True)
+    if declared != split:
+        raise UserError(f"input {path} is the {declared} split by its name; give the {split} split's input")
+    return SplitInputs([path])
 
 
 def iter_items(
@@ -168,19 +276,26 @@ def iter_items(
     size: int = 64,
     seed: int = 0,
     shuffle: bool = True,
+    holdout: bool = False,
 ) -> Iterator[Item]:
-    """Items of one split. ``shuffle`` permutes each input's items with ``seed`` so that
-    shards are not sorted by class or name (the stream shuffles shards and within chunks)."""
+    """Items of one split. ``shuffle`` orders each input's items by a hash of (seed, name) so
+    that shards are not sorted by class or name (the stream shuffles shards and within chunks);
+    ``holdout`` keeps only the images of ``split`` (by a hash of the name, see ``in_split``)."""
     if source == "demo":
         yield from _demo_items(split, count or (4096 if split == "train" else 512), size, seed)
         return
-    reader = {"vdo": _vdo_items, "npz": _npz_items, "folder": _folder_items}.get(source)
-    if reader is None:
+    if source not in ("vdo", "npz", "folder"):
         raise UserError(f"unknown source {source!r}; expected one of {SOURCES}")
-    for n, path in enumerate(inputs):
+    order = seed if shuffle else None
+    keep: Keep = (lambda name: in_split(name, split)) if holdout else (lambda name: True)
+    stems = unique_keys([p.name for p in inputs])
+    for path, stem in zip(inputs, stems, strict=True):
         if not path.exists():
             raise InputNotFoundError(f"input {path} does not exist")
-        yield from reader(path, np.random.default_rng([seed, n]) if shuffle else None)
+        if source == "npz":
+            yield from _npz_items(path, order, keep, stem)
+        else:
+            yield from _vdo_items(path, order, keep)
 
 
 def decode(item: Item, size: int) -> np.ndarray:

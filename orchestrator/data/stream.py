@@ -9,8 +9,11 @@ Faults never change the number of batches a rank yields (which would hang DDP):
 - a sample that fails to decode is replaced by the worker's previous good image,
   counted, and logged with shard and key;
 - a truncated tar: the rest of that shard is treated the same way, with one warning;
-- a sha256 mismatch (``verify=True``), a missing object or bucket, or a transient
-  storage error that outlasts its retries raises an error naming the URL.
+- a sha256 mismatch or a sample count other than the manifest's (``verify=True``), a
+  missing object or bucket, or a transient storage error that outlasts its retries raises
+  an error naming the URL.
+
+Manifests are validated on load (orchestrator/data/manifest.py).
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import io
-import json
 import logging
 import tarfile
 from collections import Counter
@@ -29,8 +31,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from orchestrator import storage
+from orchestrator.data.manifest import ManifestError, load_manifest
 from orchestrator.data.plan import Plan
-from orchestrator.errors import FlowppError, UserError
+from orchestrator.errors import FlowppError
+
+__all__ = ["ManifestError", "ShardIntegrityError", "ShardStream", "load_manifest", "to_device"]
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +44,6 @@ STATS = ("corrupt_samples", "truncated_samples", "truncated_shards", "shards_rea
 
 class ShardIntegrityError(FlowppError, RuntimeError):
     """A shard whose bytes do not match its manifest's sha256."""
-
-
-class ManifestError(UserError, ValueError):
-    """A manifest that cannot be read as one; names its URL."""
 
 
 def to_device(images: torch.Tensor, device: torch.device | str, num_bits: int = 8) -> torch.Tensor:
@@ -56,20 +57,6 @@ def to_device(images: torch.Tensor, device: torch.device | str, num_bits: int = 
         raise ValueError(f"num_bits must be in 1..8, got {num_bits}")
     x = images.to(device, non_blocking=True)
     return x >> (8 - num_bits) if num_bits < 8 else x
-
-
-def load_manifest(url: str, options: storage.StorageOptions | None = None) -> dict:
-    try:
-        doc = json.loads(storage.read_bytes(url, options))
-    except ValueError as exc:
-        raise ManifestError(f"{url}: not a valid manifest ({exc})") from None
-    for k in ("shards", "format", "image_size"):
-        if k not in doc:
-            raise ManifestError(f"{url}: manifest has no {k!r}")
-    base = url.rsplit("/", 1)[0]
-    for shard in doc["shards"]:
-        shard["url"] = storage.join(base, shard["url"])
-    return doc
 
 
 def parse_shard(data: bytes, url: str) -> tuple[list[tuple[str, dict]], bool]:
@@ -165,6 +152,11 @@ class _WorkerReader:
             entry = self.manifest["shards"][idx]
             data = self._fetch_ahead(idx)
             samples, truncated = parse_shard(data, entry["url"])
+            if self.verify and len(samples) != entry["num_samples"]:
+                raise ShardIntegrityError(
+                    f"{entry['url']}: holds {len(samples)} samples, but its manifest's "
+                    f"shards.{idx}.num_samples is {entry['num_samples']}"
+                )
             if not truncated and len(samples) < entry["num_samples"]:
                 log.warning(
                     "%s: truncated: %d of %d samples; skipping the rest of the shard",
