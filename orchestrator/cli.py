@@ -398,7 +398,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except FlowppError as exc:
         if args.debug:
-            traceback.print_exc()
+            from orchestrator.redact import redact
+
+            print(redact(traceback.format_exc()), end="", file=sys.stderr)
         lines = str(exc).splitlines() or [type(exc).__name__]
         print(f"flowpp {args.command}: {lines[0]}", *lines[1:], sep="\n", file=sys.stderr)
         return exc.exit_code

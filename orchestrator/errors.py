@@ -13,9 +13,18 @@ RUNTIME_FAILURE = 1
 
 
 class FlowppError(Exception):
-    """A failure the CLI reports in one line (exit code 1), without a traceback."""
+    """A failure the CLI reports in one line (exit code 1), without a traceback.
+
+    Its text goes through ``redact.redact`` however it is shown (the CLI, a traceback, Ray's
+    report of a worker's error): URL user-info and credential values never leave as text.
+    """
 
     exit_code = RUNTIME_FAILURE
+
+    def __str__(self) -> str:
+        from orchestrator.redact import redact
+
+        return redact(super().__str__())
 
 
 class UserError(FlowppError):

@@ -14,6 +14,7 @@ import os
 from orchestrator import storage
 from orchestrator.config import JobSpec
 from orchestrator.errors import FlowppError
+from orchestrator.redact import without_env_vars
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def make_trainer(spec: JobSpec, run_id: str | None, callbacks: list | None = Non
     return TorchTrainer(
         train_loop,
         train_loop_config={
-            "job": spec.model_dump(),
+            "job": without_env_vars(spec.model_dump()),  # workers get env through Ray's runtime_env
             "mlflow_run_id": run_id,
             "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel()),
         },

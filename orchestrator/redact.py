@@ -37,7 +37,7 @@ MIN_SECRET_LEN = 4
 
 # scheme://userinfo@ ; userinfo runs to the last @ before the host's end (/, ?, #, space, quote)
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)[^/?#\s'\"<>]*@")
-_SECRET_WORDS = {"secret", "secrets", "password", "passwd", "pwd", "passphrase", "token", "credential", "credentials"}
+_SECRET_WORDS = {"secret", "secrets", "password", "passwd", "passphrase", "token", "credential", "credentials"}
 _KEY_WORDS = {"key", "apikey"}
 _NOT_A_VALUE = {"path", "file", "mode", "dir", "type", "name", "kind", "url", "endpoint", "region"}
 """A name ending in one of these holds where or how a secret is found, not the secret itself

@@ -101,10 +101,10 @@ class StorageOptions:
 
 
 def redact(text: str, options: StorageOptions | None = None) -> str:
-    """``text`` with every known credential value replaced by ***."""
-    for secret in (options or StorageOptions()).secrets():
-        text = text.replace(secret, "***")
-    return text
+    """``text`` through the one ``redact.redact``, also masking ``options``' own key and secret."""
+    from orchestrator.redact import redact as redact_text
+
+    return redact_text(text, (options or StorageOptions()).secrets())
 
 
 def protocol_of(url: str) -> str:

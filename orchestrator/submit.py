@@ -8,6 +8,7 @@ import time
 
 from orchestrator.config import JobSpec
 from orchestrator.errors import UserError
+from orchestrator.redact import carries_secret, redact
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -17,9 +18,21 @@ def entrypoint(job_path: str, overrides: list[str]) -> str:
     return f"python -m orchestrator train {shlex.quote(job_path)} {sets}".strip()
 
 
+def _refuse_credentials(overrides: list[str]) -> None:
+    """A ``--set`` holding a credential would sit in the job's entrypoint, shown to anyone who lists jobs."""
+    leaking = [o.partition("=")[0] for o in overrides if carries_secret(o)]
+    if leaking:
+        raise UserError(
+            f"--set {', '.join(leaking)}: the value holds a credential (URL user-info or a credential "
+            "variable's value), and a Ray job's entrypoint is public to whoever can list jobs; have the "
+            "YAML read it as ${FLOWPP_...} and pass the variable in ray.runtime_env.env_vars"
+        )
+
+
 def submit(spec: JobSpec, job_path: str, overrides: list[str], follow: bool = True) -> int:
     from ray.job_submission import JobSubmissionClient
 
+    _refuse_credentials(overrides)
     if not spec.ray.address:
         raise UserError("ray.address: not set in the job spec (e.g. http://127.0.0.1:8265)")
     client = JobSubmissionClient(spec.ray.address)
@@ -30,7 +43,7 @@ def submit(spec: JobSpec, job_path: str, overrides: list[str], follow: bool = Tr
         entrypoint_num_cpus=spec.ray.entrypoint_num_cpus or None,
         entrypoint_num_gpus=spec.ray.entrypoint_num_gpus or None,
     )
-    print(f"submitted {job_id} to {spec.ray.address}", flush=True)
+    print(f"submitted {job_id} to {redact(spec.ray.address)}", flush=True)
     if not follow:
         return 0
     return follow_logs(client, job_id)

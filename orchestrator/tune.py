@@ -27,6 +27,7 @@ from orchestrator import checkpoint, storage, tracking
 from orchestrator.config import JobSpec, TuneSpec, apply_overrides, validate
 from orchestrator.errors import FlowppError, UserError
 from orchestrator.logs import setup_logging
+from orchestrator.redact import without_env_vars
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,9 @@ def make_tuner(spec: JobSpec, parent_run_id: str | None, resume: bool):
     fs, path = storage.pyarrow_filesystem(spec.storage.path, spec.storage.options())
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, job=spec.model_dump(), parent_run_id=parent_run_id, log_level=level),
+        tune.with_parameters(
+            run_trial, job=without_env_vars(spec.model_dump()), parent_run_id=parent_run_id, log_level=level
+        ),
         {"cpu": t.driver_cpus},
     )
     experiment = f"{path.rstrip('/')}/{spec.name}"

@@ -1,0 +1,211 @@
+"""Secrets: the allow-list of ${VAR} in a job YAML, the one redaction, the log filter, and what
+leaves the process (MLflow params, job.yaml, the workers' train_loop_config, errors, submission)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import pytest
+import yaml
+
+from orchestrator.cli import main
+from orchestrator.config import JobSpecError, load_job, public_params, public_tree, validate
+from orchestrator.errors import FlowppError, UserError
+from orchestrator.logs import setup_logging
+from orchestrator.redact import RedactingFilter, is_secret_name, redact, redact_tree
+
+pytestmark = pytest.mark.unit
+
+FAKE = "fake-" + uuid.uuid4().hex  # distinctive: a leak is a substring search
+GOOD = "name: t\ndata: {train: s3://b/train/manifest.json, valid: s3://b/valid/manifest.json}\n"
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "job.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.fixture
+def root():
+    """The root logger, its handlers and level restored afterwards."""
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    yield root
+    root.handlers, root.level = saved, level
+
+
+# -- ${VAR} in a job YAML -------------------------------------------------------------------
+def test_a_variable_outside_the_allow_list_is_an_error_naming_it_never_its_value(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE)
+    monkeypatch.setenv("HOME_GROWN", FAKE + "-2")
+    text = GOOD + "mlflow: {experiment: '${AWS_SECRET_ACCESS_KEY}'}\nstorage: {region: '${HOME_GROWN:-x}'}\n"
+    with pytest.raises(JobSpecError) as err:
+        load_job(_write(tmp_path, text))
+    problems = err.value.problems
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("line 3: ${AWS_SECRET_ACCESS_KEY}: a job spec reads only FLOWPP_*"), problems
+    assert problems[1].startswith("line 4: ${HOME_GROWN}: "), problems  # a default does not make it allowed
+    assert FAKE not in str(err.value)
+
+
+def test_every_reference_problem_is_reported_at_once_with_its_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("FLOWPP_UNSET_A", raising=False)
+    monkeypatch.setenv("FLOWPP_TWO_LINES", "a\nb: injected")
+    text = GOOD + "train:\n  trace_dir: ${FLOWPP_UNSET_A}\nmodel: {preset: '${FLOWPP_TWO_LINES}'}\nx: ${NOT_MINE}\n"
+    with pytest.raises(JobSpecError) as err:
+        load_job(_write(tmp_path, text))
+    assert err.value.problems == [
+        "line 4: ${FLOWPP_UNSET_A}: FLOWPP_UNSET_A is not set and has no default (write ${FLOWPP_UNSET_A:-default})",
+        "line 5: ${FLOWPP_TWO_LINES}: the value of FLOWPP_TWO_LINES spans lines",
+        "line 6: ${NOT_MINE}: a job spec reads only FLOWPP_*, MLFLOW_TRACKING_URI and the names in env_allow",
+    ]
+
+
+def test_env_allow_is_read_before_expansion_and_admits_its_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("SERVICE_TOKEN", FAKE)
+    monkeypatch.setenv("FLOWPP_BUCKET", "s3://bkt")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    text = (
+        "# ${ANYTHING} in a comment is not read\n"
+        "name: t\n"
+        "data: {train: '${FLOWPP_BUCKET}/t/manifest.json', valid: '${FLOWPP_BUCKET}/v/manifest.json'}\n"
+        "mlflow: {tracking_uri: '${MLFLOW_TRACKING_URI}'}\n"
+        "ray: {runtime_env: {env_vars: {SERVICE_TOKEN: '${SERVICE_TOKEN}'}}}\n"
+        "env_allow: [SERVICE_TOKEN]  # after its use: read from the whole document first\n"
+    )
+    spec = load_job(_write(tmp_path, text))
+    assert spec.data.train == "s3://bkt/t/manifest.json" and spec.mlflow.tracking_uri == "http://127.0.0.1:5000"
+    assert spec.ray.runtime_env["env_vars"]["SERVICE_TOKEN"] == FAKE and spec.env_allow == ["SERVICE_TOKEN"]
+    with pytest.raises(JobSpecError, match=r"env_allow\[0\]: '~+' is not a variable name"):
+        load_job(_write(tmp_path, GOOD + "env_allow: ['${FLOWPP_X:-A}']\n"))
+    with pytest.raises(JobSpecError, match="env_allow: expected a list of variable names, got str"):
+        load_job(_write(tmp_path, GOOD + "env_allow: SERVICE_TOKEN\n"))
+
+
+# -- one redaction ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("http://alice:pw@h:5000/x", "http://***@h:5000/x"),
+        ("see 'postgresql://u:p@ss@db/x' and s3://bkt/k", "see 'postgresql://***@db/x' and s3://bkt/k"),
+        ("https://token@github.com/o/r.git?a=b@c", "https://***@github.com/o/r.git?a=b@c"),
+        ("mailto-ish user@host and http://h/p@q", "mailto-ish user@host and http://h/p@q"),
+    ],
+)
+def test_url_user_info_is_masked_in_any_text(text, expected):
+    assert redact(text) == expected
+
+
+def test_credential_names_are_recognised_and_their_environment_values_masked(monkeypatch):
+    for name in ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "apiKey", "db.password", "SERVICE_TOKEN", "key"):
+        assert is_secret_name(name), name
+    for name in ("TOKENIZERS_PARALLELISM", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "PWD", "monkey", "keep_checkpoints"):
+        assert not is_secret_name(name), name
+    monkeypatch.setenv("RAY_AUTH_TOKEN", FAKE)
+    monkeypatch.setenv("MY_DB_PASSWORD", FAKE + "-db")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    assert redact(f"a {FAKE}-db b {FAKE} false") == "a *** b *** false"
+
+
+def test_trees_mask_credential_keys_and_every_env_var_value(monkeypatch):
+    tree = {
+        "ray": {"runtime_env": {"env_vars": {"A": "plain", "B": ""}, "pip": ["--index-url https://u:p@pypi.x/s"]}},
+        "s3": {"secret_key": FAKE, "password": None},
+        "mlflow": {"tracking_uri": "http://me:pw@h"},
+    }
+    out = redact_tree(tree)
+    assert out["ray"]["runtime_env"] == {"env_vars": {"A": "***", "B": ""}, "pip": ["--index-url https://***@pypi.x/s"]}
+    assert out["s3"] == {"secret_key": "***", "password": None} and out["mlflow"]["tracking_uri"] == "http://***@h"
+    assert tree["s3"]["secret_key"] == FAKE  # a copy
+
+
+def test_mlflow_params_and_the_job_yaml_artifact_carry_no_secret(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWPP_MLFLOW", f"http://flowpp:{FAKE}@127.0.0.1:5000")
+    monkeypatch.setenv("MY_TOKEN", FAKE + "-env")
+    text = (
+        GOOD + "mlflow: {tracking_uri: '${FLOWPP_MLFLOW}'}\nenv_allow: [MY_TOKEN]\n"
+        "ray: {runtime_env: {env_vars: {MY_TOKEN: '${MY_TOKEN}', FLOWPP_MLFLOW: '${FLOWPP_MLFLOW}'}}}\n"
+    )
+    spec = load_job(_write(tmp_path, text))
+    assert FAKE in spec.mlflow.tracking_uri  # the spec itself keeps it: MLflow needs it
+    params = public_params(spec)
+    assert params["mlflow.tracking_uri"] == "http://***@127.0.0.1:5000"
+    assert params["ray.runtime_env.env_vars.MY_TOKEN"] == "***"
+    artifact = yaml.safe_dump(public_tree(spec.model_dump()))
+    assert FAKE not in repr(params) and FAKE not in artifact and "MY_TOKEN" in artifact
+
+
+def test_job_spec_errors_and_every_flowpp_error_are_masked(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SESSION_TOKEN", FAKE)
+    with pytest.raises(JobSpecError) as err:
+        validate({"name": "t", "data": {"train": f"s3://u:{FAKE}@b/t/", "valid": "s3://b/v/manifest.json"}})
+    assert "data.train: 's3://***@b/t/' should point at a manifest" in str(err.value)
+    assert FAKE not in str(err.value) and FAKE not in repr(err.value.problems)
+    assert str(FlowppError(f"cannot reach {FAKE}")) == "cannot reach ***"
+    assert str(UserError("http://a:b@h")) == "http://***@h"
+
+
+# -- logs --------------------------------------------------------------------------------------
+def test_every_log_record_is_masked_message_arguments_and_traceback(root, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", FAKE)
+    root.handlers = []  # pytest adds its capture handler after fixtures: a fresh process has none
+    setup_logging("INFO")
+    log = logging.getLogger("orchestrator.anywhere")
+    log.info("tracking at %s with %s", f"http://bob:{FAKE}@h", FAKE)
+    try:
+        raise ValueError(f"server said: bad token {FAKE}")
+    except ValueError:
+        log.exception("failed")
+    err = capsys.readouterr().err
+    assert "tracking at http://***@h with ***" in err and "ValueError: server said: bad token ***" in err
+    assert FAKE not in err
+
+
+def test_handlers_already_in_place_get_the_filter_once(root, monkeypatch):
+    existing = logging.StreamHandler()  # Ray Train's console handler in a worker
+    root.handlers = [existing]
+    own = logging.StreamHandler()
+    mlflow_logger = logging.getLogger("mlflow")
+    monkeypatch.setattr(mlflow_logger, "handlers", [own])
+    setup_logging("INFO")
+    setup_logging("DEBUG")
+    for handler in (existing, own):
+        assert sum(isinstance(f, RedactingFilter) for f in handler.filters) == 1
+
+
+# -- what leaves the driver --------------------------------------------------------------------
+def test_workers_train_loop_config_has_no_runtime_env_variables(tmp_path):
+    from orchestrator.launch import make_trainer
+
+    spec = validate(
+        {
+            "name": "t",
+            "data": {"train": "file:///d/t/manifest.json", "valid": "file:///d/v/manifest.json"},
+            "storage": {"path": str(tmp_path / "runs")},
+            "ray": {"runtime_env": {"env_vars": {"MY_TOKEN": FAKE}, "pip": ["numpy"]}},
+        }
+    )
+    config = make_trainer(spec, None).train_loop_config
+    assert config["job"]["ray"]["runtime_env"] == {"pip": ["numpy"]}
+    assert FAKE not in repr(config) and spec.ray.runtime_env["env_vars"]["MY_TOKEN"] == FAKE
+
+
+def test_submit_refuses_a_credential_in_the_entrypoint_before_contacting_ray(monkeypatch):
+    from orchestrator.submit import submit
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE)
+    spec = validate({"name": "t", "data": {"train": "s3://b/t/manifest.json", "valid": "s3://b/v/manifest.json"}})
+    spec = spec.model_copy(update={"ray": spec.ray.model_copy(update={"address": "http://127.0.0.1:9"})})
+    for bad in (f"mlflow.tracking_uri=http://u:{FAKE}@h", f"storage.region={FAKE}"):
+        with pytest.raises(UserError, match=r"--set (mlflow.tracking_uri|storage.region): the value holds"):
+            submit(spec, "jobs/demo.yaml", ["train.lr=1e-3", bad])
+
+
+def test_cli_reports_a_forbidden_variable_by_name_with_exit_code_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", FAKE)
+    path = _write(tmp_path, GOOD + "mlflow: {experiment: '${MLFLOW_TRACKING_PASSWORD}'}\n")
+    assert main(["--debug", "train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "line 3: ${MLFLOW_TRACKING_PASSWORD}: a job spec reads only" in err and FAKE not in err
