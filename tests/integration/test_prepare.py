@@ -129,12 +129,14 @@ def test_rerun_skips_verified_shards_and_rebuilds_damaged_ones(tmp_path, caplog)
     n = first["num_shards"]
     again = prepare(opts)
     assert again["_kept_shards"] == n and again["shards"] == first["shards"]
-    damaged = tmp_path / "out" / "train-000001.tar"
+    damaged = tmp_path / "out" / first["shards"][1]["url"]
     damaged.write_bytes(damaged.read_bytes()[:-1000])
     third = prepare(opts)
-    assert third["_kept_shards"] == 1  # shard 0 kept; 1 is rebuilt, and everything after it
-    assert hashlib.sha256(damaged.read_bytes()).hexdigest() == first["shards"][1]["sha256"]
-    assert third["shards"] == first["shards"]
+    assert third["_kept_shards"] == n - 1  # only the damaged shard is rebuilt, under a new name
+    rebuilt = third["shards"][1]
+    assert rebuilt["url"] != first["shards"][1]["url"] and rebuilt["sha256"] == first["shards"][1]["sha256"]
+    assert hashlib.sha256((tmp_path / "out" / rebuilt["url"]).read_bytes()).hexdigest() == rebuilt["sha256"]
+    assert [s["url"] for s in third["shards"][2:]] == [s["url"] for s in first["shards"][2:]]
 
 
 def test_corrupt_input_raises_naming_the_file_or_is_skipped_and_counted(tmp_path):
