@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -84,12 +83,14 @@ def measure_ray(cfg: dict, tmp: Path) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # explicit: this is a private loopback instance
+    from orchestrator import rayauth
+
+    rayauth.ensure_for_embedded()  # token auth with a token of this process's own (a 0600 file)
     t_init = time.time()
     ray.init(
         num_cpus=cfg["threads"] + 1,
         include_dashboard=False,
-        runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}},
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
     )
     t_fit = time.time()
     cfg = {**cfg, "out": str(tmp / "ray.json")}

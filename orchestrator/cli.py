@@ -135,7 +135,11 @@ def _cmd_train(args) -> int:
     spec = _load(args)
     from orchestrator.launch import run_training
 
-    result = run_training(spec)
+    result = run_training(spec, new_run=args.new_run)
+    if result is None:
+        print(f"{spec.name}: already finished (train.max_steps {spec.train.max_steps}); nothing to do. "
+              "Pass --new-run for a fresh run, or raise train.max_steps to continue it.")  # fmt: skip
+        return 0
     print(f"done: {spec.name}: {result.metrics}")
     return 0
 
@@ -213,7 +217,7 @@ def _cmd_submit(args) -> int:
     spec = _load(args)
     from orchestrator.submit import submit
 
-    return submit(spec, args.job, args.set or [], follow=not args.no_wait)
+    return submit(spec, args.job, args.set or [], follow=not args.no_wait, new_run=args.new_run)
 
 
 # -- arguments ----------------------------------------------------------------------------
@@ -238,6 +242,15 @@ def _add_job_args(p, example: str) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help=f"override a field, e.g. {example}")
 
 
+def _add_new_run_arg(p) -> None:
+    p.add_argument(
+        "--new-run",
+        action="store_true",
+        help="start a fresh run of the job (a new Ray Train run, the old one kept) instead of resuming its "
+        "current run; without it a finished job does nothing",
+    )
+
+
 def _add_smoke(sub) -> None:
     p = sub.add_parser("smoke", help="train a preset on a fixed synthetic batch in this process")
     p.add_argument("--preset", default="debug")
@@ -250,6 +263,7 @@ def _add_smoke(sub) -> None:
 def _add_train_tune_submit(sub) -> None:
     p = sub.add_parser("train", help="run a job spec with Ray Train (inside `ray job submit`, or embedded)")
     _add_job_args(p, "train.lr=3e-4")
+    _add_new_run_arg(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("tune", help="run the Ray Tune search in a job spec's `tune:` section, one TorchTrainer a trial")
@@ -260,6 +274,7 @@ def _add_train_tune_submit(sub) -> None:
     p = sub.add_parser("submit", help="submit a job spec to the Ray cluster in its `ray:` section, stream logs")
     _add_job_args(p, "train.lr=3e-4")
     p.add_argument("--no-wait", action="store_true", help="print the submission id and return")
+    _add_new_run_arg(p)
     p.set_defaults(func=_cmd_submit)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 
-from orchestrator import storage
+from orchestrator import jobstate, rayauth, storage
 from orchestrator.config import JobSpec
 from orchestrator.errors import FlowppError
 from orchestrator.redact import without_env_vars
@@ -88,21 +88,22 @@ def _init_ray(spec: JobSpec) -> None:
     if ray.is_initialized():
         return
     if not os.environ.get("RAY_ADDRESS"):
-        # embedded: a Ray instance inside this process's session, on loopback
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # embedded: a Ray instance inside this process's session, with token auth (a token
+        # made for this process in a 0600 file, unless one is configured); its processes
+        # inherit RAY_AUTH_MODE and RAY_AUTH_TOKEN_PATH from this environment
+        rayauth.ensure_for_embedded()
         ray.init(
             # the dashboard serves the State API, which Ray Train's placement-group cleaner needs
             # to free the resources of a run whose driver was killed (a trial ASHA stopped)
             include_dashboard=True,
             dashboard_host="127.0.0.1",
             num_cpus=max(2, os.cpu_count() or 2),
-            runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}},
         )
     else:
         ray.init()
 
 
-def make_trainer(spec: JobSpec, run_id: str | None, callbacks: list | None = None):
+def make_trainer(spec: JobSpec, run_id: str | None, callbacks: list | None = None, run_name: str | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -126,7 +127,7 @@ def make_trainer(spec: JobSpec, run_id: str | None, callbacks: list | None = Non
             placement_strategy=spec.scaling.placement_strategy,
         ),
         run_config=RunConfig(
-            name=spec.name,
+            name=run_name or spec.name,
             storage_path=path,
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
@@ -136,8 +137,28 @@ def make_trainer(spec: JobSpec, run_id: str | None, callbacks: list | None = Non
     )
 
 
-def run_training(spec: JobSpec):
-    """Prepare data if asked, run the trainer to the end, return Ray's Result."""
+def run_training(spec: JobSpec, new_run: bool = False):
+    """Prepare data if asked, run the trainer to the end, return Ray's Result.
+
+    Returns None, training nothing, when the job's current run already finished at
+    ``train.max_steps`` or beyond (a re-submitted job); ``new_run`` starts a fresh run instead.
+    Raises ``jobstate.JobRunningError`` while another driver runs the same job.
+    """
+    spec = resolve_paths(spec)
+    with jobstate.acquire(spec):
+        run = jobstate.start_new_run(spec) if new_run else jobstate.current_run(spec)
+        done = jobstate.finished_step(spec, run)
+        if done is not None and done >= spec.train.max_steps:
+            log.info("job %s: run %s already finished at step %d (train.max_steps %d)", spec.name, run, done,
+                     spec.train.max_steps)  # fmt: skip
+            return None
+        result = _train(spec, run)
+        jobstate.mark_finished(spec, run, int((result.metrics or {}).get("step", spec.train.max_steps)))
+    return result
+
+
+def _train(spec: JobSpec, run: str):
+    """One Ray Train run named ``run`` to its end (resuming from its last checkpoint)."""
     import ray.train
 
     spec = resolve_paths(spec)
@@ -150,7 +171,7 @@ def run_training(spec: JobSpec):
         log.info("MLflow run %s in experiment %r at %s", run_id, spec.mlflow.experiment, spec.mlflow.tracking_uri)
     _init_ray(spec)
     try:
-        result = make_trainer(spec, run_id).fit()
+        result = make_trainer(spec, run_id, run_name=run).fit()
     except ray.train.TrainingFailedError as exc:
         raise _failure(spec.name, exc) from exc
     log.info("finished: %s; checkpoint %s", result.metrics, result.checkpoint.path if result.checkpoint else None)

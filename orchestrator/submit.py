@@ -8,14 +8,29 @@ import time
 
 from orchestrator.config import JobSpec
 from orchestrator.errors import UserError
+from orchestrator.jobstate import JobRunningError
 from orchestrator.redact import carries_secret, redact
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-def entrypoint(job_path: str, overrides: list[str]) -> str:
+JOB_KEY = "flowpp.job"
+"""The submission's metadata key that names its job, so that a running one can be found."""
+
+
+def entrypoint(job_path: str, overrides: list[str], new_run: bool = False) -> str:
     sets = " ".join(f"--set {shlex.quote(o)}" for o in overrides)
-    return f"python -m orchestrator train {shlex.quote(job_path)} {sets}".strip()
+    flags = " --new-run" if new_run else ""
+    return f"python -m orchestrator train {shlex.quote(job_path)}{flags} {sets}".strip()
+
+
+def running_submission(client, name: str) -> str | None:
+    """The submission id of a pending or running submission of job ``name``, or None."""
+    for job in client.list_jobs():
+        status = str(job.status).rsplit(".", 1)[-1]
+        if (job.metadata or {}).get(JOB_KEY) == name and status not in TERMINAL:
+            return job.submission_id or job.job_id
+    return None
 
 
 def _refuse_credentials(overrides: list[str]) -> None:
@@ -29,17 +44,29 @@ def _refuse_credentials(overrides: list[str]) -> None:
         )
 
 
-def submit(spec: JobSpec, job_path: str, overrides: list[str], follow: bool = True) -> int:
+def submit(spec: JobSpec, job_path: str, overrides: list[str], follow: bool = True, new_run: bool = False) -> int:
+    """Submit the job unless a submission of the same job is still pending or running.
+
+    (The driver's lock, ``orchestrator.jobstate``, also refuses a second run of the job
+    however it was started: ``ray job submit``, another client, another cluster.)
+    """
     from ray.job_submission import JobSubmissionClient
 
     _refuse_credentials(overrides)
     if not spec.ray.address:
         raise UserError("ray.address: not set in the job spec (e.g. http://127.0.0.1:8265)")
     client = JobSubmissionClient(spec.ray.address)
+    running = running_submission(client, spec.name)
+    if running:
+        raise JobRunningError(
+            f"job {spec.name} is already running on {spec.ray.address} as {running}; wait for it "
+            f"(`ray job logs -f {running}`) or stop it (`ray job stop {running}`)"
+        )
     runtime_env = {"working_dir": ".", **spec.ray.runtime_env}
     job_id = client.submit_job(
-        entrypoint=entrypoint(job_path, overrides),
+        entrypoint=entrypoint(job_path, overrides, new_run),
         runtime_env=runtime_env,
+        metadata={JOB_KEY: spec.name},
         entrypoint_num_cpus=spec.ray.entrypoint_num_cpus or None,
         entrypoint_num_gpus=spec.ray.entrypoint_num_gpus or None,
     )

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -19,19 +18,21 @@ pytest.importorskip("mlflow")
 from orchestrator.cli import main  # noqa: E402
 from orchestrator.config import validate  # noqa: E402
 from tests.jobs import tiny_job  # noqa: E402
+from tests.rayauth import token_auth  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
-def gpu_ray():
+def gpu_ray(tmp_path_factory):
     import ray
 
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    auth = token_auth(tmp_path_factory.mktemp("ray-auth"))
+    ray.init(num_cpus=4, include_dashboard=False)
     assert ray.cluster_resources().get("GPU", 0) >= 1
     yield
     ray.shutdown()
+    auth.restore()
 
 
 def gpu_job(tmp_path: Path, workers: int, **overrides):

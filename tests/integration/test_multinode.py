@@ -1,11 +1,10 @@
 """Two Ray nodes (ray.cluster_utils.Cluster), 2 workers placed STRICT_SPREAD."""
 
-import os
-
 import pytest
 
 from orchestrator.config import validate
 from tests.integration.test_train_ray import job, trace
+from tests.rayauth import token_auth
 
 pytestmark = pytest.mark.integration
 
@@ -16,7 +15,7 @@ def test_two_nodes_strict_spread_end_with_identical_parameters(tmp_path):
 
     from orchestrator.launch import run_training
 
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    auth = token_auth(tmp_path)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     try:
@@ -31,3 +30,4 @@ def test_two_nodes_strict_spread_end_with_identical_parameters(tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+        auth.restore()

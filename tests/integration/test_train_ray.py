@@ -21,6 +21,7 @@ import pytest
 from orchestrator.config import validate
 from orchestrator.data.stream import ShardStream
 from tests.jobs import tiny_job, write_job
+from tests.rayauth import token_auth
 
 pytestmark = pytest.mark.integration
 
@@ -33,13 +34,14 @@ def job(tmp_path: Path, **train) -> dict:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def local_ray(tmp_path_factory):
     import ray
 
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=3, include_dashboard=False, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    auth = token_auth(tmp_path_factory.mktemp("ray-auth"))
+    ray.init(num_cpus=3, include_dashboard=False)
     yield
     ray.shutdown()
+    auth.restore()
 
 
 def trace(tmp_path: Path, rank: int) -> list[dict]:
@@ -156,7 +158,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run_keeping_the_checkpoint(t
 
 def test_killed_driver_then_resubmitted_job_resumes(tmp_path):
     path = write_job(job(tmp_path, max_steps=40), tmp_path / "job.yaml")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the embedded Ray makes its own token
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "orchestrator", "train", str(path)]
     family: list[psutil.Process] = []

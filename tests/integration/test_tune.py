@@ -60,7 +60,8 @@ def tune_cmd(job: Path, *extra: str) -> list[str]:
 
 def env() -> dict:
     # every worker's log line reaches the driver's output (no cross-worker deduplication)
-    e = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_DEDUP_LOGS": "0", "PYTHONPATH": str(ROOT)}
+    # (the embedded Ray of each command makes its own token: RAY_AUTH_MODE=token, a 0600 file)
+    e = {**os.environ, "RAY_DEDUP_LOGS": "0", "PYTHONPATH": str(ROOT)}
     e.pop("RAY_ADDRESS", None)
     return e
 
