@@ -80,6 +80,9 @@ def ensure_data(spec: JobSpec) -> None:
             ),
             opts,
         )
+    from orchestrator.data.manifest import check_job_data
+
+    check_job_data(spec)  # both manifests validated, and of the model's image size, channels and bits
 
 
 def _init_ray(spec: JobSpec) -> None:
