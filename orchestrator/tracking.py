@@ -32,8 +32,14 @@ class ModelNotFoundError(UserError):
 
 
 def _mlflow(tracking_uri: str):
+    import os
+
     import mlflow
 
+    from orchestrator.redact import carries_secret
+
+    if carries_secret(tracking_uri):  # MLflow prints "View run ... at <this URI>" to stdout, past the log filter
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri.removeprefix("sqlite:///"))
         db.parent.mkdir(parents=True, exist_ok=True)
