@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import FlowppError, UserError
+from orchestrator.mlflow_buffer import (  # noqa: F401  (the server's availability, re-exported)
+    MetricBuffer,
+    TrackingUnavailableError,
+    check_reachable,
+    end_run,
+    is_transient,
+    public_uri,
+    run_status_on_exit,
+    with_retries,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -27,8 +38,20 @@ REGISTERED_TAG = "flowpp.registered_version"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 
 
+_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+"""What MLflow answers for a missing model, version or alias (and only for a bad request besides)."""
+
+
 class ModelNotFoundError(UserError):
     """A registered model, version, alias or model URI that does not exist; names it."""
+
+
+class RegistrationError(FlowppError):
+    """The model could not be registered; the run's final checkpoint is kept for a later try."""
+
+
+class RegistrationRefusedError(RegistrationError):
+    """A model whose validation bits/dim is not a finite number is never registered."""
 
 
 def _mlflow(tracking_uri: str):
@@ -72,11 +95,14 @@ def ensure_run(
 
     ``parent_run_id`` makes a new run a child (a Tune trial under its search).
     """
+    check_reachable(tracking_uri)
     client = _client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment, _artifact_root(tracking_uri))
     runs = _job_runs(client, exp_id, job_name)
     if runs and runs[0].info.status != "FINISHED":
+        if runs[0].info.status != "RUNNING":  # a failed or killed job, resubmitted: the same run goes on
+            client.update_run(runs[0].info.run_id, status="RUNNING")
         return runs[0].info.run_id
     all_tags = {JOB_TAG: job_name, **(tags or {})}
     if parent_run_id:
@@ -116,18 +142,35 @@ def _artifact_root(tracking_uri: str) -> str | None:
 
 
 class RunLogger:
-    """One MLflow run; every method is a no-op when disabled (ranks > 0, tracking off)."""
+    """One MLflow run; every method is a no-op when disabled (ranks > 0, tracking off).
 
-    def __init__(self, tracking_uri: str | None, run_id: str | None):
+    Params, metrics and text go through a ``MetricBuffer``: queued, sent by a background
+    thread that retries while the server is away, flushed by ``finish``. Nothing the training
+    loop calls waits on the network, except registering the model, which is retried for
+    ``retry_budget_s`` seconds.
+    """
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None, retry_budget_s: float = 300.0,
+                 flush_timeout_s: float = 60.0):  # fmt: skip
         self.enabled = bool(tracking_uri and run_id)
         self.tracking_uri, self.run_id = tracking_uri, run_id
+        self.retry_budget_s, self.flush_timeout_s = retry_budget_s, flush_timeout_s
+        self._buffer: MetricBuffer | None = None
         if tracking_uri and run_id:
             self.client = _client(tracking_uri)
 
+    def _queue(self) -> MetricBuffer:
+        if self._buffer is None:
+            assert self.run_id
+            self._buffer = MetricBuffer(self.client, self.run_id)
+        return self._buffer
+
     def params(self, params: dict) -> None:
         """Log the params this run does not have yet (a resumed run keeps its first values)."""
-        if not self.enabled:
-            return
+        if self.enabled:
+            self._queue().call("params", lambda: self._send_params(params))
+
+    def _send_params(self, params: dict) -> None:
         from mlflow.entities import Param
 
         existing = self.client.get_run(self.run_id).data.params
@@ -136,40 +179,105 @@ class RunLogger:
             self.client.log_batch(self.run_id, params=new[i : i + 100])
 
     def metrics(self, metrics: dict, step: int) -> None:
-        if not self.enabled or not metrics:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        """Queued: returns at once whether or not the server answers."""
+        if self.enabled and metrics:
+            self._queue().metrics(metrics, step)
 
     def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if self.enabled:
+        """Best effort: a file the run can do without (a sample grid) is skipped while MLflow is away."""
+        if not self.enabled:
+            return
+        try:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("MLflow unreachable: %s not logged (%s)", Path(path).name, _first_line(str(exc)))
 
     def text(self, text: str, name: str) -> None:
         if self.enabled:
-            self.client.log_text(self.run_id, text, name)
+            self._queue().call(name, lambda: self.client.log_text(self.run_id, text, name))
 
     def tag(self, key: str, value: str) -> None:
         if self.enabled:
-            self.client.set_tag(self.run_id, key, value)
+            self._retry(f"tagging run {self.run_id}", lambda: self.client.set_tag(self.run_id, key, value))
+
+    def _retry(self, what: str, fn, budget_s: float | None = None):
+        return with_retries(what, fn, self.retry_budget_s if budget_s is None else budget_s)
 
     def registered_version(self) -> str | None:
         """The model version this run already registered (a re-submitted finished job), or None."""
-        return self.client.get_run(self.run_id).data.tags.get(REGISTERED_TAG) if self.enabled else None
+        if not self.enabled:
+            return None
+        run = self._retry(f"reading run {self.run_id}", lambda: self.client.get_run(self.run_id))
+        return run.data.tags.get(REGISTERED_TAG)
 
     def register_model(self, model, name: str, tags: dict[str, Any]) -> str:
-        """Log ``model``'s current weights as this run's pyfunc, register it; returns the version."""
+        """Log ``model``'s current weights as this run's pyfunc, register it; returns the version.
+
+        Refused if ``tags["val_bpd"]`` is not finite. Each MLflow step is retried while the
+        budget lasts; a run that already registered a version of ``name`` gets that one back.
+        """
         assert self.enabled and self.tracking_uri and self.run_id
-        uri = log_flow_model(self.tracking_uri, self.run_id, model)
-        version = register(self.tracking_uri, uri, name, {**tags, "run_id": self.run_id})
-        self.tag(REGISTERED_TAG, version)
+        uri, run_id = self.tracking_uri, self.run_id
+        _require_finite_val_bpd(name, run_id, tags)
+        deadline = time.monotonic() + self.retry_budget_s
+        what = f"registering {name} from run {run_id}"
+
+        def step(fn):
+            return with_retries(what, fn, max(0.0, deadline - time.monotonic()))
+
+        try:
+            version = step(lambda: _version_of_run(self.client, name, run_id))
+            if version is None:
+                model_uri = step(lambda: log_flow_model(uri, run_id, model))
+                version = step(lambda: register(uri, model_uri, name, {**tags, "run_id": run_id}))
+            step(lambda: self.client.set_tag(run_id, REGISTERED_TAG, version))
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            raise RegistrationError(
+                f"{what}: the MLflow server {public_uri(uri)} still fails after {self.retry_budget_s:.0f} s "
+                f"(mlflow.retry_budget_s): {_first_line(str(exc))}. The final checkpoint is kept: re-submit "
+                "the same job (same name) to register it without training again"
+            ) from None
         return version
+
+    def flush(self) -> int:
+        """Send what is queued (for at most ``flush_timeout_s``); returns the calls left unsent."""
+        buffer, self._buffer = self._buffer, None
+        return buffer.close(self.flush_timeout_s) if buffer else 0
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.enabled:
-            self.client.set_terminated(self.run_id, status)
+            self.flush()
+            self._retry(f"closing run {self.run_id}", lambda: self.client.set_terminated(self.run_id, status))
+
+
+def _require_finite_val_bpd(name: str, run_id: str, tags: dict[str, Any]) -> None:
+    value = tags.get("val_bpd")
+    try:
+        finite = math.isfinite(float(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        finite = False
+    if not finite:
+        raise RegistrationRefusedError(
+            f"{name}: not registered: run {run_id} has val_bpd {value!r}, not a finite number (a run that "
+            "diverged or never evaluated is never a model version)"
+        )
+
+
+def _version_of_run(client, name: str, run_id: str) -> str | None:
+    """The newest version of ``name`` registered from ``run_id`` (a retry after a lost reply), or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException as exc:
+        if exc.error_code in _NOT_FOUND:
+            return None
+        raise
+    return str(max(int(v.version) for v in versions)) if versions else None
 
 
 # -- models: safetensors + config.json, logged as a pyfunc from code -----------------------
@@ -252,64 +360,80 @@ def _first_line(text: str) -> str:
 
 # -- the registry: versions, aliases, tags --------------------------------------------------
 class ModelRegistry:
-    """The registry calls promotion needs, on one registered model."""
+    """The registry calls promotion needs, on one registered model.
+
+    Only MLflow's own "not found" answer means a version or alias is missing; any other
+    failure (the server down or failing) is a ``TrackingUnavailableError``, never "no champion".
+    """
 
     def __init__(self, tracking_uri: str, name: str):
         self.client = _client(tracking_uri)
         self.tracking_uri, self.name = tracking_uri, name
 
-    def version(self, version: str):
+    def _call(self, what: str, fn, *args, missing=None):
+        """``fn(*args)``; MLflow's "not found" becomes ``missing()`` (raised if an exception, else returned)."""
         from mlflow.exceptions import MlflowException
 
         try:
-            return self.client.get_model_version(self.name, str(version))
-        except MlflowException:
-            raise ModelNotFoundError(f"registered model {self.name!r} has no version {version}") from None
+            return fn(*args)
+        except MlflowException as exc:
+            if missing is not None and exc.error_code in _NOT_FOUND:
+                found = missing()
+                if isinstance(found, Exception):
+                    raise found from None
+                return found
+            raise TrackingUnavailableError(
+                f"{self.name}: {what} failed at the MLflow server {public_uri(self.tracking_uri)}: "
+                f"{_first_line(exc.message)}"
+            ) from None
+
+    def version(self, version: str):
+        def missing():
+            return ModelNotFoundError(f"registered model {self.name!r} has no version {version}")
+
+        return self._call(f"reading version {version}", self.client.get_model_version, self.name, str(version),
+                          missing=missing)  # fmt: skip
 
     def latest(self):
-        from mlflow.exceptions import MlflowException
-
-        try:
-            versions = self.client.search_model_versions(f"name = '{self.name}'")
-        except MlflowException:
-            versions = []
+        versions = self._call("listing versions", self.client.search_model_versions, f"name = '{self.name}'",
+                              missing=list)  # fmt: skip
         if not versions:
             raise ModelNotFoundError(f"registered model {self.name!r} does not exist or has no versions")
         return max(versions, key=lambda v: int(v.version))
 
     def alias(self, alias: str) -> str | None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return str(self.client.get_model_version_by_alias(self.name, alias).version)
-        except MlflowException:
-            return None
+        """The version holding ``alias``; None only when MLflow says the alias is not set."""
+        mv = self._call(f"reading @{alias}", self.client.get_model_version_by_alias, self.name, alias,
+                        missing=lambda: None)  # fmt: skip
+        return str(mv.version) if mv is not None else None
 
     def set_alias(self, alias: str, version: str) -> None:
-        self.client.set_registered_model_alias(self.name, alias, str(version))
+        self._call(f"setting @{alias}", self.client.set_registered_model_alias, self.name, alias, str(version))
 
     def delete_alias(self, alias: str) -> None:
-        self.client.delete_registered_model_alias(self.name, alias)
+        self._call(f"deleting @{alias}", self.client.delete_registered_model_alias, self.name, alias)
 
     def tags(self) -> dict:
-        return self.client.get_registered_model(self.name).tags
+        return self._call("reading tags", self.client.get_registered_model, self.name).tags
 
     def set_tag(self, key: str, value: str) -> None:
-        self.client.set_registered_model_tag(self.name, key, value)
+        self._call(f"setting tag {key}", self.client.set_registered_model_tag, self.name, key, value)
 
     def delete_tag(self, key: str) -> None:
-        self.client.delete_registered_model_tag(self.name, key)
+        self._call(f"deleting tag {key}", self.client.delete_registered_model_tag, self.name, key)
 
     def tag_version(self, version: str, tags: dict) -> None:
         for k, v in tags.items():
-            self.client.set_model_version_tag(self.name, version, k, str(v))
+            self._call(f"tagging version {version}", self.client.set_model_version_tag, self.name, version, k, str(v))
 
     def run_metric(self, run_id: str, key: str) -> float | None:
         """A metric of the run that produced a version (for versions registered without the tag)."""
-        return self.client.get_run(run_id).data.metrics.get(key) if run_id else None
+        return (
+            self._call(f"reading run {run_id}", self.client.get_run, run_id).data.metrics.get(key) if run_id else None
+        )
 
     def run_param(self, run_id: str, key: str) -> str | None:
-        return self.client.get_run(run_id).data.params.get(key) if run_id else None
+        return self._call(f"reading run {run_id}", self.client.get_run, run_id).data.params.get(key) if run_id else None
 
     def load(self, version: str, device: str | torch.device = "cpu"):
         return load_flow(f"models:/{self.name}/{version}", self.tracking_uri, device)

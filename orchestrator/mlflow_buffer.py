@@ -1,0 +1,280 @@
+"""What keeps a training run going while its MLflow server is away, and says when it is.
+
+``check_reachable`` fails a job before any worker starts when its tracking server does not
+answer, naming the server (never its credentials). ``run_status_on_exit`` marks the job's
+run FAILED or KILLED when the job ends that way.
+
+``MetricBuffer`` takes metrics (and other small calls: params, text) off the training loop:
+they go into a bounded queue that one background thread sends, retrying with jittered
+backoff for as long as the server is down, so that a report or a checkpoint never waits on
+MLflow. When the queue is full the oldest metric points are dropped (and counted); ``close``
+flushes what is left, for a bounded time, at the end of the run.
+
+``with_retries`` is the foreground counterpart for calls that must happen (registering the
+model): retried with backoff until a time budget is spent. Both decide what is worth a retry
+from MLflow's error code, never from the text of an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.errors import FlowppError
+
+log = logging.getLogger(__name__)
+
+# error codes that mean the request itself is wrong: sending it again changes nothing
+_PERMANENT = {
+    "RESOURCE_DOES_NOT_EXIST",
+    "RESOURCE_ALREADY_EXISTS",
+    "INVALID_PARAMETER_VALUE",
+    "BAD_REQUEST",
+    "INVALID_STATE",
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+    "ENDPOINT_NOT_FOUND",
+    "FEATURE_DISABLED",
+}
+
+
+class TrackingUnavailableError(FlowppError):
+    """The MLflow tracking server cannot be reached or keeps failing; names it, without credentials."""
+
+
+def public_uri(tracking_uri: str) -> str:
+    """The URI without a user:password@ part or any known secret: fit for a message."""
+    from orchestrator.storage import redact
+
+    scheme, sep, rest = tracking_uri.partition("://")
+    if sep:
+        netloc, slash, path = rest.partition("/")
+        tracking_uri = f"{scheme}://{netloc.rsplit('@', 1)[-1]}{slash}{path}"
+    return redact(tracking_uri)
+
+
+def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
+    """Fail now, naming the server, if an http(s) tracking URI does not answer (before any worker starts)."""
+    import urllib.error
+    import urllib.request
+
+    if not tracking_uri.startswith(("http://", "https://")):
+        return  # a local store (sqlite, file): created on first use
+    health = public_uri(tracking_uri).rstrip("/") + "/health"
+    try:
+        urllib.request.urlopen(health, timeout=timeout_s).close()
+        return
+    except urllib.error.HTTPError as exc:
+        if exc.code < 500:
+            return  # it answered (behind an auth proxy, or without a /health route)
+        reason = f"HTTP {exc.code}"
+    except (OSError, ValueError) as exc:
+        reason = str(getattr(exc, "reason", exc))
+    raise TrackingUnavailableError(
+        f"mlflow.tracking_uri: the MLflow tracking server {public_uri(tracking_uri)} is unreachable ({reason}); "
+        "start it, correct the URI, or set mlflow.enabled: false"
+    )
+
+
+def is_transient(exc: BaseException) -> bool:
+    """An error a later attempt may not meet: the server unreachable, overloaded, or failing."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return exc.error_code not in _PERMANENT
+    try:
+        import requests
+
+        if isinstance(exc, requests.ConnectionError | requests.Timeout):
+            return True
+    except ImportError:  # pragma: no cover - mlflow depends on requests
+        pass
+    return isinstance(exc, ConnectionError | TimeoutError)
+
+
+def backoff(cap: float) -> float:
+    """A full-jitter delay below ``cap``."""
+    return random.uniform(0.1 * cap, cap)
+
+
+def with_retries(what: str, fn: Callable[[], Any], budget_s: float, first_backoff_s: float = 1.0):
+    """``fn()``, retried on transient errors with jittered exponential backoff for ``budget_s`` seconds.
+
+    A permanent error, or the last transient one once the budget is spent, is raised as is.
+    """
+    deadline = time.monotonic() + budget_s
+    cap, attempt = first_backoff_s, 0
+    while True:
+        attempt += 1
+        try:
+            return fn()
+        except Exception as exc:
+            left = deadline - time.monotonic()
+            if not is_transient(exc) or left <= 0:
+                raise
+            delay = min(left, backoff(cap))
+            log.warning("%s: MLflow failed (attempt %d), retrying in %.1f s: %s", what, attempt, delay,
+                        _first_line(exc))  # fmt: skip
+            time.sleep(delay)
+            cap = min(cap * 2, 60.0)
+
+
+def _first_line(exc: BaseException) -> str:
+    from orchestrator.storage import redact
+
+    text = str(exc).strip()
+    return redact(f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}")
+
+
+@dataclass
+class _Op:
+    what: str
+    send: Callable[[], None]
+    points: int = 0
+    """Metric points this op carries (0 for params, text and tags, which are never dropped)."""
+
+
+class MetricBuffer:
+    """A bounded queue of MLflow calls and the one daemon thread that sends them in order."""
+
+    def __init__(self, client, run_id: str, max_points: int = 10_000, first_backoff_s: float = 1.0):
+        self.client, self.run_id = client, run_id
+        self.max_points, self.first_backoff_s = max_points, first_backoff_s
+        self.dropped = 0
+        self._ops: deque[_Op] = deque()
+        self._points = 0
+        self._inflight: _Op | None = None
+        self._closing = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name=f"mlflow-buffer-{run_id[:8]}", daemon=True)
+        self._thread.start()
+
+    # -- the training loop's side: never blocks on the network --------------------------
+    def metrics(self, metrics: dict, step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._put(_Op(f"metrics of step {step}", lambda: self.client.log_batch(self.run_id, metrics=batch), len(batch)))
+
+    def call(self, what: str, send: Callable[[], None]) -> None:
+        """Any other call (params, text, a tag), sent in order with the metrics."""
+        self._put(_Op(what, send))
+
+    def _put(self, op: _Op) -> None:
+        with self._cond:
+            self._ops.append(op)
+            self._points += op.points
+            while self._points > self.max_points and self._drop_oldest_metrics():
+                pass
+            self._cond.notify_all()
+
+    def _drop_oldest_metrics(self) -> bool:
+        victim = next((op for op in self._ops if op.points), None)
+        if victim is None:
+            return False
+        self._ops.remove(victim)
+        self._points -= victim.points
+        if not self.dropped:
+            log.warning("MLflow is behind: its queue holds %d metric points; dropping the oldest", self.max_points)
+        self.dropped += victim.points
+        return True
+
+    def pending(self) -> int:
+        """Calls not sent yet (queued or being sent)."""
+        with self._cond:
+            return len(self._ops) + (self._inflight is not None)
+
+    def close(self, timeout_s: float = 60.0) -> int:
+        """Send what is queued, for at most ``timeout_s``; returns the number of calls left unsent."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            while (self._ops or self._inflight) and time.monotonic() < deadline:
+                self._cond.wait(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+            left = len(self._ops) + (self._inflight is not None)
+        if left:
+            log.warning("MLflow run %s: %d logging call(s) could not be sent and are lost", self.run_id, left)
+        if self.dropped:
+            log.warning("MLflow run %s: %d metric point(s) were dropped while the server was away", self.run_id,
+                        self.dropped)  # fmt: skip
+        return left
+
+    # -- the background thread -----------------------------------------------------------
+    def _run(self) -> None:
+        cap = self.first_backoff_s
+        while True:
+            with self._cond:
+                while not self._ops and not self._closing:
+                    self._cond.wait()
+                if not self._ops:
+                    return
+                op = self._inflight = self._ops.popleft()
+                self._points -= op.points
+            try:
+                op.send()
+                cap = self.first_backoff_s
+            except Exception as exc:  # noqa: BLE001 - a logging call never ends the run
+                if is_transient(exc):
+                    with self._cond:
+                        self._ops.appendleft(op)  # first again, once the server answers
+                        self._points += op.points
+                        self._inflight = None
+                        self._cond.notify_all()
+                        self._cond.wait(timeout=backoff(cap))
+                    if cap == self.first_backoff_s:
+                        log.warning("MLflow unreachable, keeping %s for later: %s", op.what, _first_line(exc))
+                    cap = min(cap * 2, 30.0)
+                    continue
+                log.warning("MLflow refused %s, skipped: %s", op.what, _first_line(exc))
+            with self._cond:
+                self._inflight = None
+                self._cond.notify_all()
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextmanager
+def run_status_on_exit(tracking_uri: str | None, run_id: str | None) -> Iterator[None]:
+    """Around a job's training: its MLflow run ends FAILED if the job raises, KILLED on Ctrl-C or SIGTERM."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    if main:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        end_run(tracking_uri, run_id, "KILLED")
+        raise
+    except BaseException:
+        end_run(tracking_uri, run_id, "FAILED")
+        raise
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def end_run(tracking_uri: str | None, run_id: str | None, status: str) -> None:
+    """Mark a still-running run ``status``; best effort (the server may be why the job failed)."""
+    if not (tracking_uri and run_id):
+        return
+    try:
+        check_reachable(tracking_uri, timeout_s=3.0)
+        from orchestrator.tracking import _client
+
+        client = _client(tracking_uri)
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status)
+    except Exception as exc:  # noqa: BLE001 - never hides the error that ended the job
+        log.warning("MLflow run %s could not be marked %s: %s", run_id, status, _first_line(exc))

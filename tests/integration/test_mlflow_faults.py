@@ -1,0 +1,203 @@
+"""MLflow away during a run: at the start, while metrics flow, at registration.
+
+A real MLflow server (sqlite backend, local artifacts) on a loopback port that a test
+stops and starts again on the same port; "down" is that port with nothing listening.
+MLflow's own HTTP retries are turned off so that each fault shows within seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator import tracking
+from orchestrator.cli import main as cli
+from tests.helpers import initialized_model, tiny_config
+from tests.jobs import tiny_job, write_job
+from tests.s3fixtures import _wait_http, free_port
+
+pytestmark = pytest.mark.integration
+
+
+class Server:
+    """An MLflow server on a fixed loopback port, stopped and started by its own pid."""
+
+    def __init__(self, state: Path):
+        self.state, self.port = state, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port",
+               str(self.port), "--workers", "1", "--backend-store-uri", f"sqlite:///{self.state}/mlflow.db",
+               "--artifacts-destination", f"file://{self.state}/artifacts", "--serve-artifacts"]  # fmt: skip
+        log = open(self.state / "server.log", "ab")  # noqa: SIM115  (the child keeps it)
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        _wait_http(f"{self.uri}/health", timeout=120)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the server's own group: its workers, nobody else
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("mlflow-faults"))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def up(server, monkeypatch):
+    """The server, running; MLflow's client gives up on a request at once (no hidden retries)."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    if server.proc is None:
+        server.start()
+    yield server
+    if server.proc is None:
+        server.start()
+
+
+def _history(uri: str, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in tracking._client(uri).get_metric_history(run_id, key))
+
+
+def test_an_unreachable_tracking_server_fails_the_job_before_any_work(tmp_path, capsys):
+    port = free_port()  # nothing listens there
+    uri = f"http://flowpp:pa55word-xyz@127.0.0.1:{port}"
+    tree = tiny_job(tmp_path, mlflow__tracking_uri=uri)
+    code = cli(["train", str(write_job(tree, tmp_path / "job.yaml"))])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("flowpp ")]
+    assert code == 1 and len(lines) == 1, err
+    assert lines[0].startswith(
+        f"flowpp train: mlflow.tracking_uri: the MLflow tracking server http://127.0.0.1:{port} is unreachable"
+    )
+    assert "pa55word" not in err and "Traceback" not in err
+    import ray
+
+    # no data prepared, no Ray started, no run directory (so no worker, no GPU)
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs" / tree["name"]).exists()
+    assert not ray.is_initialized()
+
+
+def test_metrics_wait_in_a_bounded_queue_while_the_server_is_down_and_are_flushed_at_the_end(up):
+    run_id = tracking.ensure_run(up.uri, "faults", "buffered")
+    logger = tracking.RunLogger(up.uri, run_id, retry_budget_s=60)
+    logger.metrics({"loss": 1.0}, step=0)
+    up.stop()
+    slowest = 0.0
+    for step in range(1, 41):
+        started = time.perf_counter()
+        logger.metrics({"loss": 1.0 / step, "lr": 1e-3}, step=step)
+        slowest = max(slowest, time.perf_counter() - started)
+    logger.params({"train.lr": 1e-3})
+    assert slowest < 0.05  # a report never waits on the server
+    time.sleep(1.0)  # the background thread has met the outage by now
+    assert logger._buffer is not None and logger._buffer.pending() >= 40
+    up.start()
+    logger.finish()  # flushes, then closes the run
+    assert _history(up.uri, run_id, "loss") == list(range(41))
+    client = tracking._client(up.uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["train.lr"] == "0.001"
+
+
+def test_a_full_queue_drops_the_oldest_points_and_keeps_params(up, caplog):
+    from orchestrator.mlflow_buffer import MetricBuffer
+
+    run_id = tracking.ensure_run(up.uri, "faults", "bounded")
+    up.stop()
+    buffer = MetricBuffer(tracking._client(up.uri), run_id, max_points=10, first_backoff_s=0.2)
+    logger = tracking.RunLogger(up.uri, run_id)
+    for step in range(25):
+        buffer.metrics({"loss": float(step)}, step)
+    buffer.call("params", lambda: logger._send_params({"kept": "yes"}))
+    assert buffer.dropped >= 14  # 25 points, 10 queued, at most one in flight
+    up.start()
+    assert buffer.close(timeout_s=60) == 0
+    steps = _history(up.uri, run_id, "loss")
+    assert steps[-10:] == list(range(15, 25)) and len(steps) <= 11  # the newest ten (and the one in flight)
+    assert tracking._client(up.uri).get_run(run_id).data.params["kept"] == "yes"
+    assert "dropping the oldest" in caplog.text
+
+
+def test_registration_is_retried_until_the_server_returns(up):
+    run_id = tracking.ensure_run(up.uri, "faults", "register-later")
+    model = initialized_model(tiny_config(image_size=8)).float()
+    logger = tracking.RunLogger(up.uri, run_id, retry_budget_s=120)
+    up.stop()
+    restarter = threading.Timer(2.0, up.start)
+    restarter.start()
+    started = time.monotonic()
+    try:
+        version = logger.register_model(model, "faulty", {"val_bpd": "5.25"})
+    finally:
+        restarter.join()
+    assert time.monotonic() - started >= 2.0
+    mv = tracking._client(up.uri).get_model_version("faulty", version)
+    assert mv.run_id == run_id and mv.tags["val_bpd"] == "5.25"
+    # a second call (a resubmitted job whose tag write was lost) finds the version, registers nothing new
+    assert tracking.RunLogger(up.uri, run_id).register_model(model, "faulty", {"val_bpd": "5.25"}) == version
+    assert len(tracking._client(up.uri).search_model_versions("name = 'faulty'")) == 1
+
+
+def test_registration_gives_up_after_its_budget_with_a_resumable_message(up):
+    run_id = tracking.ensure_run(up.uri, "faults", "register-never")
+    logger = tracking.RunLogger(up.uri, run_id, retry_budget_s=2.0)
+    up.stop()
+    started = time.monotonic()
+    with pytest.raises(tracking.RegistrationError) as err:
+        logger.register_model(initialized_model(tiny_config(image_size=8)).float(), "never", {"val_bpd": "5.0"})
+    assert 2.0 <= time.monotonic() - started < 30
+    text = str(err.value)
+    assert f"the MLflow server {up.uri} still fails after 2 s" in text and "re-submit the same job" in text
+
+
+@pytest.mark.parametrize("val_bpd", ["nan", None, "inf"])
+def test_a_run_whose_val_bpd_is_not_finite_is_never_registered(tmp_path, val_bpd):
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = tracking.ensure_run(store, "exp", "diverged")
+    tags = {"job": "diverged"} if val_bpd is None else {"val_bpd": val_bpd}
+    with pytest.raises(tracking.RegistrationRefusedError, match=r"not registered: run \w+ has val_bpd"):
+        tracking.RunLogger(store, run_id).register_model(initialized_model(tiny_config(image_size=8)), "m", tags)
+    assert tracking._client(store).search_model_versions("name = 'm'") == []
+
+
+def test_a_failed_job_marks_its_run_failed_and_a_resubmission_runs_it_again(tmp_path):
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = tracking.ensure_run(store, "exp", "job")
+    with pytest.raises(ValueError), tracking.run_status_on_exit(store, run_id):
+        raise ValueError("a rank failed")
+    assert tracking._client(store).get_run(run_id).info.status == "FAILED"
+    assert tracking.ensure_run(store, "exp", "job") == run_id  # resubmitted: the same run, running again
+    assert tracking._client(store).get_run(run_id).info.status == "RUNNING"
+    with pytest.raises(KeyboardInterrupt), tracking.run_status_on_exit(store, run_id):
+        os.kill(os.getpid(), signal.SIGTERM)  # as `ray job stop` does
+        time.sleep(5)
+    assert tracking._client(store).get_run(run_id).info.status == "KILLED"
+    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None) or callable(signal.getsignal(signal.SIGTERM))
+
+
+def test_a_closed_port_while_marking_the_run_never_hides_the_jobs_error(caplog):
+    uri = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(RuntimeError, match="the real cause"), tracking.run_status_on_exit(uri, "0" * 32):
+        raise RuntimeError("the real cause")
+    assert "could not be marked FAILED" in caplog.text and not math.isnan(0.0)
