@@ -164,6 +164,9 @@ class MlflowSpec(_Strict):
     enabled: bool = True
     register_model: bool = True
     """Log the final EMA model and register a new version (Tune trials leave that to the search)."""
+    retry_budget_s: float = Field(300.0, gt=0)
+    """How long registering the model keeps retrying while the server is away; after that the job
+    fails, keeping its final checkpoint, and re-submitting it registers without training again."""
 
 
 class RaySpec(_Strict):

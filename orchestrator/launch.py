@@ -164,17 +164,21 @@ def _train(spec: JobSpec, run: str):
     """One Ray Train run named ``run`` to its end (resuming from its last checkpoint)."""
     import ray.train
 
+    from orchestrator import tracking
+
     spec = resolve_paths(spec)
+    if spec.mlflow.enabled:
+        tracking.check_reachable(spec.mlflow.tracking_uri)  # before any data, Ray or GPU work
     ensure_data(spec)
     run_id = None
     if spec.mlflow.enabled:
-        from orchestrator.tracking import ensure_run
-
-        run_id = ensure_run(spec.mlflow.tracking_uri, spec.mlflow.experiment, spec.name)
-        log.info("MLflow run %s in experiment %r at %s", run_id, spec.mlflow.experiment, spec.mlflow.tracking_uri)
-    _init_ray(spec)
+        run_id = tracking.ensure_run(spec.mlflow.tracking_uri, spec.mlflow.experiment, spec.name)
+        log.info("MLflow run %s in experiment %r at %s", run_id, spec.mlflow.experiment,
+                 tracking.public_uri(spec.mlflow.tracking_uri))  # fmt: skip
     try:
-        result = make_trainer(spec, run_id, run_name=run).fit()
+        with tracking.run_status_on_exit(spec.mlflow.tracking_uri, run_id):  # FAILED, or KILLED on SIGTERM
+            _init_ray(spec)
+            result = make_trainer(spec, run_id, run_name=run).fit()
     except ray.train.TrainingFailedError as exc:
         raise _failure(spec.name, exc) from exc
     log.info("finished: %s; checkpoint %s", result.metrics, result.checkpoint.path if result.checkpoint else None)

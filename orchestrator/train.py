@@ -201,7 +201,7 @@ def train_loop(config: dict) -> None:
 
     state, valid = build_state(spec, rank, world)
     tracking_uri = spec.mlflow.tracking_uri if rank == 0 and spec.mlflow.enabled else None
-    tracker = RunLogger(tracking_uri, config.get("mlflow_run_id"))
+    tracker = RunLogger(tracking_uri, config.get("mlflow_run_id"), retry_budget_s=spec.mlflow.retry_budget_s)
     device = next(state.model.parameters()).device
     w = Worker(spec, rank, world, device, valid, tracker, Trace(spec.train.trace_dir, rank))
     if tracker.enabled and state.step == 0:
@@ -370,6 +370,7 @@ def finish(w: Worker, state: TrainState) -> None:
     spec, tracker = w.spec, w.tracker
     if not tracker.enabled:
         return
+    tracker.flush()  # the metrics queued while MLflow was away, before anything else
     if not spec.mlflow.register_model:  # a Tune trial: the search registers its best
         tracker.finish()
         return
