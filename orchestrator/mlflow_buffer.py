@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import random
 import signal
+import ssl
 import threading
 import time
 from collections import deque
@@ -77,7 +78,10 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
             return  # it answered (behind an auth proxy, or without a /health route)
         reason = f"HTTP {exc.code}"
     except (OSError, ValueError) as exc:
-        reason = str(getattr(exc, "reason", exc))
+        reason_exc = getattr(exc, "reason", exc)
+        if isinstance(reason_exc, ssl.SSLError):
+            return  # it answered; MLflow's client has its own CA settings (MLFLOW_TRACKING_SERVER_CERT_PATH)
+        reason = str(reason_exc)
     raise TrackingUnavailableError(
         f"mlflow.tracking_uri: the MLflow tracking server {public_uri(tracking_uri)} is unreachable ({reason}); "
         "start it, correct the URI, or set mlflow.enabled: false"
