@@ -12,12 +12,22 @@ MLflow has no compare-and-set, so the alias move runs under an advisory lock (a 
 the registered model, set, left to settle, then read back), and the champion is read
 again under the lock: if another promotion moved it meanwhile, the candidate is
 compared with the new champion before anything changes.
+
+The lock's tag is ``OWNER:EXPIRY``. A heartbeat thread renews the expiry every third of the
+lease while the holder works (a re-score of 50k images outlasts any fixed lease), and the
+aliases move only if the lock is still held. Release is compare-and-delete: the tag is read
+and deleted only if it still names this owner. MLflow offers no conditional delete, so a
+window of one round trip remains between that read and the delete; another promotion can
+take the lock inside it only if this holder's lease had already run out (its heartbeat
+failing for a whole lease), and the alias move checks the lock first.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -27,6 +37,8 @@ from orchestrator import storage
 from orchestrator.errors import FlowppError, UserError
 from orchestrator.evaluate import Scores, per_image_bpd
 from orchestrator.tracking import ModelRegistry
+
+log_ = logging.getLogger(__name__)
 
 CHAMPION, PREVIOUS = "champion", "previous"
 LOCK_TAG = "flowpp.promotion_lock"
@@ -125,27 +137,67 @@ def scores(reg: ModelRegistry, version: str, settings: EvalSettings) -> Scores:
     )
 
 
+class Lease:
+    """A held promotion lock: its owner id, renewed by a heartbeat thread until released."""
+
+    def __init__(self, reg: ModelRegistry, owner: str, lease_s: float):
+        self.reg, self.owner, self.lease_s = reg, owner, lease_s
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="promotion-lock-heartbeat", daemon=True)
+
+    def token(self) -> str:
+        return f"{self.owner}:{time.time() + self.lease_s:.3f}"
+
+    def held(self) -> bool:
+        held = self.reg.tags().get(LOCK_TAG) or ""
+        return held.rsplit(":", 1)[0] == self.owner
+
+    def ensure_held(self) -> None:
+        """Raise unless this owner still holds the lock (checked before the aliases move)."""
+        if self.lost.is_set() or not self.held():
+            self.lost.set()
+            raise PromotionError(f"{self.reg.name}: the promotion lock was lost (its lease ran out); nothing moved")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            try:
+                if not self.held():  # read, compare, renew: only the owner's token is extended
+                    self.lost.set()
+                    return
+                self.reg.set_tag(LOCK_TAG, self.token())
+            except FlowppError as exc:  # MLflow away for a moment: the lease still has time left
+                log_.warning("promotion lock: renewal failed, retrying: %s", exc)
+
+    def release(self) -> None:
+        """Compare-and-delete: only a tag that still names this owner is deleted."""
+        self._stop.set()
+        self._thread.join()
+        if self.held():
+            self.reg.delete_tag(LOCK_TAG)
+
+
 @contextmanager
 def promotion_lock(reg: ModelRegistry, lease_s: float = 1800, settle_s: float = 1.0, timeout_s: float = 900):
-    """An advisory lock on the registered model; a holder that died frees it when its lease ends."""
-    token = f"{uuid.uuid4().hex}:{time.time() + lease_s:.0f}"
+    """An advisory lock on the registered model, renewed while held; a holder that died frees it when its lease ends."""
+    lease = Lease(reg, uuid.uuid4().hex, lease_s)
     deadline = time.monotonic() + timeout_s
     while True:
         held = reg.tags().get(LOCK_TAG)
-        if held and held != token and float(held.rsplit(":", 1)[1]) > time.time():
+        if held and not held.startswith(lease.owner + ":") and float(held.rsplit(":", 1)[1]) > time.time():
             if time.monotonic() > deadline:
                 raise PromotionError(f"{reg.name}: another promotion has held the lock for over {timeout_s:.0f} s")
             time.sleep(0.2 + random.random() * 0.3)
             continue
-        reg.set_tag(LOCK_TAG, token)
+        reg.set_tag(LOCK_TAG, lease.token())
         time.sleep(settle_s)  # a concurrent writer that read "free" has written by now; the last write wins
-        if reg.tags().get(LOCK_TAG) == token:
+        if lease.held():
             break
+    lease._thread.start()
     try:
-        yield token
+        yield lease
     finally:
-        if reg.tags().get(LOCK_TAG) == token:
-            reg.delete_tag(LOCK_TAG)
+        lease.release()
 
 
 def promote(
@@ -157,6 +209,7 @@ def promote(
     z: float = 2.0,
     dry_run: bool = False,
     log=print,
+    lock_lease_s: float = 1800,
 ) -> Decision:
     """Compare ``version`` (default: the latest) with ``@champion``; move the aliases if it wins."""
     settings = settings or EvalSettings()
@@ -179,13 +232,14 @@ def promote(
     if dry_run:
         log(_summary(name, cand.version, champion, decision, dry_run=True))
         return decision
-    with promotion_lock(reg):
+    with promotion_lock(reg, lease_s=lock_lease_s) as lease:
         now = reg.alias(CHAMPION)
         if now != champion:  # another promotion moved it while we were scoring
             log(f"the champion changed from {champion} to {now} meanwhile; comparing with v{now}")
             champion = now
             champ_scores = scores(reg, champion, settings) if champion else None
             decision = decide(cand_scores, champ_scores, margin, z)
+        lease.ensure_held()  # a re-score may have outlasted a lease whose heartbeat failed
         _record(reg, cand.version, champion, decision, settings)
         if decision.promote:
             reg.set_alias(CHAMPION, str(cand.version))
@@ -198,8 +252,9 @@ def promote(
 def rollback(tracking_uri: str, name: str, log=print) -> str:
     """Move ``champion`` back to ``previous``; returns the restored version."""
     reg = ModelRegistry(tracking_uri, name)
-    with promotion_lock(reg):
+    with promotion_lock(reg) as lease:
         previous, current = reg.alias(PREVIOUS), reg.alias(CHAMPION)
+        lease.ensure_held()
         if previous is None:
             raise PromotionError(f"{name}: no @previous version to roll back to")
         reg.set_alias(CHAMPION, previous)

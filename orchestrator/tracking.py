@@ -231,7 +231,9 @@ class RunLogger:
             version = step(lambda: _version_of_run(self.client, name, run_id))
             if version is None:
                 model_uri = step(lambda: log_flow_model(uri, run_id, model))
-                version = step(lambda: register(uri, model_uri, name, {**tags, "run_id": run_id}))
+                # each attempt looks first: a version whose reply was lost is not made twice
+                version = step(lambda: _version_of_run(self.client, name, run_id)
+                               or register(uri, model_uri, name, {**tags, "run_id": run_id}))  # fmt: skip
             step(lambda: self.client.set_tag(run_id, REGISTERED_TAG, version))
         except Exception as exc:
             if not is_transient(exc):

@@ -101,11 +101,12 @@ def s3(s3_endpoint, aws_env):
 
 
 class FaultProxy:
-    """Forwards HTTP to ``target``; the first ``failures`` GETs of objects whose path contains
-    ``match`` get ``mode``: ``503`` (SlowDown), ``500``, or ``reset`` (connection dropped)."""
+    """Forwards HTTP to ``target``; the first ``failures`` requests (GETs, or ``methods``) whose path
+    contains ``match`` get ``mode``: ``503`` (SlowDown), ``500``, or ``reset`` (connection dropped)."""
 
-    def __init__(self, target: str, match: str, failures: int, mode: str = "503"):
+    def __init__(self, target: str, match: str, failures: int, mode: str = "503", methods: tuple = ("GET",)):
         self.target = target.split("://", 1)[1]
+        self.methods = methods
         self.match, self.remaining, self.mode = match, failures, mode
         self.injected = 0
         self.lock = threading.Lock()
@@ -119,7 +120,7 @@ class FaultProxy:
 
             def _forward(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if self.command == "GET" and proxy.match in self.path and proxy._take():
+                if self.command in proxy.methods and proxy.match in self.path and proxy._take():
                     return self._fail()
                 conn = http.client.HTTPConnection(proxy.target, timeout=30)
                 conn.request(self.command, self.path, body=body, headers=dict(self.headers))

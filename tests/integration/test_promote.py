@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -24,12 +25,21 @@ from orchestrator.cli import main as cli
 from orchestrator.data.prepare import PrepareOptions, prepare
 from orchestrator.data.stream import ShardStream
 from orchestrator.evaluate import per_image_bpd
-from orchestrator.promote import CHAMPION, LOCK_TAG, PREVIOUS, EvalSettings, PromotionError, promote, rollback
+from orchestrator.promote import (
+    CHAMPION,
+    LOCK_TAG,
+    PREVIOUS,
+    EvalSettings,
+    PromotionError,
+    promote,
+    promotion_lock,
+    rollback,
+)
 from orchestrator.storage import StorageOptions
-from orchestrator.tracking import ModelNotFoundError
+from orchestrator.tracking import ModelNotFoundError, ModelRegistry, TrackingUnavailableError
 from tests.integration.test_tracking import _no_pickle
 from tests.mlflowfixtures import mlflow_server  # noqa: F401  (fixture)
-from tests.s3fixtures import ACCESS_KEY, SECRET
+from tests.s3fixtures import ACCESS_KEY, SECRET, FaultProxy
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -214,3 +224,81 @@ def test_sample_and_evaluate_load_the_registered_model_without_pickle(reg, world
     elbo = float(next(line for line in lines if "dequantization bound" in line).split()[1])
     iw = float(next(line for line in lines if "importance-weighted" in line).split()[1])
     assert 0 < iw <= elbo + 0.05  # the tighter bound, up to the noise of 3 samples
+
+
+def test_an_mlflow_error_is_never_taken_for_no_champion(reg, world, monkeypatch):
+    """The alias lookup fails (503 through a proxy) while the rest of MLflow answers: no promotion."""
+    v1, v2 = reg.add("good"), reg.add("best")
+    reg.promote(v1)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    proxy = FaultProxy(reg.uri, match="registered-models/alias", failures=10**6, mode="503")
+    try:
+        settings = EvalSettings(options=world["opts"])
+        with pytest.raises(TrackingUnavailableError) as err:
+            promote(proxy.endpoint, reg.name, v2, settings, log=lambda *_: None)
+    finally:
+        proxy.close()
+    assert proxy.injected >= 1
+    assert f"{reg.name}: reading @champion failed at the MLflow server {proxy.endpoint}" in str(err.value)
+    assert reg.alias(CHAMPION) == v1 and "promotion.decision" not in reg.tags(v2)
+    # only MLflow's own "not set" answer means there is no champion
+    assert ModelRegistry(reg.uri, reg.name).alias("never-set") is None
+
+
+def test_promoting_a_version_whose_artifacts_are_gone_from_s3_is_one_clear_line(reg, world, capsys):
+    import boto3
+
+    server = world["server"]
+    client = reg.client
+    exp = client.create_experiment("gone-" + uuid.uuid4().hex[:6])
+    run = client.create_run(exp).info.run_id
+    client.log_param(run, "data.valid", world["valid"])
+    model = build_model(get_preset("debug"))
+    version = tracking.register(reg.uri, tracking.log_flow_model(reg.uri, run, model), reg.name, {"val_bpd": "6.0"})
+    s3 = boto3.client("s3", endpoint_url=server.s3_endpoint, region_name="us-east-1")
+    listed = s3.list_objects_v2(Bucket=server.bucket, Prefix=f"mlflow/{exp}/")
+    assert listed.get("Contents"), "the model's artifacts were not where the server puts them"
+    for obj in listed["Contents"]:  # the artifact store lost this experiment's files
+        s3.delete_object(Bucket=server.bucket, Key=obj["Key"])
+    code = cli(["promote", "--model", reg.name, "--version", version, "--tracking-uri", reg.uri])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("flowpp ")]
+    assert code == 1 and "Traceback" not in err and "StopIteration" not in err, err
+    assert len(lines) == 1 and f"models:/{reg.name}/{version}" in lines[0], err
+    assert "weights.safetensors" in lines[0] or "config.json" in lines[0] or "MLmodel" in lines[0], lines[0]
+    assert reg.alias(CHAMPION) is None
+
+
+@pytest.fixture
+def bare_registry(mlflow_server):  # noqa: F811
+    """A registered model with no versions: all the lock needs."""
+    name = "lock-" + uuid.uuid4().hex[:8]
+    tracking._client(mlflow_server.uri).create_registered_model(name)
+    return ModelRegistry(mlflow_server.uri, name)
+
+
+def test_the_lock_is_renewed_while_its_holder_outlasts_the_lease(bare_registry):
+    reg = bare_registry
+    with promotion_lock(reg, lease_s=1.5, settle_s=0.1) as lease:
+        first = reg.tags()[LOCK_TAG]
+        time.sleep(4.0)  # a re-score that outlasts the lease more than twice over
+        renewed = reg.tags()[LOCK_TAG]
+        assert renewed.rsplit(":", 1)[0] == first.rsplit(":", 1)[0] == lease.owner
+        assert float(renewed.rsplit(":", 1)[1]) > time.time() > float(first.rsplit(":", 1)[1])
+        # a second promotion waits instead of taking a lease that would have expired
+        waiting = promotion_lock(reg, lease_s=1.5, settle_s=0.1, timeout_s=1.0)
+        with pytest.raises(PromotionError, match="another promotion has held the lock"), waiting:
+            pass
+        lease.ensure_held()
+    assert LOCK_TAG not in reg.tags()
+
+
+def test_only_the_owner_token_releases_the_lock(bare_registry):
+    reg = bare_registry
+    intruder = f"{uuid.uuid4().hex}:{time.time() + 600:.3f}"
+    with promotion_lock(reg, lease_s=600, settle_s=0.1) as lease:
+        reg.set_tag(LOCK_TAG, intruder)  # as if our lease had run out and another promotion took over
+        with pytest.raises(PromotionError, match="the promotion lock was lost"):
+            lease.ensure_held()
+    assert reg.tags()[LOCK_TAG] == intruder  # compare-and-delete left the other owner's lock alone
+    reg.delete_tag(LOCK_TAG)
