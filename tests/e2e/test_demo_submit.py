@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from orchestrator import rayauth
 from tests.jobs import shrunk_demo
 from tests.s3fixtures import free_port
 
@@ -42,6 +46,12 @@ def bucket_keys(env: dict, prefix: str) -> list[str]:
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
+DEMO_SETS = dict(
+    name="e2e-demo", train__max_steps=16, train__log_every=4, train__checkpoint_every=8, train__eval_every=16
+)
+"""The first test's job; the later ones submit it again."""
+
+
 @pytest.fixture(scope="module")
 def local_stack(tmp_path_factory):
     state = tmp_path_factory.mktemp("stack")
@@ -50,6 +60,8 @@ def local_stack(tmp_path_factory):
         "FLOWPP_MLFLOW_PORT": free_port(),
         "FLOWPP_RAY_PORT": free_port(),
         "FLOWPP_DASHBOARD_PORT": free_port(),
+        "FLOWPP_RAY_AGENT_PORT": free_port(),
+        "FLOWPP_RAY_CLIENT_PORT": free_port(),
     }
     env = {
         **os.environ,
@@ -59,20 +71,23 @@ def local_stack(tmp_path_factory):
         "VENV_BIN": str(Path(sys.executable).parent),
         "FLOWPP_BUCKET": "e2e",
     }
+    patch = pytest.MonkeyPatch()
     try:
         subprocess.run([str(ROOT / "infra/local/up")], env=env, check=True, timeout=300)
         stack = {**env, **_env_file(state / "env")}
         stack["PATH"] = f"{Path(sys.executable).parent}:{stack['PATH']}"  # `ray`, `flowpp`: this venv's
+        for var in (rayauth.MODE_VAR, rayauth.TOKEN_VAR, rayauth.PATH_VAR):
+            patch.delenv(var, raising=False)  # put back at the end
+        rayauth.enable(Path(stack[rayauth.PATH_VAR]))  # the token for this process's JobSubmissionClient
         yield state, stack
     finally:
-        subprocess.run([str(ROOT / "infra/local/down")], env=env, timeout=120)
+        patch.undo()
+        subprocess.run([str(ROOT / "infra/local/down")], env=env, timeout=300)
 
 
 def test_ray_job_submit_trains_evaluates_and_registers(local_stack):
     state, env = local_stack
-    sets = shrunk_demo(
-        name="e2e-demo", train__max_steps=16, train__log_every=4, train__checkpoint_every=8, train__eval_every=16
-    )
+    sets = shrunk_demo(**DEMO_SETS)
     cmd = [
         "ray",
         "job",
@@ -128,6 +143,144 @@ def test_ray_job_submit_trains_evaluates_and_registers(local_stack):
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert f"promoted: flowpp-demo@champion = v{v.version}" in out.stdout
     assert client.get_model_version_by_alias("flowpp-demo", "champion").version == v.version
+
+
+def ray_job_submit(env: dict, *train_args: str) -> subprocess.CompletedProcess:
+    """``ray job submit ... -- python -m orchestrator train jobs/demo.yaml ARGS``, as `make demo` runs it."""
+    entry = ["python", "-m", "orchestrator", "train", "jobs/demo.yaml", *train_args]
+    cmd = ["ray", "job", "submit", "--address", env["RAY_DASHBOARD"], "--working-dir", str(ROOT), "--", *entry]
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def promote(env: dict) -> subprocess.CompletedProcess:
+    flowpp = str(Path(sys.executable).parent / "flowpp")
+    cmd = [flowpp, "promote", "--model", "flowpp-demo", "--s3-endpoint", env["FLOWPP_S3_ENDPOINT"]]
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def stack_listeners(state: Path) -> list[tuple[str, str, int]]:
+    """(process, address, port) of every listening TCP socket in the stack's process groups."""
+    import psutil
+
+    groups = {int(p.read_text()) for p in state.glob("*.pid")}
+    found = []
+    for proc in psutil.process_iter(["name"]):
+        try:
+            if os.getpgid(proc.pid) not in groups:
+                continue
+            for conn in proc.net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.append((proc.info["name"], conn.laddr.ip, conn.laddr.port))
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+def test_stack_listens_on_loopback_only_and_refuses_jobs_without_its_token(local_stack):
+    import stat
+    import urllib.error
+    import urllib.request
+
+    state, env = local_stack
+    listeners = stack_listeners(state)
+    names = {name for name, _, _ in listeners}
+    assert {"gcs_server", "raylet"} <= names and len(listeners) >= 8, listeners  # the walk found the stack
+    assert [x for x in listeners if not is_loopback(x[1])] == []
+
+    token_file = Path(env["RAY_AUTH_TOKEN_PATH"])
+    assert env["RAY_AUTH_MODE"] == "token" and token_file.parent == state
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    token = token_file.read_text().strip()
+    assert token not in (state / "env").read_text()
+
+    def post(headers: dict) -> int:
+        body = json.dumps({"entrypoint": "echo pwned"}).encode()
+        request = urllib.request.Request(f"{env['RAY_DASHBOARD']}/api/jobs/", data=body, headers=headers)
+        try:
+            return urllib.request.urlopen(request, timeout=30).status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert post({}) == 401
+    assert post({"Authorization": "Bearer " + "0" * 64}) == 403
+    assert post({"Authorization": f"Bearer {token}"}) == 200
+
+    # the Ray CLI without the token is refused too; with the stack's environment it is let in
+    bare = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+    cmd = ["ray", "job", "submit", "--address", env["RAY_DASHBOARD"], "--no-wait", "--", "echo", "pwned"]
+    out = subprocess.run(cmd, env=bare, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "Authentication required" in out.stdout + out.stderr
+    out = subprocess.run(["ray", "job", "list", "--address", env["RAY_DASHBOARD"]], env=env, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_demo_again_and_after_a_restart_does_nothing_then_new_run_competes(local_stack):
+    import mlflow
+
+    state, env = local_stack
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    before = {v.version for v in client.search_model_versions("name='flowpp-demo'")}
+    champion = client.get_model_version_by_alias("flowpp-demo", "champion").version
+
+    out = ray_job_submit(env, *shrunk_demo(**DEMO_SETS))  # `make demo` twice in a row
+    assert out.returncode == 0 and "already finished" in out.stdout, (out.stdout + out.stderr)[-3000:]
+
+    # `make down`, then `make demo`: the bucket (data, checkpoints, MLflow's artifacts) is back
+    keys = set(bucket_keys(env, ""))
+    shell = {**env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    subprocess.run([str(ROOT / "infra/local/down")], env=shell, check=True, timeout=900)
+    subprocess.run([str(ROOT / "infra/local/up")], env=shell, check=True, timeout=600)
+    assert keys <= set(bucket_keys(env, ""))
+    out = ray_job_submit(env, *shrunk_demo(**DEMO_SETS))
+    assert out.returncode == 0 and "already finished" in out.stdout, (out.stdout + out.stderr)[-3000:]
+    assert {v.version for v in client.search_model_versions("name='flowpp-demo'")} == before  # no nan version
+    out = promote(env)
+    assert out.returncode == 2 and f"version {champion} is already the champion" in out.stderr, out.stderr[-2000:]
+
+    # --new-run trains afresh; the new version is compared with the first model, still @champion
+    out = ray_job_submit(env, "--new-run", *shrunk_demo(**DEMO_SETS))
+    assert out.returncode == 0 and "resumed from step" not in out.stdout, (out.stdout + out.stderr)[-3000:]
+    new = {v.version: v for v in client.search_model_versions("name='flowpp-demo'")}
+    (added,) = set(new) - before
+    assert math.isfinite(float(new[added].tags["val_bpd"]))
+    out = promote(env)
+    assert out.returncode in (0, 3), (out.stdout + out.stderr)[-3000:]
+    assert f"champion v{champion}" in out.stdout + out.stderr
+
+
+def test_a_second_submission_of_a_running_job_is_refused(local_stack):
+    from ray.job_submission import JobSubmissionClient
+
+    state, env = local_stack
+    sets = shrunk_demo(name="e2e-busy", train__max_steps=2000, mlflow__registered_model="flowpp-e2e-busy")
+    submit = [sys.executable, "-m", "orchestrator", "submit", "jobs/demo.yaml", *sets]
+    first = subprocess.run([*submit, "--no-wait"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", first.stdout).group(0)
+    ray = JobSubmissionClient(env["RAY_DASHBOARD"])
+    try:
+        second = subprocess.run(submit, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2 and f"job e2e-busy is already running on {env['RAY_DASHBOARD']} as {job_id}" \
+            in second.stderr, second.stderr[-3000:]  # fmt: skip
+        # `ray job submit` bypasses that check; the driver's lock refuses it once the first holds it
+        deadline = time.monotonic() + 300
+        while "runs/.flowpp/e2e-busy/lock.json" not in bucket_keys(env, "runs/.flowpp/e2e-busy/"):
+            assert time.monotonic() < deadline, ray.get_job_logs(job_id)[-3000:]
+            time.sleep(1)
+        out = ray_job_submit(env, *sets)
+        assert out.returncode != 0 and "job e2e-busy is already running" in out.stdout + out.stderr, out.stdout[-3000:]
+        assert str(ray.get_job_status(job_id)).endswith("RUNNING")
+    finally:
+        ray.stop_job(job_id)
 
 
 def test_flowpp_submit_uses_the_yaml_ray_section_and_streams_logs(local_stack):
