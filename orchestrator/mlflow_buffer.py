@@ -62,7 +62,8 @@ def public_uri(tracking_uri: str) -> str:
     return redact(tracking_uri)
 
 
-def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
+def check_reachable(tracking_uri: str, timeout_s: float = 5.0, field: str = "mlflow.tracking_uri",
+                    hint: str = "start it, correct the URI, or set mlflow.enabled: false") -> None:  # fmt: skip
     """Fail now, naming the server, if an http(s) tracking URI does not answer (before any worker starts)."""
     import urllib.error
     import urllib.request
@@ -83,8 +84,7 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
             return  # it answered; MLflow's client has its own CA settings (MLFLOW_TRACKING_SERVER_CERT_PATH)
         reason = str(reason_exc)
     raise TrackingUnavailableError(
-        f"mlflow.tracking_uri: the MLflow tracking server {public_uri(tracking_uri)} is unreachable ({reason}); "
-        "start it, correct the URI, or set mlflow.enabled: false"
+        f"{field}: the MLflow tracking server {public_uri(tracking_uri)} is unreachable ({reason}); {hint}"
     )
 
 

@@ -36,12 +36,14 @@ from dataclasses import dataclass, field
 from orchestrator import storage
 from orchestrator.errors import FlowppError, UserError
 from orchestrator.evaluate import Scores, per_image_bpd
-from orchestrator.tracking import ModelRegistry
+from orchestrator.model_registry import ModelRegistry
+from orchestrator.tracking import check_reachable
 
 log_ = logging.getLogger(__name__)
 
 CHAMPION, PREVIOUS = "champion", "previous"
 LOCK_TAG = "flowpp.promotion_lock"
+_START_IT = "start it, or correct --tracking-uri / MLFLOW_TRACKING_URI"
 
 
 class PromotionError(FlowppError):
@@ -173,8 +175,11 @@ class Lease:
         """Compare-and-delete: only a tag that still names this owner is deleted."""
         self._stop.set()
         self._thread.join()
-        if self.held():
-            self.reg.delete_tag(LOCK_TAG)
+        try:
+            if self.held():
+                self.reg.delete_tag(LOCK_TAG)
+        except FlowppError as exc:  # never hides the body's own error; the lease frees it in time
+            log_.warning("promotion lock: not released (it expires with its lease): %s", exc)
 
 
 @contextmanager
@@ -213,6 +218,7 @@ def promote(
 ) -> Decision:
     """Compare ``version`` (default: the latest) with ``@champion``; move the aliases if it wins."""
     settings = settings or EvalSettings()
+    check_reachable(tracking_uri, field="tracking URI", hint=_START_IT)  # now, not after MLflow's minutes of retries
     reg = ModelRegistry(tracking_uri, name)
     cand = reg.version(version) if version else reg.latest()
     val_metric(reg, cand)
@@ -251,6 +257,7 @@ def promote(
 
 def rollback(tracking_uri: str, name: str, log=print) -> str:
     """Move ``champion`` back to ``previous``; returns the restored version."""
+    check_reachable(tracking_uri, field="tracking URI", hint=_START_IT)
     reg = ModelRegistry(tracking_uri, name)
     with promotion_lock(reg) as lease:
         previous, current = reg.alias(PREVIOUS), reg.alias(CHAMPION)

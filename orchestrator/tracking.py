@@ -1,7 +1,9 @@
-"""MLflow, and only here: runs, metrics, model logging (safetensors + code, no pickle), the registry.
+"""MLflow, and only here: runs, metrics, model logging (safetensors + code, no pickle), registering.
 
-Every MLflow call of the project lives in this module. The trainer calls it from rank 0
-only, through a ``RunLogger``; promotion goes through a ``ModelRegistry``. Values the
+Every MLflow call of the project lives in this module and its two neighbours:
+``mlflow_buffer`` (queued logging, retries, reachability, a run's end status) and
+``model_registry`` (the ``ModelRegistry`` that promotion uses). The trainer calls it from
+rank 0 only, through a ``RunLogger``. Values the
 project needs later (a run's id, its final validation bits/dim) travel as values from
 the code that produced them; they are not read back from the tracking server.
 """
@@ -184,15 +186,19 @@ class RunLogger:
             self._queue().metrics(metrics, step)
 
     def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        """Best effort: a file the run can do without (a sample grid) is skipped while MLflow is away."""
+        """Queued like the metrics: a copy of the file waits for the server (the caller may delete it)."""
         if not self.enabled:
             return
-        try:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            log.warning("MLflow unreachable: %s not logged (%s)", Path(path).name, _first_line(str(exc)))
+        import shutil
+
+        keep = Path(tempfile.mkdtemp(prefix="flowpp-artifact-")) / Path(path).name
+        shutil.copy2(path, keep)
+
+        def send() -> None:
+            self.client.log_artifact(self.run_id, str(keep), artifact_path)
+            shutil.rmtree(keep.parent, ignore_errors=True)
+
+        self._queue().call(f"artifact {keep.name}", send)
 
     def text(self, text: str, name: str) -> None:
         if self.enabled:
@@ -358,84 +364,3 @@ def _first_line(text: str) -> str:
     from orchestrator.storage import redact
 
     return redact(text.strip().splitlines()[0] if text.strip() else text)
-
-
-# -- the registry: versions, aliases, tags --------------------------------------------------
-class ModelRegistry:
-    """The registry calls promotion needs, on one registered model.
-
-    Only MLflow's own "not found" answer means a version or alias is missing; any other
-    failure (the server down or failing) is a ``TrackingUnavailableError``, never "no champion".
-    """
-
-    def __init__(self, tracking_uri: str, name: str):
-        self.client = _client(tracking_uri)
-        self.tracking_uri, self.name = tracking_uri, name
-
-    def _call(self, what: str, fn, *args, missing=None):
-        """``fn(*args)``; MLflow's "not found" becomes ``missing()`` (raised if an exception, else returned)."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return fn(*args)
-        except MlflowException as exc:
-            if missing is not None and exc.error_code in _NOT_FOUND:
-                found = missing()
-                if isinstance(found, Exception):
-                    raise found from None
-                return found
-            raise TrackingUnavailableError(
-                f"{self.name}: {what} failed at the MLflow server {public_uri(self.tracking_uri)}: "
-                f"{_first_line(exc.message)}"
-            ) from None
-
-    def version(self, version: str):
-        def missing():
-            return ModelNotFoundError(f"registered model {self.name!r} has no version {version}")
-
-        return self._call(f"reading version {version}", self.client.get_model_version, self.name, str(version),
-                          missing=missing)  # fmt: skip
-
-    def latest(self):
-        versions = self._call("listing versions", self.client.search_model_versions, f"name = '{self.name}'",
-                              missing=list)  # fmt: skip
-        if not versions:
-            raise ModelNotFoundError(f"registered model {self.name!r} does not exist or has no versions")
-        return max(versions, key=lambda v: int(v.version))
-
-    def alias(self, alias: str) -> str | None:
-        """The version holding ``alias``; None only when MLflow says the alias is not set."""
-        mv = self._call(f"reading @{alias}", self.client.get_model_version_by_alias, self.name, alias,
-                        missing=lambda: None)  # fmt: skip
-        return str(mv.version) if mv is not None else None
-
-    def set_alias(self, alias: str, version: str) -> None:
-        self._call(f"setting @{alias}", self.client.set_registered_model_alias, self.name, alias, str(version))
-
-    def delete_alias(self, alias: str) -> None:
-        self._call(f"deleting @{alias}", self.client.delete_registered_model_alias, self.name, alias)
-
-    def tags(self) -> dict:
-        return self._call("reading tags", self.client.get_registered_model, self.name).tags
-
-    def set_tag(self, key: str, value: str) -> None:
-        self._call(f"setting tag {key}", self.client.set_registered_model_tag, self.name, key, value)
-
-    def delete_tag(self, key: str) -> None:
-        self._call(f"deleting tag {key}", self.client.delete_registered_model_tag, self.name, key)
-
-    def tag_version(self, version: str, tags: dict) -> None:
-        for k, v in tags.items():
-            self._call(f"tagging version {version}", self.client.set_model_version_tag, self.name, version, k, str(v))
-
-    def run_metric(self, run_id: str, key: str) -> float | None:
-        """A metric of the run that produced a version (for versions registered without the tag)."""
-        return (
-            self._call(f"reading run {run_id}", self.client.get_run, run_id).data.metrics.get(key) if run_id else None
-        )
-
-    def run_param(self, run_id: str, key: str) -> str | None:
-        return self._call(f"reading run {run_id}", self.client.get_run, run_id).data.params.get(key) if run_id else None
-
-    def load(self, version: str, device: str | torch.device = "cpu"):
-        return load_flow(f"models:/{self.name}/{version}", self.tracking_uri, device)

@@ -149,7 +149,7 @@ class FaultProxy:
                 self.end_headers()
                 self.wfile.write(xml.encode())
 
-            do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _forward
+            do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = do_PATCH = _forward
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"

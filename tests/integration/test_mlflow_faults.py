@@ -97,7 +97,7 @@ def test_an_unreachable_tracking_server_fails_the_job_before_any_work(tmp_path, 
     assert not ray.is_initialized()
 
 
-def test_metrics_wait_in_a_bounded_queue_while_the_server_is_down_and_are_flushed_at_the_end(up, caplog):
+def test_metrics_wait_in_a_bounded_queue_while_the_server_is_down_and_are_flushed_at_the_end(up, caplog, tmp_path):
     from orchestrator.mlflow_buffer import MetricBuffer
 
     run_id = tracking.ensure_run(up.uri, "faults", "buffered")
@@ -111,6 +111,12 @@ def test_metrics_wait_in_a_bounded_queue_while_the_server_is_down_and_are_flushe
         logger.metrics({"loss": 1.0 / step, "lr": 1e-3}, step=step)
         slowest = max(slowest, time.perf_counter() - started)
     logger.params({"train.lr": 1e-3})
+    grid = tmp_path / "samples-00000040.png"
+    grid.write_bytes(b"not really a png")
+    started = time.perf_counter()
+    logger.artifact(grid, "samples")  # the sample grid of an evaluation: queued as well
+    slowest = max(slowest, time.perf_counter() - started)
+    grid.unlink()  # the trainer's temporary directory goes at once
     assert slowest < 0.05  # a report never waits on the server
     # a queue of 10 points, 25 offered: the oldest are dropped, a params call never is
     small = MetricBuffer(tracking._client(up.uri), small_run, max_points=10, first_backoff_s=0.2)
@@ -127,6 +133,7 @@ def test_metrics_wait_in_a_bounded_queue_while_the_server_is_down_and_are_flushe
     client = tracking._client(up.uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["train.lr"] == "0.001"
+    assert [f.path for f in client.list_artifacts(run_id, "samples")] == ["samples/samples-00000040.png"]
     steps = _history(up.uri, small_run, "loss")
     assert steps[-10:] == list(range(15, 25)) and len(steps) <= 11  # the newest ten (and the one in flight)
     assert client.get_run(small_run).data.params["kept"] == "yes"
@@ -195,3 +202,17 @@ def test_a_closed_port_while_marking_the_run_never_hides_the_jobs_error(caplog):
     with pytest.raises(RuntimeError, match="the real cause"), tracking.run_status_on_exit(uri, "0" * 32):
         raise RuntimeError("the real cause")
     assert "could not be marked FAILED" in caplog.text
+
+
+@pytest.mark.parametrize("rollback", [False, True])
+def test_promote_against_a_server_that_is_down_is_one_line_at_once(capsys, rollback):
+    port = free_port()  # nothing listens there
+    args = ["promote", "--model", "m", "--tracking-uri", f"http://u:s3cret-pw@127.0.0.1:{port}"]
+    started = time.monotonic()
+    code = cli([*args, "--rollback"] if rollback else args)
+    err = capsys.readouterr().err
+    assert code == 1 and time.monotonic() - started < 20 and "Traceback" not in err
+    assert err.strip() == (
+        f"flowpp promote: tracking URI: the MLflow tracking server http://127.0.0.1:{port} is unreachable "
+        "([Errno 111] Connection refused); start it, or correct --tracking-uri / MLFLOW_TRACKING_URI"
+    )

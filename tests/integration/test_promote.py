@@ -25,6 +25,7 @@ from orchestrator.cli import main as cli
 from orchestrator.data.prepare import PrepareOptions, prepare
 from orchestrator.data.stream import ShardStream
 from orchestrator.evaluate import per_image_bpd
+from orchestrator.model_registry import ModelRegistry
 from orchestrator.promote import (
     CHAMPION,
     LOCK_TAG,
@@ -36,7 +37,7 @@ from orchestrator.promote import (
     rollback,
 )
 from orchestrator.storage import StorageOptions
-from orchestrator.tracking import ModelNotFoundError, ModelRegistry, TrackingUnavailableError
+from orchestrator.tracking import ModelNotFoundError, TrackingUnavailableError
 from tests.integration.test_tracking import _no_pickle
 from tests.mlflowfixtures import mlflow_server  # noqa: F401  (fixture)
 from tests.s3fixtures import ACCESS_KEY, SECRET, FaultProxy

@@ -55,7 +55,7 @@ def test_a_failed_registration_is_done_by_resubmitting_without_training_again(ml
     client = tracking._client(mlflow_server.uri)
     try:
         first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-        assert first.returncode != 0, first.stderr[-3000:]
+        assert first.returncode != 0 and proxy.injected >= 1, first.stderr[-3000:]
         assert "re-submit the same job" in first.stderr and "still fails after 4 s" in first.stderr, first.stderr[
             -3000:
         ]
