@@ -320,15 +320,22 @@ def log_flow_model(tracking_uri: str, run_id: str, model) -> str:
     """Log a FlowPlusPlus (its current weights) as an MLflow pyfunc; returns the model URI."""
     mlflow = _mlflow(tracking_uri)
     root = Path(__file__).resolve().parent.parent
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
-        weights, config = save_model_files(model, Path(tmp))
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(PYFUNC_CODE),
-            artifacts={"weights": str(weights), "config": str(config)},
-            code_paths=[str(root / "flowpp"), str(root / "orchestrator")],
-            pip_requirements=["torch>=2.4", "safetensors", "numpy"],
-        )
+    status = mlflow.MlflowClient().get_run(run_id).info.status
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.start_run(run_id=run_id)
+        try:
+            weights, config = save_model_files(model, Path(tmp))
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(PYFUNC_CODE),
+                artifacts={"weights": str(weights), "config": str(config)},
+                code_paths=[str(root / "flowpp"), str(root / "orchestrator")],
+                pip_requirements=["torch>=2.4", "safetensors", "numpy"],
+            )
+        finally:
+            # not FINISHED, as leaving start_run's block would make it: a job whose registration then
+            # fails must stay resumable (its run FAILED, not a finished run the next submission skips)
+            mlflow.end_run(status=status)
     return info.model_uri
 
 
