@@ -144,6 +144,7 @@ class _Op:
     send: Callable[[], None]
     points: int = 0
     """Metric points this op carries (0 for params, text and tags, which are never dropped)."""
+    done: bool = False
 
 
 class MetricBuffer:
@@ -153,6 +154,8 @@ class MetricBuffer:
         self.client, self.run_id = client, run_id
         self.max_points, self.first_backoff_s = max_points, first_backoff_s
         self.dropped = 0
+        self.healthy = True
+        """False from a failed send to the next good one: then nobody waits on the server."""
         self._ops: deque[_Op] = deque()
         self._points = 0
         self._inflight: _Op | None = None
@@ -162,12 +165,18 @@ class MetricBuffer:
         self._thread.start()
 
     # -- the training loop's side: never blocks on the network --------------------------
-    def metrics(self, metrics: dict, step: int) -> None:
+    def metrics(self, metrics: dict, step: int, wait_s: float = 0.0) -> None:
+        """Queue ``metrics``; while the server answers, wait up to ``wait_s`` for them to be sent
+        (so that a run killed right after a report still has them), never while it does not."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self._put(_Op(f"metrics of step {step}", lambda: self.client.log_batch(self.run_id, metrics=batch), len(batch)))
+        op = _Op(f"metrics of step {step}", lambda: self.client.log_batch(self.run_id, metrics=batch), len(batch))
+        self._put(op)
+        if wait_s > 0:
+            with self._cond:
+                self._cond.wait_for(lambda: op.done or not self.healthy, timeout=wait_s)
 
     def call(self, what: str, send: Callable[[], None]) -> None:
         """Any other call (params, text, a tag), sent in order with the metrics."""
@@ -187,6 +196,7 @@ class MetricBuffer:
             return False
         self._ops.remove(victim)
         self._points -= victim.points
+        victim.done = True
         if not self.dropped:
             log.warning("MLflow is behind: its queue holds %d metric points; dropping the oldest", self.max_points)
         self.dropped += victim.points
@@ -226,10 +236,11 @@ class MetricBuffer:
                 self._points -= op.points
             try:
                 op.send()
-                cap = self.first_backoff_s
+                cap, self.healthy = self.first_backoff_s, True
             except Exception as exc:  # noqa: BLE001 - a logging call never ends the run
                 if is_transient(exc):
                     with self._cond:
+                        self.healthy = False
                         self._ops.appendleft(op)  # first again, once the server answers
                         self._points += op.points
                         self._inflight = None
@@ -241,7 +252,7 @@ class MetricBuffer:
                     continue
                 log.warning("MLflow refused %s, skipped: %s", op.what, _first_line(exc))
             with self._cond:
-                self._inflight = None
+                op.done, self._inflight = True, None
                 self._cond.notify_all()
 
 

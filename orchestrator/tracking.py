@@ -153,10 +153,12 @@ class RunLogger:
     """
 
     def __init__(self, tracking_uri: str | None, run_id: str | None, retry_budget_s: float = 300.0,
-                 flush_timeout_s: float = 60.0):  # fmt: skip
+                 flush_timeout_s: float = 60.0, wait_s: float = 2.0):  # fmt: skip
         self.enabled = bool(tracking_uri and run_id)
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self.retry_budget_s, self.flush_timeout_s = retry_budget_s, flush_timeout_s
+        self.wait_s = wait_s
+        """How long ``metrics`` waits for a server that answers (0 while it does not)."""
         self._buffer: MetricBuffer | None = None
         if tracking_uri and run_id:
             self.client = _client(tracking_uri)
@@ -181,9 +183,9 @@ class RunLogger:
             self.client.log_batch(self.run_id, params=new[i : i + 100])
 
     def metrics(self, metrics: dict, step: int) -> None:
-        """Queued: returns at once whether or not the server answers."""
+        """Queued; sent before returning while the server answers (``wait_s`` at most), at once when it does not."""
         if self.enabled and metrics:
-            self._queue().metrics(metrics, step)
+            self._queue().metrics(metrics, step, self.wait_s)
 
     def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Queued like the metrics: a copy of the file waits for the server (the caller may delete it)."""

@@ -104,9 +104,13 @@ def test_metrics_wait_in_a_bounded_queue_while_the_server_is_down_and_are_flushe
     small_run = tracking.ensure_run(up.uri, "faults", "bounded")
     logger = tracking.RunLogger(up.uri, run_id, retry_budget_s=60)
     logger.metrics({"loss": 1.0}, step=0)
+    assert _history(up.uri, run_id, "loss") == [0]  # while the server answers, a report waits until it is sent
     up.stop()
+    started = time.perf_counter()
+    logger.metrics({"loss": 1.0, "lr": 1e-3}, step=1)  # the send that finds the server gone
+    assert time.perf_counter() - started < logger.wait_s + 1.0
     slowest = 0.0
-    for step in range(1, 41):
+    for step in range(2, 41):
         started = time.perf_counter()
         logger.metrics({"loss": 1.0 / step, "lr": 1e-3}, step=step)
         slowest = max(slowest, time.perf_counter() - started)
