@@ -95,7 +95,13 @@ def _init_ray(spec: JobSpec) -> None:
         # made for this process in a 0600 file, unless one is configured); its processes
         # inherit RAY_AUTH_MODE and RAY_AUTH_TOKEN_PATH from this environment
         rayauth.ensure_for_embedded()
+        # every Ray process on loopback: Ray swaps 127.0.0.1 for the routable address (and its
+        # servers then listen on every interface) unless it believes it is a one-machine cluster;
+        # the processes it spawns read this variable, this one's constant was read at import
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
         ray.init(
+            _node_ip_address="127.0.0.1",
             # the dashboard serves the State API, which Ray Train's placement-group cleaner needs
             # to free the resources of a run whose driver was killed (a trial ASHA stopped)
             include_dashboard=True,
@@ -172,7 +178,7 @@ def _train(spec: JobSpec, run: str):
     ensure_data(spec)
     run_id = None
     if spec.mlflow.enabled:
-        run_id = tracking.ensure_run(spec.mlflow.tracking_uri, spec.mlflow.experiment, spec.name)
+        run_id = tracking.ensure_run(spec.mlflow.tracking_uri, spec.mlflow.experiment, spec.name, train_run=run)
         log.info("MLflow run %s in experiment %r at %s", run_id, spec.mlflow.experiment,
                  tracking.public_uri(spec.mlflow.tracking_uri))  # fmt: skip
     try:

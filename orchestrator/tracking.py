@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 JOB_TAG = "flowpp.job"
+TRAIN_RUN_TAG = "flowpp.train_run"  # the Ray Train run (storage folder) an MLflow run logs
 REGISTERED_TAG = "flowpp.registered_version"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 
@@ -85,23 +86,28 @@ def _job_runs(client, experiment_id: str, job_name: str, max_results: int = 1) -
         max_results=max_results,
     )
 
-
 def ensure_run(
     tracking_uri: str,
     experiment: str,
     job_name: str,
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
+    train_run: str | None = None,
 ) -> str:
     """The MLflow run of this job: the unfinished one of the same name, or a new one.
 
-    ``parent_run_id`` makes a new run a child (a Tune trial under its search).
+    ``parent_run_id`` makes a new run a child (a Tune trial under its search). ``train_run``, the
+    Ray Train run's name, is kept as a tag: an unfinished MLflow run of another Ray Train run (the
+    one before ``--new-run``) is not reused.
     """
     check_reachable(tracking_uri)
     client = _client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment, _artifact_root(tracking_uri))
     runs = _job_runs(client, exp_id, job_name)
+    if train_run is not None:
+        runs = [r for r in runs if r.data.tags.get(TRAIN_RUN_TAG, train_run) == train_run]
+        tags = {**(tags or {}), TRAIN_RUN_TAG: train_run}
     if runs and runs[0].info.status != "FINISHED":
         if runs[0].info.status != "RUNNING":  # a failed or killed job, resubmitted: the same run goes on
             client.update_run(runs[0].info.run_id, status="RUNNING")

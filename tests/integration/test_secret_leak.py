@@ -27,6 +27,7 @@ from orchestrator.config import load_job
 from orchestrator.logs import setup_logging
 from tests.jobs import tiny_job
 from tests.mlflowfixtures import mlflow_server  # noqa: F401  (fixture)
+from tests.rayauth import token_auth
 from tests.s3fixtures import SECRET
 
 pytestmark = pytest.mark.integration
@@ -36,16 +37,17 @@ PASSWORD = "pw-" + uuid.uuid4().hex
 
 
 @pytest.fixture
-def ray_with_secrets(monkeypatch, aws_env):
+def ray_with_secrets(monkeypatch, aws_env, tmp_path):
     """Ray started with the secrets in its environment, as the workers of a real job have them."""
     import ray
 
     monkeypatch.setenv("SERVICE_TOKEN", TOKEN)
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    auth = token_auth(tmp_path)
+    ray.init(num_cpus=2, include_dashboard=False)
     session = Path(ray._private.worker._global_node.get_session_dir_path())
     yield session
     ray.shutdown()
+    auth.restore()
 
 
 @pytest.fixture

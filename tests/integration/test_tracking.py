@@ -67,3 +67,11 @@ def test_ensure_run_resumes_unfinished_and_starts_after_finished(store):
     assert tracking.ensure_run(store, "exp", "job-b") == a
     tracking.RunLogger(store, a).finish()
     assert tracking.ensure_run(store, "exp", "job-b") != a
+
+
+def test_a_new_ray_train_run_never_reuses_the_unfinished_mlflow_run_of_the_one_before(store):
+    first = tracking.ensure_run(store, "exp", "job-c", train_run="job-c")  # left RUNNING: a crashed job
+    assert tracking.ensure_run(store, "exp", "job-c", train_run="job-c") == first  # re-submitted: same run
+    fresh = tracking.ensure_run(store, "exp", "job-c", train_run="job-c-20261129-200000")  # --new-run
+    assert fresh != first
+    assert tracking.ensure_run(store, "exp", "job-c", train_run="job-c-20261129-200000") == fresh

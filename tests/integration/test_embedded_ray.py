@@ -1,0 +1,50 @@
+"""The Ray that ``flowpp train`` starts inside its own process (no RAY_ADDRESS): token auth on,
+and every socket of every process it spawns listening on loopback only."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.rayauth import token_auth
+
+pytestmark = pytest.mark.integration
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def _listening(root) -> list[tuple[str, str, int]]:
+    import psutil
+
+    found = []
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.append((proc.name(), conn.laddr.ip, conn.laddr.port))
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_embedded_ray_listens_on_loopback_only_with_token_auth(tmp_path, monkeypatch):
+    import psutil
+    import ray
+
+    from orchestrator.launch import _init_ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")  # restored after the test
+    auth = token_auth(tmp_path)
+    saved = ray._private.ray_constants.ENABLE_RAY_CLUSTER
+    try:
+        _init_ray(None)  # type: ignore[arg-type]  (the spec is not read on this path)
+        sockets = _listening(psutil.Process())
+        assert os.environ["RAY_AUTH_MODE"] == "token"
+        assert len(sockets) >= 5, sockets  # GCS, raylet, agents, workers: found, so the check can fail
+        assert [s for s in sockets if s[1] not in LOOPBACK] == []
+    finally:
+        ray.shutdown()
+        ray._private.ray_constants.ENABLE_RAY_CLUSTER = saved
+        auth.restore()
