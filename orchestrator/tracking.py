@@ -86,6 +86,7 @@ def _job_runs(client, experiment_id: str, job_name: str, max_results: int = 1) -
         max_results=max_results,
     )
 
+
 def ensure_run(
     tracking_uri: str,
     experiment: str,
