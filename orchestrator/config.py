@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestrator import jobenv
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, validation_problems
 from orchestrator.redact import flatten, public_params, public_tree, redact  # noqa: F401  (the spec's public forms)
 from orchestrator.schedule import ScheduleSpec, schedule_problems
 
@@ -410,7 +410,7 @@ def validate(tree: Any, source: str = "job spec") -> JobSpec:
     try:
         spec = JobSpec.model_validate(tree)
     except ValidationError as exc:
-        problems = [f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()]
+        problems = validation_problems(exc)
         raise JobSpecError(source, problems) from None
     problems = semantic_problems(spec)
     if problems:

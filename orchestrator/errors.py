@@ -31,3 +31,8 @@ class UserError(FlowppError):
     """A mistake in what the user asked for: a bad job spec, a missing file, an unknown model (exit code 2)."""
 
     exit_code = USER_MISTAKE
+
+
+def validation_problems(exc) -> list[str]:
+    """A pydantic ``ValidationError`` as one ``dotted.path: message`` line per problem."""
+    return [f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()]

@@ -24,3 +24,14 @@ def fresh_dynamo():
     counters.clear()
     yield counters
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def root():
+    """The root logger, its handlers and level restored afterwards (pytest adds its own during a test)."""
+    import logging
+
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    yield root
+    root.handlers, root.level = saved, level

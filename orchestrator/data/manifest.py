@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator import storage
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, validation_problems
 
 if TYPE_CHECKING:
     from orchestrator.config import JobSpec
@@ -144,7 +144,7 @@ def parse_manifest(data: bytes, url: str) -> Manifest:
     try:
         m = Manifest.model_validate(doc)
     except ValidationError as exc:
-        problems = [f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()]
+        problems = validation_problems(exc)
         if any(e["loc"][:1] == ("version",) for e in exc.errors()):
             problems.append(f"this code reads manifest versions 1 and {VERSION}: re-run `flowpp prepare`")
         raise ManifestError(url, problems) from None

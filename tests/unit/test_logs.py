@@ -9,15 +9,6 @@ from orchestrator.logs import setup_logging
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture
-def root():
-    """The root logger, its handlers and level restored afterwards (pytest adds its own during a test)."""
-    root = logging.getLogger()
-    saved, level = root.handlers[:], root.level
-    yield root
-    root.handlers, root.level = saved, level
-
-
 def test_a_fresh_process_gets_one_stderr_handler_in_the_one_format(root, capsys):
     root.handlers = []  # as in a fresh process
     setup_logging("info")

@@ -27,15 +27,6 @@ def _write(tmp_path, text):
     return p
 
 
-@pytest.fixture
-def root():
-    """The root logger, its handlers and level restored afterwards."""
-    root = logging.getLogger()
-    saved, level = root.handlers[:], root.level
-    yield root
-    root.handlers, root.level = saved, level
-
-
 # -- ${VAR} in a job YAML -------------------------------------------------------------------
 def test_a_variable_outside_the_allow_list_is_an_error_naming_it_never_its_value(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE)
