@@ -164,7 +164,7 @@ def _tracking_uri(args) -> str:
 
 
 def _cmd_promote(args) -> int:
-    from orchestrator.promote import EvalSettings, promote, rollback
+    from orchestrator.promote import AlreadyChampionError, EvalSettings, promote, rollback
 
     uri = _tracking_uri(args)
     if args.rollback:
@@ -178,7 +178,11 @@ def _cmd_promote(args) -> int:
         options=_storage_options(args),
         device=_device(args),
     )
-    decision = promote(uri, args.model, args.version, settings, args.margin, args.z, args.dry_run)
+    try:
+        decision = promote(uri, args.model, args.version, settings, args.margin, args.z, args.dry_run)
+    except AlreadyChampionError as exc:  # what was asked already holds: idempotent, as `make demo` twice needs
+        print(f"{exc}; nothing to do")
+        return 0
     return 0 if decision.promote or args.dry_run else 3
 
 

@@ -2,8 +2,9 @@
 
 moto holds objects in memory only, so a stopped stack used to lose its bucket while MLflow's
 sqlite store kept pointing into it. This wrapper restores ``DIR`` into moto before the port
-opens, and writes every object back to ``DIR`` when it gets SIGTERM or SIGINT (``infra/local/down``
-sends SIGTERM), then exits.
+opens, writes every object back to ``DIR`` every ``--snapshot-s`` seconds (so a crash or a SIGKILL
+loses at most that much), and once more when it gets SIGTERM or SIGINT (``infra/local/down`` sends
+SIGTERM), then exits.
 
 Layout of ``DIR``: ``<bucket>/index.json`` ({key: {"file", "etag", "content_type"}}) and one
 ``<bucket>/<sha256(key)>.obj`` per object. A dump goes to ``DIR.new`` and replaces ``DIR`` by
@@ -49,6 +50,9 @@ def _index(path: Path) -> dict:
 def restore(root: Path, port: int) -> int:
     """Every bucket and object under ``root`` into the server at ``port``; returns the object count."""
     s3, count = _client(port), 0
+    old = root.with_name(root.name + ".old")
+    if not root.is_dir() and old.is_dir():  # killed between a dump's two renames
+        old.rename(root)
     if not root.is_dir():
         return 0
     for bucket_dir in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -99,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--dir", type=Path, required=True, help="where the objects are kept between runs")
+    parser.add_argument("--snapshot-s", type=float, default=120.0, help="seconds between dumps (default 120)")
     args = parser.parse_args(argv)
     from moto.server import ThreadedMotoServer
 
@@ -115,8 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1.0):
-        pass
+    while not stop.wait(args.snapshot_s):
+        try:
+            dump(args.dir, args.port)
+        except Exception as exc:  # a snapshot that failed is retried at the next; the last one stays
+            print(f"s3: snapshot failed ({type(exc).__name__}: {exc}); keeping the previous one", flush=True)
     kept = dump(args.dir, args.port)
     server.stop()
     print(f"s3: {kept} objects kept in {args.dir}", flush=True)
