@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -26,15 +27,12 @@ def _start(state: Path, port: int, snapshot_s: float) -> subprocess.Popen:
 
 
 def _client(port: int):
-    import boto3
-
-    return boto3.client(
-        "s3",
-        endpoint_url=f"http://127.0.0.1:{port}",
-        region_name="us-east-1",
-        aws_access_key_id="flowpp-local",
-        aws_secret_access_key="flowpp-local-secret",
-    )
+    """The server's own client (infra/local/ is not a package: loaded from its path)."""
+    spec = importlib.util.spec_from_file_location("s3server", ROOT / "infra/local/s3server.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module._client(port)
 
 
 def _wait_for_snapshot(state: Path, key: str, timeout: float = 30.0) -> None:
