@@ -1,5 +1,6 @@
 """Held-out evaluation: the training loop's all-reduced bits/dim, and per-image bits/dim
-over a manifest's shards for ``flowpp evaluate`` and promotion.
+over a manifest's shards for ``flowpp evaluate`` and promotion. Each shows a progress bar
+with images/s on stderr (orchestrator.progress: rank 0 only, quiet in a log).
 
 Deterministic for a given (manifest, seed, samples): the shard order comes from the
 seed, and the dequantization noise is drawn from a generator seeded the same way for
@@ -19,6 +20,7 @@ import torch
 
 from orchestrator import storage
 from orchestrator.data.stream import ShardStream, to_device
+from orchestrator.progress import bar
 from orchestrator.step import all_sum
 
 if TYPE_CHECKING:
@@ -37,28 +39,38 @@ class Scores:
 
 
 @torch.no_grad()
-def evaluate(model: FlowPlusPlus, batches: Iterable[torch.Tensor], *, samples: int, seed: int) -> tuple[float, int]:
+def evaluate(
+    model: FlowPlusPlus,
+    batches: Iterable[torch.Tensor],
+    *,
+    samples: int,
+    seed: int,
+    desc: str = "evaluate",
+    total: int | None = None,
+) -> tuple[float, int]:
     """Bits/dim over every rank's ``batches`` of uint8 pixels, and the number of images scored.
 
     With whatever weights ``model`` holds, on its device; ``samples`` > 1 gives the
     importance-weighted bound. The same dequantization noise at every evaluation (seeded),
     the caller's RNG (CPU, and the model's GPU) untouched. Every rank must call it (the
-    totals are all-reduced).
+    totals are all-reduced). ``desc`` and ``total`` (this rank's images, if known) label its
+    progress bar.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync a batch
+    nats = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync a batch
     count = 0
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), bar(desc, total) as progress:
         torch.manual_seed(seed)
         for images in batches:
             x = to_device(images, device, model.config.num_bits)
             lp = model.importance_weighted_log_prob(x, samples) if samples > 1 else model.log_prob(x)
-            total -= lp.double().sum()
+            nats -= lp.double().sum()
             count += x.shape[0]
+            progress.update(x.shape[0])
     model.train(was_training)
-    total_sum, count_sum = all_sum(torch.stack([total, total.new_tensor(float(count))]))
+    total_sum, count_sum = all_sum(torch.stack([nats, nats.new_tensor(float(count))]))
     return total_sum / (max(count_sum, 1.0) * model.num_dims * math.log(2)), int(count_sum)
 
 
@@ -81,8 +93,10 @@ def per_image_bpd(
     samples: int = 1,
     max_images: int = 0,
     batch_size: int = 32,
+    desc: str = "evaluate",
 ) -> Scores:
-    """Score ``model`` (eval mode, whatever weights it holds, on its device) on a split, image by image."""
+    """Score ``model`` (eval mode, whatever weights it holds, on its device) on a split, image by
+    image; ``desc`` labels the progress bar."""
     model.eval()
     # batch 1 at the stream level: a plan never drops a remainder; batches are re-formed below
     stream = ShardStream(manifest_url, batch_size=1, seed=seed, options=options, shuffle_buffer=1)
@@ -91,18 +105,22 @@ def per_image_bpd(
     scores: list[torch.Tensor] = []
     devices = {p.device for p in model.parameters()}
     device = devices.pop() if devices else torch.device("cpu")
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    available = sum(stream.counts)
+    total = min(max_images, available) if max_images else available
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), bar(desc, total) as progress:
         torch.manual_seed(seed)  # the same dequantization noise for every model scored this way
         for batch in stream:
             keys += list(batch["keys"])
             images.append(batch["images"])
             if sum(len(x) for x in images) >= batch_size:
                 scores.append(_score(model, torch.cat(images), samples, device))
+                progress.update(min(len(keys), total) - progress.n)
                 images = []
             if max_images and len(keys) >= max_images:
                 break
         if images:
             scores.append(_score(model, torch.cat(images), samples, device))
+            progress.update(min(len(keys), total) - progress.n)
     bpd = torch.cat(scores).double().cpu().numpy()
     n = max_images or len(keys)
     return Scores(keys[:n], bpd[:n])

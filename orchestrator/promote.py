@@ -126,7 +126,8 @@ def data_url(reg: ModelRegistry, mv) -> str:
     return url
 
 
-def scores(reg: ModelRegistry, version: str, settings: EvalSettings) -> Scores:
+def scores(reg: ModelRegistry, version: str, settings: EvalSettings, role: str = "candidate") -> Scores:
+    """Per-image bits/dim of ``version``, with a progress bar labelled ``role`` and the version."""
     assert settings.data is not None
     return per_image_bpd(
         reg.load(version, settings.device),
@@ -136,6 +137,7 @@ def scores(reg: ModelRegistry, version: str, settings: EvalSettings) -> Scores:
         samples=settings.samples,
         max_images=settings.max_images,
         batch_size=settings.batch_size,
+        desc=f"{role} {reg.name} v{version}",
     )
 
 
@@ -233,7 +235,7 @@ def promote(
     log(f"scoring {name} v{cand.version} and champion {who} on {storage.redact(settings.data)} "
         f"(seed {settings.seed}, {settings.samples} dequantization sample(s))")  # fmt: skip
     cand_scores = scores(reg, cand.version, settings)
-    champ_scores = scores(reg, champion, settings) if champion else None
+    champ_scores = scores(reg, champion, settings, CHAMPION) if champion else None
     decision = decide(cand_scores, champ_scores, margin, z)
     if dry_run:
         log(_summary(name, cand.version, champion, decision, dry_run=True))
@@ -243,7 +245,7 @@ def promote(
         if now != champion:  # another promotion moved it while we were scoring
             log(f"the champion changed from {champion} to {now} meanwhile; comparing with v{now}")
             champion = now
-            champ_scores = scores(reg, champion, settings) if champion else None
+            champ_scores = scores(reg, champion, settings, CHAMPION) if champion else None
             decision = decide(cand_scores, champ_scores, margin, z)
         lease.ensure_held()  # a re-score may have outlasted a lease whose heartbeat failed
         _record(reg, cand.version, champion, decision, settings)
