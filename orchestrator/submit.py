@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 import time
@@ -44,6 +45,13 @@ def _refuse_credentials(overrides: list[str]) -> None:
         )
 
 
+def check_submittable(spec: JobSpec, overrides: list[str]) -> None:
+    """What ``submit`` refuses before reaching the cluster (also checked by ``--dry-run``)."""
+    _refuse_credentials(overrides)
+    if not spec.ray.address:
+        raise UserError("ray.address: not set in the job spec (e.g. http://127.0.0.1:8265)")
+
+
 def submit(spec: JobSpec, job_path: str, overrides: list[str], follow: bool = True, new_run: bool = False) -> int:
     """Submit the job unless a submission of the same job is still pending or running.
 
@@ -52,9 +60,8 @@ def submit(spec: JobSpec, job_path: str, overrides: list[str], follow: bool = Tr
     """
     from ray.job_submission import JobSubmissionClient
 
-    _refuse_credentials(overrides)
-    if not spec.ray.address:
-        raise UserError("ray.address: not set in the job spec (e.g. http://127.0.0.1:8265)")
+    check_submittable(spec, overrides)
+    assert spec.ray.address is not None
     client = JobSubmissionClient(spec.ray.address)
     running = running_submission(client, spec.name)
     if running:
@@ -72,6 +79,9 @@ def submit(spec: JobSpec, job_path: str, overrides: list[str], follow: bool = Tr
     )
     print(f"submitted {job_id} to {redact(spec.ray.address)}", flush=True)
     if not follow:
+        default = os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"  # the default of flowpp logs
+        where = "" if spec.ray.address == default else f"--address {redact(spec.ray.address)} "
+        print(f"follow it with `flowpp logs {where}{job_id}`, stop it with `flowpp stop {where}{job_id}`")
         return 0
     return follow_logs(client, job_id)
 
