@@ -44,14 +44,13 @@ import weakref
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from flowpp import build_model, get_preset
 from flowpp.distributed import data_dependent_init
+from orchestrator.usage import flop_counter
 
 PRESET = "imagenet64"
 MIB = 2**20
-aten = torch.ops.aten
 
 
 class LiveBytes(TorchDispatchMode):
@@ -130,14 +129,6 @@ def state_table() -> list[tuple[str, int, int]]:
     return [*rows, ("state.pt: total", 0, total)]
 
 
-def _sdpa_cpu(q, k, v, *args, **kwargs) -> int:
-    return sdpa_flop_count(q, k, v)
-
-
-def _sdpa_cpu_backward(grad_out, q, k, v, *args, **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out, q, k, v)
-
-
 def count_flops(mode: str, preset: str = PRESET, device: torch.device | str = "cpu", config=None) -> dict:
     """FLOPs of one training step on one image, in total and in fused attention.
 
@@ -147,13 +138,7 @@ def count_flops(mode: str, preset: str = PRESET, device: torch.device | str = "c
     """
     model, cfg = build(mode, preset=preset, device=device, config=config)
     x = torch.randint(0, cfg.num_levels, (1, *cfg.shape), device=device)
-    counter = FlopCounterMode(
-        display=False,
-        custom_mapping={
-            aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
-            aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward,
-        },
-    )
+    counter = flop_counter()
     with counter:
         loss = -model(x).mean()
         forward = counter.get_total_flops()

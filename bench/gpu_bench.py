@@ -41,6 +41,7 @@ from bench.variants import apply_variant, parse_variant
 from flowpp import PRESETS, build_model, get_preset
 from flowpp.distributed import data_dependent_init
 from orchestrator.step import train_step
+from orchestrator.usage import mfu, peak_flops  # noqa: F401  (the MFU of the table; re-exported for tests)
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 2**30
@@ -48,10 +49,6 @@ PRECISIONS = ("fp32", "bf16")
 MODES = ("none", "attention", "all")
 OFFICIAL_MODE = "attention"  # the official batch's checkpoint mode: its rows run first
 LR, GRAD_CLIP, INIT_BATCH = 1e-4, 1.0, 2
-# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, by a substring of the device name.
-# H100 SXM reports itself as "NVIDIA H100 80GB HBM3"; the PCIe and NVL cards peak lower.
-PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0))
-SLOWER_VARIANTS = ("PCIe", "NVL", "MIG")
 
 
 @dataclass(frozen=True)
@@ -156,22 +153,6 @@ def plan(args: argparse.Namespace) -> list[Config]:
     variants = getattr(args, "variants", ["eager"])
     configs = [Config(b, p, m, v) for b in args.batches for m in args.modes for v in variants for p in args.precisions]
     return sorted(configs, key=lambda c: (args.batches.index(c.batch), c.mode != OFFICIAL_MODE))
-
-
-# -- MFU --------------------------------------------------------------------------------------
-def peak_flops(device_name: str, override_tflops: float | None = None) -> float | None:
-    """FLOP/s of the device's dense bf16 peak; None where unknown (a MIG slice, say)."""
-    if override_tflops:
-        return override_tflops * 1e12
-    if any(v in device_name for v in SLOWER_VARIANTS):
-        return None
-    return next((t * 1e12 for key, t in PEAK_BF16_TFLOPS if key in device_name), None)
-
-
-def mfu(flops_per_image: float | None, images_s: float | None, peak: float | None) -> float | None:
-    if not (flops_per_image and images_s and peak):
-        return None
-    return flops_per_image * images_s / peak
 
 
 # -- the gpu tests ----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ the mean step time and the peak training memory. Configs:
 ``fused`` (fused Adam), ``channels_last`` and ``bf16`` (the nets under autocast). A compiled
 variant's first warm-up step compiles; its time less a steady step is reported as the compile
 time. On CUDA every row also gets its MFU: the model FLOPs per training image (bench/capacity.py)
-times images/s over the device's dense bf16 peak (bench/gpu_bench.py's table).
+times images/s over the device's dense bf16 peak (orchestrator/usage.py's table).
 
 ``--compare VARIANT`` measures eager against VARIANT in one process, steps alternating
 (A, B, A, B, ...) on two copies of the same initialised model, and reports the ratio: the
@@ -261,10 +261,10 @@ def mfu_pct(r: dict, peak: float | None) -> str:
 
 
 def device_peak(device: str) -> float | None:
-    """The device's dense bf16 peak FLOP/s (bench/gpu_bench.py's table); None on CPU or unknown."""
+    """The device's dense bf16 peak FLOP/s (orchestrator/usage.py's table); None on CPU or unknown."""
     if not device.startswith("cuda"):
         return None
-    from bench.gpu_bench import peak_flops
+    from orchestrator.usage import peak_flops
 
     return peak_flops(torch.cuda.get_device_name(torch.device(device)))
 

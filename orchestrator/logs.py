@@ -48,3 +48,23 @@ def setup_logging(level: str = "INFO") -> None:
     for logger in loggers:
         for each in logger.handlers:
             install_filter(each)
+            if not any(isinstance(f, RayTrainReports) for f in each.filters):
+                each.addFilter(RayTrainReports())
+
+
+class RayTrainReports(logging.Filter):
+    """Drops Ray Train's INFO lines for every ``ray.train.report`` on every rank ("Reporting training
+    result N: TrainingReport(...) from rank R", "Checkpoint successfully created at: ..."), unless the
+    root logger is at DEBUG (``--log-level debug``). Ray logs the first through a logger named after
+    its source file, outside the ``ray.train`` logger that Ray's own ``LoggingConfig`` level governs,
+    so no level setting reaches it. Rank 0 logs one line a checkpoint instead (orchestrator/train.py)."""
+
+    PREFIXES = ("Reporting training result", "Checkpoint successfully created at")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING or logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
+            return True
+        where = f"{record.name} {record.pathname}".replace("\\", "/")  # the logger is named after Ray's file
+        if "/ray/train/" not in where:
+            return True
+        return not str(record.msg).startswith(self.PREFIXES)

@@ -25,3 +25,24 @@ def test_a_process_whose_root_is_configured_keeps_its_handlers(root):
     root.handlers = [existing]
     setup_logging("DEBUG")
     assert root.handlers == [existing] and root.level == logging.DEBUG
+
+
+def test_ray_trains_per_report_lines_are_off_at_info_and_back_at_debug(root, capsys):
+    """Ray's own logger, from its own file, as a Ray Train worker emits the line on every report."""
+    import ray.train.v2._internal.execution.context as ray_context
+
+    root.handlers = []
+    ray_logger = logging.getLogger(ray_context.__file__)  # Ray names this logger after its source file
+    line = "Reporting training result 7: TrainingReport(checkpoint=None, metrics={'step': 7}) from rank 1"
+
+    setup_logging("INFO")
+    ray_logger.info(line)
+    ray_logger.warning("a Ray Train warning stays")
+    logging.getLogger("orchestrator.train").info("step 7/10  bits/dim 4.0")
+    err = capsys.readouterr().err
+    assert "Reporting training result" not in err
+    assert "a Ray Train warning stays" in err and "step 7/10  bits/dim 4.0" in err
+
+    setup_logging("DEBUG")  # --log-level debug
+    ray_logger.info(line)
+    assert "Reporting training result 7" in capsys.readouterr().err
