@@ -2,15 +2,19 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Exact versions for CI, `make setup` and the training image (infra/docker/Dockerfile); `make lock` writes it.
+LOCK := requirements/constraints.txt
 
-.PHONY: setup test unit lint bench demo down clean
+.PHONY: setup test unit lint bench demo down clean lock
 
-$(BIN)/.installed: pyproject.toml
+# [test] holds everything: the core, [server] (the MLflow server of the local stack), [demo]
+# (scikit-image for `flowpp prepare demo`), moto and boto3 (the local S3), pytest, ruff and mypy.
+$(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch that lies on these machines' disk; a bare `torch` pulls CUDA.
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c $(LOCK) torch==2.13.0
+	$(BIN)/pip install -q -c $(LOCK) -e '.[test]'
 	touch $@
 
 setup: $(BIN)/.installed
@@ -29,7 +33,8 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/train_step.py
 
-# The main job end to end on the local stack: S3 (moto), MLflow server and Ray head on loopback,
+# The main job end to end on the local stack (needs [server] and [demo], and moto and boto3 from
+# [test]: `setup` installs them all): S3 (moto), MLflow server and Ray head on loopback,
 # then a real `ray job submit` that prepares the demo shards into the bucket, trains, evaluates
 # and registers the model. The stack stays up for browsing; `make down` stops it (its S3 objects,
 # MLflow store and Ray token stay in runs/local). Run again, it resumes or, finished, does nothing.
@@ -47,6 +52,22 @@ demo: setup
 
 down:
 	infra/local/down
+
+# Re-pins $(LOCK) after a change to pyproject's ranges or requirements/constraints.in, keeping every
+# pin that still fits (LOCK_ARGS=--upgrade moves them all to the newest allowed). It resolves with
+# this venv's Python (3.11, as in the training image) and pip, which takes the CPU torch on this
+# machine's disk: no CUDA wheel is pinned, so the base image keeps its own CUDA libraries.
+LOCK_ARGS ?=
+lock:
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q 'pip-tools==7.6.2'
+	CUSTOM_COMPILE_COMMAND='make lock' $(BIN)/pip-compile --quiet --all-extras --strip-extras \
+	  --no-emit-index-url --no-emit-find-links --unsafe-package flowpp-orchestrator $(LOCK_ARGS) \
+	  --output-file $(LOCK) pyproject.toml requirements/constraints.in
+	@# torch's version alone, so both the image's CUDA build and CI's CPU build satisfy it
+	sed -i -E 's/^(torch==[0-9.]+)\+[A-Za-z0-9.]+/\1/' $(LOCK)
+	@if grep -P '^(nvidia-(?!ml-py)|triton==)' $(LOCK); then \
+	  echo "$(LOCK): CUDA wheels pinned (the resolver took a CUDA torch); install the CPU torch and re-run"; exit 1; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -196,7 +196,7 @@ def _demo_dir() -> Path:
 
     spec = importlib.util.find_spec("skimage")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the demo source needs scikit-image: pip install 'flowpp-orchestrator[data]'")
+        raise UserError("the demo source needs scikit-image: pip install 'flowpp-orchestrator[demo]'")
     return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 

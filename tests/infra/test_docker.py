@@ -49,3 +49,73 @@ def test_every_pod_runs_the_images_built_here():
     assert images == {f"{ecr}/flowpp-train:0.1.0", f"{ecr}/flowpp-mlflow:3.17.2", "postgres:16.4"}
     aws = yaml.safe_load((INFRA / "aws" / "ray-cluster.yaml").read_text())
     assert aws["docker"]["image"] == f"{ecr}/flowpp-train:0.1.0"
+
+
+# -- requirements/constraints.txt (`make lock`): the training image and CI install through it ------
+LOCK = ROOT / "requirements" / "constraints.txt"
+PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>[A-Za-z0-9.+!-]+)\s*(;.*)?$")
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def lock_pins(text: str) -> tuple[dict[str, str], list[str]]:
+    """({name: version} of the pinned lines, the lines that are not one exact pin)."""
+    pins, loose = {}, []
+    for line in text.splitlines():
+        line = line.split(" #", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        m = PIN.match(line)
+        if m:
+            pins[_norm(m["name"])] = m["version"]
+        else:
+            loose.append(line)
+    return pins, loose
+
+
+def lock_problems(text: str) -> list[str]:
+    """What makes a constraints file unfit to pin the image and CI."""
+    from packaging.requirements import Requirement
+
+    from tests.unit.test_dependencies import project
+
+    pins, loose = lock_pins(text)
+    ray = re.search(r"^ARG RAY_VERSION=(\S+)$", (INFRA / "docker" / "Dockerfile").read_text(), re.M).group(1)
+    problems = [f"not an exact pin: {line}" for line in loose]
+    problems += [f"{name}=={pins.get(name)}, wanted {want}"
+                 for name, want in (("torch", "2.13.0"), ("ray", ray)) if pins.get(name) != want]  # fmt: skip
+    problems += [
+        f"CUDA wheel pinned: {name}" for name in pins if name == "triton" or re.match(r"nvidia-(?!ml-py)", name)
+    ]
+    for spec in project()["dependencies"]:  # the core: every package pinned, inside pyproject's range
+        req = Requirement(spec)
+        version = pins.get(_norm(req.name))
+        if version is None or not req.specifier.contains(version, prereleases=True):
+            problems.append(f"{req.name}: pinned {version}, pyproject asks {req.specifier} (run `make lock`)")
+    return problems
+
+
+def test_constraints_pin_every_package():
+    text = LOCK.read_text()
+    assert lock_problems(text) == []
+    pins, _ = lock_pins(text)
+    assert {"mlflow-skinny", "psutil", "nvidia-ml-py", "pytest", "moto"} <= set(pins)
+    stale = text.replace("\nray==", "\nray>=").replace("\nnumpy==", "\n# numpy==")
+    assert sorted(p.split()[0] for p in lock_problems(stale)) == ["not", "numpy:", "ray:", "ray==None,"]
+
+
+def test_the_image_and_ci_install_through_the_constraints():
+    dockerfile = (INFRA / "docker" / "Dockerfile").read_text()
+    assert "requirements/constraints.txt" in copy_sources(dockerfile)
+    installs = [line for line in dockerfile.splitlines() if "pip install" in line]
+    assert installs and all("-c requirements/constraints.txt" in line for line in installs)
+    makefile = (ROOT / "Makefile").read_text()
+    assert "LOCK := requirements/constraints.txt" in makefile
+    setup = makefile.split("$(BIN)/.installed:", 1)[1].split("\n\n", 1)[0]
+    assert [line.strip() for line in setup.splitlines() if "install -q -c $(LOCK)" in line] == [
+        "$(BIN)/pip install -q -c $(LOCK) torch==2.13.0",
+        "$(BIN)/pip install -q -c $(LOCK) -e '.[test]'",
+    ]
+    assert "make setup" in (ROOT / ".ci" / "run").read_text()
