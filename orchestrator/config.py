@@ -167,6 +167,10 @@ class MlflowSpec(_Strict):
     retry_budget_s: float = Field(300.0, gt=0)
     """How long registering the model keeps retrying while the server is away; after that the job
     fails, keeping its final checkpoint, and re-submitting it registers without training again."""
+    system_metrics: bool = True
+    """MLflow's system metrics (CPU, memory, disk, network, GPUs) of rank 0's machine, in the run."""
+    system_metrics_interval_s: float = Field(10.0, gt=0)
+    """Seconds between two system-metrics samples."""
 
 
 class RaySpec(_Strict):

@@ -13,6 +13,9 @@ flushes what is left, for a bounded time, at the end of the run.
 ``with_retries`` is the foreground counterpart for calls that must happen (registering the
 model): retried with backoff until a time budget is spent. Both decide what is worth a retry
 from MLflow's error code, never from the text of an error.
+
+``SystemMetrics`` samples MLflow's system metrics (CPU, memory, disk, network, and the GPUs
+NVML finds) on a daemon thread and sends them through the same queue.
 """
 
 from __future__ import annotations
@@ -254,6 +257,59 @@ class MetricBuffer:
             with self._cond:
                 op.done, self._inflight = True, None
                 self._cond.notify_all()
+
+
+class SystemMetrics:
+    """MLflow's system metrics of this machine, ``system/<name>`` every ``interval_s`` seconds, handed
+    to ``send(metrics, step)`` (which queues them on a ``MetricBuffer``).
+
+    The samples come from MLflow's own ``SystemMetricsMonitor`` (CPU, memory, disk, network, and
+    each GPU that NVML finds; none on a machine without one). Its own loop is not used: it sends
+    from its thread, stops for good at the first failed request and, when stopped, waits for that
+    request. This thread makes no request but one, the run's start time; a sample's step is the
+    whole seconds since the run started (one more than the last at least), so that a resumed run
+    goes on where it stopped.
+    """
+
+    def __init__(self, client, run_id: str, send: Callable[[dict, int], None], interval_s: float):
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.client, self.run_id, self.send, self.interval_s = client, run_id, send, interval_s
+        self._monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"mlflow-system-{run_id[:8]}", daemon=True)
+        self._thread.start()
+
+    def _run_start_s(self) -> float:
+        try:
+            return self.client.get_run(self.run_id).info.start_time / 1000
+        except Exception as exc:  # noqa: BLE001 - the server away: steps count from this process's start
+            log.debug("system metrics: the run's start time is unknown (%s)", _first_line(exc))
+            return time.time()
+
+    def _run(self) -> None:
+        monitor = self._monitor
+        try:
+            monitor.collect_metrics()  # the first CPU figure of psutil means nothing: a baseline
+            self._clear()
+            start, step = self._run_start_s(), -1
+            while not self._stop.wait(self.interval_s):
+                monitor.collect_metrics()
+                metrics = {f"system/{k}": v for k, v in monitor.aggregate_metrics().items()}
+                self._clear()
+                step = max(step + 1, int(time.time() - start))
+                self.send(metrics, step)
+        except Exception as exc:  # noqa: BLE001 - a failing sensor never ends the run
+            log.warning("system metrics stopped: %s", _first_line(exc))
+
+    def _clear(self) -> None:
+        for sensor in self._monitor.monitors:
+            sensor.clear_metrics()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """No more samples (the thread ends within ``timeout_s``, unless the run's start time is still asked)."""
+        self._stop.set()
+        self._thread.join(timeout=timeout_s)
 
 
 def _raise_interrupt(signum, frame):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from orchestrator.errors import FlowppError, UserError
 from orchestrator.mlflow_buffer import (  # noqa: F401  (the server's availability, re-exported)
     MetricBuffer,
+    SystemMetrics,
     TrackingUnavailableError,
     check_reachable,
     end_run,
@@ -33,11 +34,15 @@ from orchestrator.mlflow_buffer import (  # noqa: F401  (the server's availabili
 if TYPE_CHECKING:
     import torch
 
+    from orchestrator.config import MlflowSpec
+
 log = logging.getLogger(__name__)
 
 JOB_TAG = "flowpp.job"
 TRAIN_RUN_TAG = "flowpp.train_run"  # the Ray Train run (storage folder) an MLflow run logs
 REGISTERED_TAG = "flowpp.registered_version"
+EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+"""The experiment kind MLflow's UI reads to open an experiment in its model-training view, not the GenAI one."""
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 
 
@@ -103,8 +108,7 @@ def ensure_run(
     """
     check_reachable(tracking_uri)
     client = _client(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, _artifact_root(tracking_uri))
+    exp_id = training_experiment(client, experiment, tracking_uri)
     runs = _job_runs(client, exp_id, job_name)
     if train_run is not None:
         runs = [r for r in runs if r.data.tags.get(TRAIN_RUN_TAG, train_run) == train_run]
@@ -117,6 +121,17 @@ def ensure_run(
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     return client.create_run(exp_id, run_name=job_name, tags=all_tags).info.run_id
+
+
+def training_experiment(client, name: str, tracking_uri: str) -> str:
+    """The id of experiment ``name``, made a model-training experiment: created so, or given the
+    kind when it has none (one made before, or by MLflow itself). A kind already set is kept."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name, _artifact_root(tracking_uri), tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+    if not exp.tags.get(EXPERIMENT_KIND_TAG):
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    return exp.experiment_id
 
 
 def find_run(tracking_uri: str, experiment: str, job_name: str) -> str | None:
@@ -153,10 +168,10 @@ def _artifact_root(tracking_uri: str) -> str | None:
 class RunLogger:
     """One MLflow run; every method is a no-op when disabled (ranks > 0, tracking off).
 
-    Params, metrics and text go through a ``MetricBuffer``: queued, sent by a background
-    thread that retries while the server is away, flushed by ``finish``. Nothing the training
-    loop calls waits on the network, except registering the model, which is retried for
-    ``retry_budget_s`` seconds.
+    Params, metrics, text, artifacts, images and system metrics go through a ``MetricBuffer``:
+    queued, sent by a background thread that retries while the server is away, flushed by
+    ``finish``. Nothing the training loop calls waits on the network, except registering the
+    model, which is retried for ``retry_budget_s`` seconds.
     """
 
     def __init__(self, tracking_uri: str | None, run_id: str | None, retry_budget_s: float = 300.0,
@@ -167,6 +182,7 @@ class RunLogger:
         self.wait_s = wait_s
         """How long ``metrics`` waits for a server that answers (0 while it does not)."""
         self._buffer: MetricBuffer | None = None
+        self._system: SystemMetrics | None = None
         if tracking_uri and run_id:
             self.client = _client(tracking_uri)
 
@@ -208,6 +224,38 @@ class RunLogger:
             shutil.rmtree(keep.parent, ignore_errors=True)
 
         self._queue().call(f"artifact {keep.name}", send)
+
+    def image(self, path: str | Path, key: str, step: int) -> None:
+        """An image (a sample grid) under ``key`` at ``step``: MLflow's UI shows it with a step slider.
+
+        Queued like an artifact; the image is read now, so the caller may delete the file.
+        """
+        if not self.enabled:
+            return
+        from PIL import Image
+
+        with Image.open(path) as opened:
+            image = opened.copy()
+        at = int(time.time() * 1000)
+
+        def send() -> None:
+            self.client.log_image(self.run_id, image, key=key, step=step, timestamp=at, synchronous=True)
+
+        self._queue().call(f"image {key} of step {step}", send)
+
+    def system_metrics(self, spec: MlflowSpec) -> None:
+        """Start sampling this machine's CPU, memory and GPUs (``mlflow.system_metrics``); ``finish`` stops it."""
+        if not (self.enabled and spec.system_metrics) or self._system is not None:
+            return
+        assert self.run_id
+        try:
+            self._system = SystemMetrics(self.client, self.run_id, self._send_system, spec.system_metrics_interval_s)
+        except ImportError as exc:  # psutil missing (a bare mlflow-skinny install)
+            log.warning("MLflow system metrics are off: %s", exc)
+
+    def _send_system(self, metrics: dict, step: int) -> None:
+        if self.enabled:
+            self._queue().metrics(metrics, step)
 
     def text(self, text: str, name: str) -> None:
         if self.enabled:
@@ -265,8 +313,14 @@ class RunLogger:
         buffer, self._buffer = self._buffer, None
         return buffer.close(self.flush_timeout_s) if buffer else 0
 
+    def stop_system_metrics(self) -> None:
+        system, self._system = self._system, None
+        if system is not None:
+            system.stop()
+
     def finish(self, status: str = "FINISHED") -> None:
         if self.enabled:
+            self.stop_system_metrics()
             self.flush()
             self._retry(f"closing run {self.run_id}", lambda: self.client.set_terminated(self.run_id, status))
 

@@ -202,6 +202,7 @@ def train_loop(config: dict) -> None:
     state, valid = build_state(spec, rank, world)
     tracking_uri = spec.mlflow.tracking_uri if rank == 0 and spec.mlflow.enabled else None
     tracker = RunLogger(tracking_uri, config.get("mlflow_run_id"), retry_budget_s=spec.mlflow.retry_budget_s)
+    tracker.system_metrics(spec.mlflow)  # rank 0's machine: CPU, memory, GPUs; stopped by finish
     device = next(state.model.parameters()).device
     w = Worker(spec, rank, world, device, valid, tracker, Trace(spec.train.trace_dir, rank))
     if tracker.enabled and state.step == 0:
@@ -288,7 +289,7 @@ def evaluate_ema(w: Worker, state: TrainState) -> float:
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / f"samples-{state.step:08d}.png"
                 sample_grid(model.eval(), w.spec.train.sample_grid, path, seed=w.spec.train.seed)
-                w.tracker.artifact(path, "samples")
+                w.tracker.image(path, "samples", state.step)  # the UI's image slider, by step
             model.train()
     if w.rank == 0:
         log.info("step %d: validation bits/dim (EMA) %.4f", state.step, val_bpd)

@@ -54,3 +54,21 @@ def mlflow_server(s3_endpoint, tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+def run_train(path: Path, cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 600):
+    """``python -m orchestrator train PATH ARGS`` in a fresh process (its own local Ray), from ``cwd``."""
+    root = Path(__file__).resolve().parents[1]
+    full = {**os.environ, "PYTHONPATH": str(root), **(env or {})}
+    full.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "orchestrator", "train", str(path), *args]
+    return subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
+
+
+def image_steps(client, run_id: str, key: str) -> list[int]:
+    """The steps of the images ``log_image`` wrote under ``key`` (images/KEY+step+N+timestamp+...png)."""
+    import re
+
+    found = (re.fullmatch(rf"images/{re.escape(key)}\+step\+(\d+)\+timestamp\+\d+\+[-\w]+\.png", f.path)
+             for f in client.list_artifacts(run_id, "images"))  # fmt: skip
+    return sorted(int(m.group(1)) for m in found if m)

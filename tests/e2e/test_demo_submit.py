@@ -128,7 +128,7 @@ def test_ray_job_submit_trains_evaluates_and_registers(local_stack):
     assert run.data.params["model.preset"] == "debug"
     assert not any("secret" in k.lower() for k in run.data.params)
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
-    assert "job.yaml" in artifacts and "samples" in artifacts
+    assert "job.yaml" in artifacts and "images" in artifacts  # the sample grids, by step
 
     from orchestrator.tracking import load_flow
 

@@ -1,13 +1,25 @@
-"""Logging and loading a Flow++ model through MLflow: safetensors + code, never a pickle."""
+"""MLflow through the project: a Flow++ model logged and loaded (safetensors + code, never a
+pickle), runs and experiments, sample grids as images by step, system metrics, and what a
+short real training run leaves in its run."""
 
 import pickle
+import time
+import uuid
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import yaml
 
 from flowpp import FlowPlusPlus
 from orchestrator import tracking
+from orchestrator.config import MlflowSpec
 from tests.helpers import initialized_model, random_images, tiny_config
+from tests.integration.test_mlflow_faults import Server
+from tests.jobs import tiny_job, write_job
+from tests.mlflowfixtures import image_steps, mlflow_server, run_train  # noqa: F401  (fixture)
+from tests.s3fixtures import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -75,3 +87,141 @@ def test_a_new_ray_train_run_never_reuses_the_unfinished_mlflow_run_of_the_one_b
     fresh = tracking.ensure_run(store, "exp", "job-c", train_run="job-c-20261129-200000")  # --new-run
     assert fresh != first
     assert tracking.ensure_run(store, "exp", "job-c", train_run="job-c-20261129-200000") == fresh
+
+
+# -- experiments, images, system metrics --------------------------------------------------
+def test_experiments_are_model_training_experiments_new_or_made_before(store):
+    kind = tracking.EXPERIMENT_KIND_TAG
+    client = tracking._client(store)
+    tracking.ensure_run(store, "fresh", "job")
+    assert client.get_experiment_by_name("fresh").tags[kind] == "custom_model_development"
+    before = client.create_experiment("made-before")  # by an older version, or by MLflow itself
+    assert kind not in client.get_experiment(before).tags
+    tracking.ensure_run(store, "made-before", "job")
+    assert client.get_experiment(before).tags[kind] == "custom_model_development"
+    chosen = client.create_experiment("chosen", tags={kind: "finetuning"})  # a kind a user set is kept
+    tracking.ensure_run(store, "chosen", "job")
+    assert client.get_experiment(chosen).tags[kind] == "finetuning"
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    """A real MLflow server on a loopback port; MLflow's client gives up on a request at once."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    srv = Server(tmp_path)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def _png(path, value: int):
+    from PIL import Image
+
+    Image.fromarray(np.full((16, 16, 3), value, np.uint8)).save(path)
+    return path
+
+
+def test_sample_grids_are_images_by_step_and_wait_for_a_server_that_is_away(server, tmp_path):
+    run_id = tracking.ensure_run(server.uri, "images", "grids")
+    logger = tracking.RunLogger(server.uri, run_id)
+    logger.image(_png(tmp_path / "a.png", 10), "samples", step=10)
+    assert logger.flush() == 0
+    server.stop()
+    grid = _png(tmp_path / "b.png", 200)
+    started = time.perf_counter()
+    logger.image(grid, "samples", step=20)  # an evaluation during the outage
+    assert time.perf_counter() - started < 0.05  # never waits on the server
+    grid.unlink()  # the trainer's temporary directory goes at once
+    time.sleep(1.0)  # the sender has met the outage
+    assert logger._buffer is not None and logger._buffer.pending() == 1
+    server.start()
+    logger.finish()
+    client = tracking._client(server.uri)
+    assert image_steps(client, run_id, "samples") == [10, 20]
+    assert client.get_run(run_id).data.tags["mlflow.loggedImages"] == "True"
+    from PIL import Image
+
+    (late,) = [
+        f.path for f in client.list_artifacts(run_id, "images") if "+step+20+" in f.path and f.path.endswith(".png")
+    ]
+    local = client.download_artifacts(run_id, late, str(tmp_path))
+    assert np.asarray(Image.open(local))[0, 0].tolist() == [200, 200, 200]  # the image queued, not a later one
+
+
+def test_system_metrics_sample_cpu_and_memory_into_the_run_until_it_finishes(store):
+    run_id = tracking.ensure_run(store, "system", "job")
+    logger = tracking.RunLogger(store, run_id)
+    logger.system_metrics(MlflowSpec(tracking_uri=store, system_metrics_interval_s=0.2))
+    time.sleep(1.5)
+    logger.finish()
+    client = tracking._client(store)
+    metrics = client.get_run(run_id).data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics), metrics
+    assert metrics["system/system_memory_usage_megabytes"] > 0
+    steps = [m.step for m in client.get_metric_history(run_id, "system/cpu_utilization_percentage")]
+    assert len(steps) >= 3 and steps == sorted(set(steps))  # one sample a step, steps rising
+    time.sleep(0.6)
+    assert len(client.get_metric_history(run_id, "system/cpu_utilization_percentage")) == len(steps)  # stopped
+
+    off = tracking.ensure_run(store, "system", "off")
+    quiet = tracking.RunLogger(store, off)
+    quiet.system_metrics(MlflowSpec(tracking_uri=store, system_metrics=False, system_metrics_interval_s=0.2))
+    time.sleep(0.6)
+    quiet.finish()
+    assert not any(k.startswith("system/") for k in client.get_run(off).data.metrics)
+
+
+def test_system_metrics_never_hold_up_a_run_whose_server_is_down(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    logger = tracking.RunLogger(uri, "0" * 32, flush_timeout_s=1.0)
+    logger.system_metrics(MlflowSpec(tracking_uri=uri, system_metrics_interval_s=0.1))
+    time.sleep(1.0)
+    assert logger._system is not None and logger._system._thread.is_alive()  # still sampling
+    assert logger._buffer is not None and logger._buffer.pending() >= 2  # the samples wait for the server
+    started = time.perf_counter()
+    logger.stop_system_metrics()
+    assert time.perf_counter() - started < 1.0
+    assert logger.flush() >= 2  # bounded: what could not be sent is counted, nothing raised
+
+
+# -- a short real run ---------------------------------------------------------------------
+def test_a_short_run_logs_its_grids_by_step_system_metrics_and_its_resolved_spec(mlflow_server, tmp_path):  # noqa: F811
+    experiment = "short-" + uuid.uuid4().hex[:8]
+    password = "pw-" + uuid.uuid4().hex
+    tree = tiny_job(
+        tmp_path,
+        scaling__num_workers=1,
+        train__max_steps=30,
+        train__log_every=5,
+        train__checkpoint_every=20,
+        train__eval_every=10,
+        train__sample_grid=4,
+        mlflow__registered_model=experiment,
+        mlflow__system_metrics_interval_s=1,
+    )
+    tree["mlflow"]["experiment"] = "${FLOWPP_TEST_EXPERIMENT}"
+    tree["mlflow"]["tracking_uri"] = mlflow_server.uri.replace("http://", f"http://flowpp:{password}@")
+    path = write_job(tree, tmp_path / "job.yaml")
+    env = {"FLOWPP_TEST_EXPERIMENT": experiment}
+    out = run_train(path, tmp_path, "--set", "train.max_steps=20", env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    client = tracking._client(mlflow_server.uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    run_id = tracking.find_run(mlflow_server.uri, experiment, tree["name"])
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert image_steps(client, run_id, "samples") == [10, 20]  # every evaluation's grid, by step
+    assert not client.list_artifacts(run_id, "samples")  # no second copy as a plain artifact
+    system = {k for k in run.data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system
+    (tmp_path / "dl").mkdir()
+    text = Path(client.download_artifacts(run_id, "job.yaml", str(tmp_path / "dl"))).read_text()
+    spec = yaml.safe_load(text)
+    assert spec["train"]["max_steps"] == 20  # the --set override, not the file's 30
+    assert spec["mlflow"]["experiment"] == experiment  # ${FLOWPP_TEST_EXPERIMENT}, expanded
+    assert spec["mlflow"]["tracking_uri"] == mlflow_server.uri.replace("http://", "http://***@")
+    assert password not in text
