@@ -132,6 +132,9 @@ class ScalingSpec(_Strict):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = Field(3, ge=-1)
     """Worker-group restarts from the last checkpoint before the run fails (-1: unlimited)."""
+    peak_tflops: float | None = Field(None, gt=0)
+    """One worker device's dense bf16 peak, TFLOP/s: the MFU denominator of the log line. Default: by
+    the GPU's name (H100, H200, A100; orchestrator/usage.py), else FLOWPP_PEAK_TFLOPS; no MFU on a CPU."""
 
 
 class StorageSpec(_Strict):

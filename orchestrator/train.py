@@ -36,9 +36,10 @@ from orchestrator.evaluate import evaluate, periodic_batches
 from orchestrator.images import sample_grid
 from orchestrator.logs import setup_logging
 from orchestrator.schedule import learning_rate
-from orchestrator.step import StepResult, train_step
+from orchestrator.step import StepResult, all_sum, train_step
 from orchestrator.trace import Trace
 from orchestrator.tracking import RunLogger
+from orchestrator.usage import device_peak_flops, mfu, train_flops_per_image
 
 log = logging.getLogger(__name__)
 
@@ -228,17 +229,21 @@ def _log_run_inputs(w: Worker, state: TrainState) -> None:
 def run(w: Worker, state: TrainState) -> None:
     """Train to ``train.max_steps``, logging, evaluating and checkpointing on schedule."""
     train = w.spec.train
-    meter = Meter(state.step, w.world)
+    meter = Meter(state.step, w.world, w.device, usage_of(w, state.model))
     while state.step < train.max_steps:
-        for batch in state.train_stream:
+        batches = iter(state.train_stream)
+        while state.step < train.max_steps:
+            waited = time.perf_counter()  # the time the step waits for its batch: the loader's share of the step
+            batch = next(batches, None)
+            if batch is None:
+                break  # the epoch is over: the stream goes on with the next one
             x = to_device(batch["images"], w.device, state.model.config.num_bits)
+            meter.data_wait += time.perf_counter() - waited
             out = train_step(state.ddp_model, state.opt, x, lr=lr_at(state.step, train), grad_clip=train.grad_clip)
             w.trace.write(step=state.step, keys=batch["keys"], skipped=out.skipped)
             _account(w, state, out, meter, x.shape[0])
             state.step += 1
             _on_schedule(w, state, meter)
-            if state.step >= train.max_steps:
-                break
 
 
 def _account(w: Worker, state: TrainState, out: StepResult, meter: Meter, batch: int) -> None:
@@ -267,7 +272,7 @@ def _on_schedule(w: Worker, state: TrainState, meter: Meter) -> None:
     last = step == train.max_steps
     metrics: dict = {}
     if step % train.log_every == 0 or last:
-        metrics = meter.flush(step, lr_at(step - 1, train), state.stats)
+        metrics = meter.flush(lr_at(step - 1, train), state.stats, substituted(state.train_stream))
         if w.rank == 0:
             log.info(meter.line(step, train.max_steps, metrics))
     if step % train.eval_every == 0 or last:
@@ -324,45 +329,107 @@ def report(w: Worker, state: TrainState, metrics: dict, with_checkpoint: bool) -
         return
     with checkpoint.staged(state, w.rank) as directory:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    if w.rank == 0:
+        log.info("step %d: checkpoint saved (keeping the last %d)", state.step, w.spec.train.keep_checkpoints)
+
+
+def substituted(stream: ShardStream) -> int:
+    """Samples of this rank's stream replaced by the previous image so far (corrupt, or cut off
+    by a truncated shard); the count is in the stream's state, so it survives a restart."""
+    return int(stream.stats.get("corrupt_samples", 0) + stream.stats.get("truncated_samples", 0))
+
+
+def usage_of(w: Worker, model: FlowPlusPlus) -> tuple[float | None, float | None]:
+    """(training FLOPs per image, the device's peak FLOP/s) for MFU; (None, None) where the peak is
+    unknown (a CPU without ``scaling.peak_tflops``), and the FLOPs are not counted there."""
+    peak = device_peak_flops(w.device, w.spec.scaling.peak_tflops)
+    if peak is None:
+        return None, None
+    flops = train_flops_per_image(model.config, w.device)
+    if w.rank == 0:
+        log.info("MFU: %.3g GFLOPs a training image (forward + backward) against %.3g TFLOP/s a worker",
+                 flops / 1e9, peak / 1e12)  # fmt: skip
+    return flops, peak
+
+
+def eta_text(seconds: float) -> str:
+    """``HH:MM:SS``, or days (``4.3 days``) from 24 hours on; ``?`` while unknown."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    if seconds >= 86400:
+        return f"{seconds / 86400:.1f} days"
+    return time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 
 class Meter:
-    """Running sums between two log lines (loss, grad norm, images), the rate and the ETA."""
+    """Running sums between two log lines (loss, grad norm, images, time spent waiting for data),
+    and the figures of the line: rate, MFU, peak GPU memory, the loader's share, the ETA.
 
-    def __init__(self, step: int, world: int):
+    ``flush`` runs on every rank at the same steps: it sums the loader wait and the substituted
+    samples over the ranks (one small all-reduce).
+    """
+
+    def __init__(self, step: int, world: int, device: torch.device, usage: tuple = (None, None)):
         self.started, self.first_step = time.perf_counter(), step
+        self.world, self.device = world, device
+        self.flops_per_image, self.peak = usage
         self.consecutive_skips = 0
         self._reset(self.started)
 
     def _reset(self, now: float) -> None:
         self.loss, self.grad_norm, self.count, self.images, self.since = 0.0, 0.0, 0, 0, now
+        self.data_wait = 0.0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     def add(self, out: StepResult) -> None:
         self.loss += out.loss
         self.grad_norm += out.grad_norm
         self.count += 1
 
-    def flush(self, step: int, lr: float, stats: dict) -> dict:
+    def flush(self, lr: float, stats: dict, substituted: int = 0) -> dict:
+        wait, subst = all_sum([self.data_wait, float(substituted)], self.device)
         now, n = time.perf_counter(), max(1, self.count)
+        elapsed = max(1e-9, now - self.since)
+        images_s = self.images / elapsed
         metrics = {
             "train_bpd": self.loss / n,
             "grad_norm": self.grad_norm / n,
-            "images_per_s": self.images / max(1e-9, now - self.since),
+            "images_per_s": images_s,
             "lr": lr,
             "nonfinite_skipped": stats.get("nonfinite_skipped", 0),
+            "data_wait_pct": 100.0 * wait / (self.world * elapsed),
+            "substituted_samples": int(subst),
         }
+        utilisation = mfu(self.flops_per_image, images_s / self.world, self.peak)
+        if utilisation is not None:
+            metrics["mfu_pct"] = 100.0 * utilisation
+        if self.device.type == "cuda":
+            metrics["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self._reset(now)
         return metrics
 
-    def line(self, step: int, max_steps: int, metrics: dict) -> str:
+    def eta_s(self, step: int, max_steps: int) -> float:
         elapsed = time.perf_counter() - self.started
         rate = (step - self.first_step) / elapsed if elapsed > 0 else 0.0
-        eta = (max_steps - step) / rate if rate > 0 else float("inf")
-        eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
-        return (
-            f"step {step}/{max_steps}  bits/dim {metrics['train_bpd']:.4f}  images/s {metrics['images_per_s']:.1f}"
-            f"  lr {metrics['lr']:.2e}  grad_norm {metrics['grad_norm']:.3f}  eta {eta_s}"
-        )
+        return (max_steps - step) / rate if rate > 0 else float("inf")
+
+    def line(self, step: int, max_steps: int, metrics: dict) -> str:
+        parts = [
+            f"step {step}/{max_steps}",
+            f"bits/dim {metrics['train_bpd']:.4f}",
+            f"images/s {metrics['images_per_s']:,.1f}",
+            f"lr {metrics['lr']:.2e}",
+            f"grad_norm {metrics['grad_norm']:.3f}",
+        ]
+        if "mfu_pct" in metrics:
+            parts.append(f"mfu {metrics['mfu_pct']:.1f}%")
+        if "gpu_mem_peak_gib" in metrics:
+            parts.append(f"gpu_mem {metrics['gpu_mem_peak_gib']:.1f} GiB")
+        parts.append(f"data_wait {metrics['data_wait_pct']:.1f}%")
+        parts.append(f"substituted {metrics['substituted_samples']}")
+        parts.append(f"eta {eta_text(self.eta_s(step, max_steps))}")
+        return "  ".join(parts)
 
 
 # -- the end of a run ---------------------------------------------------------------------

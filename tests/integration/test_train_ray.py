@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -101,6 +102,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint_without_skipping_data(t
     thread.join(timeout=600)
     result = box["result"]
     assert result.error is None and result.metrics["step"] == 40
+    assert 0 <= result.metrics["data_wait_pct"] < 100 and result.metrics["substituted_samples"] == 0
     # the last report carries the final importance-weighted evaluation; the registered version both figures
     assert 0 < result.metrics["val_bpd_iw"] < 16
     import mlflow
@@ -157,7 +159,9 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run_keeping_the_checkpoint(t
 
 
 def test_killed_driver_then_resubmitted_job_resumes(tmp_path):
-    path = write_job(job(tmp_path, max_steps=40), tmp_path / "job.yaml")
+    tree = job(tmp_path, max_steps=40)
+    tree["scaling"]["peak_tflops"] = 0.05  # an MFU on a CPU too
+    path = write_job(tree, tmp_path / "job.yaml")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the embedded Ray makes its own token
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "orchestrator", "train", str(path)]
@@ -185,3 +189,9 @@ def test_killed_driver_then_resubmitted_job_resumes(tmp_path):
     resumed_at = second_run[0]["step"]
     assert resumed_at in (checkpointed, checkpointed + 10)  # from the checkpoint, not from 0
     assert f"resumed from step {resumed_at}" in out.stderr + out.stdout
+    # the log line holds the run's figures; Ray Train's line for every report on every rank is off
+    lines = [ln for ln in out.stderr.splitlines() if re.search(r"step \d+/40  bits/dim", ln)]
+    assert lines, out.stderr[-3000:]
+    for part in ("images/s ", "lr ", "grad_norm ", "mfu ", "data_wait ", "substituted 0", "eta "):
+        assert all(part in ln for ln in lines), (part, lines[-1])
+    assert "Reporting training result" not in out.stderr + out.stdout

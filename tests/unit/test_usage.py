@@ -1,0 +1,74 @@
+"""The figures of the training log line: model FLOPs, peak FLOP/s and MFU, the loader's share, the ETA."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from flowpp import get_preset
+from orchestrator.step import StepResult
+from orchestrator.train import Meter, eta_text
+from orchestrator.usage import PEAK_ENV, device_peak_flops, mfu, train_flops_per_image
+
+pytestmark = pytest.mark.unit
+
+
+def test_training_flops_count_the_model_once_whatever_the_checkpoint_mode_and_leave_the_rng_alone():
+    cfg = get_preset("debug")
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    plain = train_flops_per_image(cfg)
+    assert torch.equal(torch.get_rng_state(), before)  # a resumed run draws what an uninterrupted one would
+    # checkpointing recomputes forwards, which MFU does not count
+    assert train_flops_per_image(cfg.replace(checkpoint="attention")) == plain
+    # a wider coupling net costs more
+    wider = cfg.replace(net=dataclasses.replace(cfg.net, hidden=cfg.net.hidden * 4))
+    assert train_flops_per_image(wider) > 1.5 * plain
+    assert plain > 1e6
+
+
+def test_peak_flops_by_override_then_environment_then_gpu_name(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(PEAK_ENV, raising=False)
+    assert device_peak_flops(cpu) is None  # no MFU on a CPU by default
+    monkeypatch.setenv(PEAK_ENV, "2.5")
+    assert device_peak_flops(cpu) == 2.5e12
+    assert device_peak_flops(cpu, override_tflops=100.0) == 100e12  # scaling.peak_tflops wins
+    assert mfu(1e9, 1000.0, 1e13) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "00:00:00"),
+        (3661, "01:01:01"),
+        (86399, "23:59:59"),
+        (86400, "1.0 days"),
+        (4.3 * 86400, "4.3 days"),
+        (float("inf"), "?"),
+    ],  # fmt: skip
+)
+def test_eta_is_in_days_from_24_hours_on(seconds, text):
+    assert eta_text(seconds) == text
+
+
+def test_the_log_line_holds_rate_mfu_loader_wait_substituted_and_eta():
+    meter = Meter(step=0, world=2, device=torch.device("cpu"), usage=(1e9, 1e12))
+    meter.since -= 2.0  # two seconds of steps since the last line
+    meter.started -= 2.0
+    for _ in range(4):
+        meter.add(StepResult(loss=4.0, grad_norm=0.5, skipped=False))
+    meter.images = 400  # both ranks: 200 images a second
+    meter.data_wait = 0.5  # this rank waited half a second for its batches (one rank: the sum is itself)
+    metrics = meter.flush(1e-3, {"nonfinite_skipped": 0}, substituted=3)
+    assert metrics["images_per_s"] == pytest.approx(200, rel=0.01)
+    assert metrics["data_wait_pct"] == pytest.approx(100 * 0.5 / (2 * 2.0), rel=0.01)
+    assert metrics["mfu_pct"] == pytest.approx(100 * 1e9 * 100 / 1e12, rel=0.01)  # per worker: 100 images/s
+    assert metrics["substituted_samples"] == 3
+    assert "gpu_mem_peak_gib" not in metrics  # CUDA only
+    line = meter.line(4, 1_000_000, metrics)
+    for part in ("step 4/1000000", "bits/dim 4.0000", "images/s 200", "lr 1.00e-03", "grad_norm 0.500", "mfu 10.0%",
+                 "data_wait 12.5%", "substituted 3", "days"):  # fmt: skip
+        assert part in line, (part, line)
