@@ -68,7 +68,3 @@ def main(argv: list[str] | None = None) -> int:
         lines = str(exc).splitlines() or [type(exc).__name__]
         print(f"flowpp {args.command}: {lines[0]}", *lines[1:], sep="\n", file=sys.stderr)
         return exc.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,11 +11,11 @@ from orchestrator.progress import MODES
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """argparse's "(default: X)" after an argument's help, except where the help already says
-    its default, or there is none to show (None, a flag's False)."""
+    its default, or there is none to show (None, a flag's False; a 0 is shown)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+        if any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS)) or "default" in text:
             return text
         return super()._get_help_string(action)
 
@@ -246,8 +246,8 @@ def add_prepare(sub) -> None:
         help="an unreadable input image: stop naming the file, or skip it and count it",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle (and of the demo's patches)")
-    p.add_argument("--count", type=_COUNT, default=0, help="demo: train images (0: the default, 4096)")
-    p.add_argument("--valid-count", type=_COUNT, default=0, help="demo: validation images (0: the default, 512)")
+    p.add_argument("--count", type=_COUNT, default=0, help="demo: train images (0: 4096)")
+    p.add_argument("--valid-count", type=_COUNT, default=0, help="demo: validation images (0: 512)")
     p.add_argument("--upload-workers", type=_POSITIVE_INT, default=4, help="parallel shard uploads")
     _storage_args(p)
     p.set_defaults(func=commands.cmd_prepare)
