@@ -310,8 +310,9 @@ def final_evaluation(w: Worker, state: TrainState) -> float:
                  train.final_eval_samples)  # fmt: skip
     started = time.perf_counter()
     with state.ema.average_parameters(state.model):
+        share = sum(s["num_samples"] for s in w.valid.manifest["shards"]) // w.world  # this rank's images
         bpd, count = evaluate(state.model, whole_split_batches(w), samples=train.final_eval_samples,
-                              seed=train.seed + 54321)  # fmt: skip
+                              seed=train.seed + 54321, desc="final evaluation", total=share)  # fmt: skip
     if w.rank == 0:
         log.info("step %d: validation bits/dim (EMA, importance-weighted, %d samples) %.4f on %d images in %.0f s",
                  state.step, train.final_eval_samples, bpd, count, time.perf_counter() - started)  # fmt: skip
