@@ -2,8 +2,10 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Exact versions for CI, `make setup` and the training image (infra/docker/Dockerfile); `make lock` writes it.
+# Exact versions for CI, `make setup` and the training image (infra/docker/Dockerfile); `make lock` writes it,
+# resolved for the image's Python. Another Python installs from pyproject's ranges instead.
 LOCK := requirements/constraints.txt
+LOCK_PYTHON := 3.11
 
 .PHONY: setup test unit lint bench demo down clean lock
 
@@ -12,9 +14,10 @@ LOCK := requirements/constraints.txt
 $(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# The CPU build of torch that lies on these machines' disk; a bare `torch` pulls CUDA.
-	$(BIN)/pip install -q -c $(LOCK) torch==2.13.0
-	$(BIN)/pip install -q -c $(LOCK) -e '.[test]'
+	# First the CPU build of torch that lies on these machines' disk; a bare `torch` pulls CUDA.
+	if [ "$$($(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')" = $(LOCK_PYTHON) ]; then \
+	  lock='-c $(LOCK)'; else lock=; echo "not Python $(LOCK_PYTHON): installing without $(LOCK)"; fi; \
+	$(BIN)/pip install -q $$lock torch==2.13.0 && $(BIN)/pip install -q $$lock -e '.[test]'
 	touch $@
 
 setup: $(BIN)/.installed
@@ -55,11 +58,12 @@ down:
 
 # Re-pins $(LOCK) after a change to pyproject's ranges or requirements/constraints.in, keeping every
 # pin that still fits (LOCK_ARGS=--upgrade moves them all to the newest allowed). It resolves with
-# this venv's Python (3.11, as in the training image) and pip, which takes the CPU torch on this
+# this venv's Python (LOCK_PYTHON, as in the training image) and pip, which takes the CPU torch on this
 # machine's disk: no CUDA wheel is pinned, so the base image keeps its own CUDA libraries.
 LOCK_ARGS ?=
 lock:
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -c 'import sys; assert "%d.%d" % sys.version_info[:2] == "$(LOCK_PYTHON)", sys.version'
 	$(BIN)/pip install -q 'pip-tools==7.6.2'
 	CUSTOM_COMPILE_COMMAND='make lock' $(BIN)/pip-compile --quiet --all-extras --strip-extras \
 	  --no-emit-index-url --no-emit-find-links --unsafe-package flowpp-orchestrator $(LOCK_ARGS) \
