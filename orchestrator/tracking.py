@@ -114,13 +114,30 @@ def ensure_run(
         runs = [r for r in runs if r.data.tags.get(TRAIN_RUN_TAG, train_run) == train_run]
         tags = {**(tags or {}), TRAIN_RUN_TAG: train_run}
     if runs and runs[0].info.status != "FINISHED":
+        run_id = runs[0].info.run_id
         if runs[0].info.status != "RUNNING":  # a failed or killed job, resubmitted: the same run goes on
-            client.update_run(runs[0].info.run_id, status="RUNNING")
-        return runs[0].info.run_id
-    all_tags = {JOB_TAG: job_name, **(tags or {})}
-    if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
-    return client.create_run(exp_id, run_name=job_name, tags=all_tags).info.run_id
+            client.update_run(run_id, status="RUNNING")
+    else:
+        all_tags = {JOB_TAG: job_name, **(tags or {})}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run_id = client.create_run(exp_id, run_name=job_name, tags=all_tags).info.run_id
+    if page := run_page(tracking_uri, exp_id, run_id):
+        log.info("MLflow run page: %s", page)
+    return run_id
+
+
+def run_page(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The run's page in the MLflow UI of an http(s) server, without credentials; None for a local store.
+
+    MLflow 3's UI shows an experiment in its GenAI view or its model-training view by a switch in
+    its header (GenAI by default, then the browser's last choice), not by the experiment's kind:
+    the link chooses model training.
+    """
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    base = public_uri(tracking_uri).rstrip("/")
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def training_experiment(client, name: str, tracking_uri: str) -> str:

@@ -104,6 +104,12 @@ def test_experiments_are_model_training_experiments_new_or_made_before(store):
     assert client.get_experiment(chosen).tags[kind] == "finetuning"
 
 
+def test_the_run_page_link_opens_the_training_view_without_credentials(store):
+    page = tracking.run_page("http://bob:pa55@127.0.0.1:5000/", "3", "abc")
+    assert page == "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    assert tracking.run_page(store, "3", "abc") is None  # a local store has no UI of its own
+
+
 @pytest.fixture
 def server(tmp_path, monkeypatch):
     """A real MLflow server on a loopback port; MLflow's client gives up on a request at once."""
