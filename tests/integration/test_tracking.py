@@ -89,6 +89,18 @@ def test_a_new_ray_train_run_never_reuses_the_unfinished_mlflow_run_of_the_one_b
     assert tracking.ensure_run(store, "exp", "job-c", train_run="job-c-20261129-200000") == fresh
 
 
+def test_a_searchs_trial_runs_end_finished_killed_or_failed_as_their_trials_did(store):
+    parent = tracking.ensure_run(store, "search", "asha")
+    trials = {"t1": "complete", "t2": "stopped early", "t3": "error"}
+    runs = {t: tracking.ensure_run(store, "search", f"asha-{t}", parent_run_id=parent, tags={"flowpp.trial": t})
+            for t in trials}  # fmt: skip
+    tracking.finish_children(store, parent, trials)
+    client = tracking._client(store)
+    assert {t: client.get_run(r).info.status for t, r in runs.items()} == {
+        "t1": "FINISHED", "t2": "KILLED", "t3": "FAILED"}  # fmt: skip
+    assert client.get_run(runs["t2"]).data.tags["flowpp.trial_status"] == "stopped early"
+
+
 # -- experiments, images, system metrics --------------------------------------------------
 def test_experiments_are_model_training_experiments_new_or_made_before(store):
     kind = tracking.EXPERIMENT_KIND_TAG
