@@ -72,6 +72,14 @@ def _mlflow(tracking_uri: str):
     if carries_secret(tracking_uri):  # MLflow prints "View run ... at <this URI>" to stdout, past the log filter
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     if tracking_uri.startswith("sqlite:///"):
+        import importlib.util
+
+        # mlflow-skinny (the core) has the sqlite store's code but not its libraries ([server] has them)
+        if not (importlib.util.find_spec("sqlalchemy") and importlib.util.find_spec("alembic")):
+            raise UserError(
+                f"mlflow.tracking_uri {tracking_uri}: a sqlite store needs MLflow's server side: "
+                "pip install 'flowpp-orchestrator[server]', or point it at an MLflow server (http://...)"
+            )
         db = Path(tracking_uri.removeprefix("sqlite:///"))
         db.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(tracking_uri)

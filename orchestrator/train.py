@@ -208,6 +208,7 @@ def train_loop(config: dict) -> None:
     w = Worker(spec, rank, world, device, valid, tracker, Trace(spec.train.trace_dir, rank))
     if tracker.enabled and state.step == 0:
         _log_run_inputs(w, state)
+        log_samples(w, state.model, 0)  # the slider opens at step 0: the untrained model's samples
     run(w, state)
     w.trace.final(state.step, state.model)
     if rank == 0:
@@ -290,15 +291,23 @@ def evaluate_ema(w: Worker, state: TrainState) -> float:
     with state.ema.average_parameters(model):
         batches = periodic_batches(w.valid, train.eval_batches)
         val_bpd, _ = evaluate(model, batches, samples=train.eval_samples, seed=train.seed + 12345)
-        if w.rank == 0 and w.spec.train.sample_grid:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / f"samples-{state.step:08d}.png"
-                sample_grid(model.eval(), w.spec.train.sample_grid, path, seed=w.spec.train.seed)
-                w.tracker.image(path, "samples", state.step)  # the UI's image slider, by step
-            model.train()
+        if w.rank == 0:
+            log_samples(w, model, state.step)
     if w.rank == 0:
         log.info("step %d: validation bits/dim (EMA) %.4f", state.step, val_bpd)
     return val_bpd
+
+
+def log_samples(w: Worker, model: FlowPlusPlus, step: int) -> None:
+    """Rank 0: a grid of ``train.sample_grid`` samples from ``model`` as an MLflow image at ``step``
+    (the UI's image slider moves by step; a run's first grid, at step 0, is the untrained model)."""
+    if not (w.spec.train.sample_grid and w.tracker.enabled):
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"samples-{step:08d}.png"
+        sample_grid(model.eval(), w.spec.train.sample_grid, path, seed=w.spec.train.seed)
+        w.tracker.image(path, "samples", step)
+    model.train()
 
 
 def final_evaluation(w: Worker, state: TrainState) -> float:

@@ -300,13 +300,15 @@ def run_search(spec: JobSpec, resume: bool = False) -> list[TrialRow]:
     if spec.mlflow.enabled:
         parent = tracking.ensure_run(spec.mlflow.tracking_uri, spec.mlflow.experiment, spec.name)
         tracking.RunLogger(spec.mlflow.tracking_uri, parent).params(_search_params(spec))
-    _init_ray(spec)
-    results = make_tuner(spec, parent, resume).fit()
-    rows = summarize(results, spec)
-    table = format_table(rows, spec)
-    print(f"\nsearch {spec.name}: {len(rows)} trials\n{table}\n", flush=True)
-    if parent:
-        _close_search(spec, rows, table, parent)
+    # the search's run ends FAILED if the search raises, KILLED on Ctrl-C or SIGTERM
+    with tracking.run_status_on_exit(spec.mlflow.tracking_uri if parent else None, parent):
+        _init_ray(spec)
+        results = make_tuner(spec, parent, resume).fit()
+        rows = summarize(results, spec)
+        table = format_table(rows, spec)
+        print(f"\nsearch {spec.name}: {len(rows)} trials\n{table}\n", flush=True)
+        if parent:
+            _close_search(spec, rows, table, parent)
     return rows
 
 

@@ -78,7 +78,7 @@ def test_the_run_page_shows_metric_charts_sample_grids_by_step_and_system_metric
     run_id = tracking.find_run(mlflow_server.uri, experiment, tree["name"])
     link = tracking.run_page(mlflow_server.uri, exp_id, run_id)
     assert f"MLflow run page: {link}" in out.stderr  # the job prints the link it opens
-    assert image_steps(client, run_id, "samples") == [10, 20]
+    assert image_steps(client, run_id, "samples") == [0, 10, 20]
     base, query = link.split("?")
     profile = tmp_path / "chromium"
 

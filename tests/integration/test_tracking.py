@@ -232,7 +232,7 @@ def test_a_short_run_logs_its_grids_by_step_system_metrics_and_its_resolved_spec
     run_id = tracking.find_run(mlflow_server.uri, experiment, tree["name"])
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert image_steps(client, run_id, "samples") == [10, 20]  # every evaluation's grid, by step
+    assert image_steps(client, run_id, "samples") == [0, 10, 20]  # the untrained model, then every evaluation
     assert not client.list_artifacts(run_id, "samples")  # no second copy as a plain artifact
     system = {k for k in run.data.metrics if k.startswith("system/")}
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system

@@ -166,6 +166,7 @@ def test_killed_search_resumes_unfinished_trials_from_their_checkpoints(tmp_path
 
     again = subprocess.run(tune_cmd(job), cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "--resume" in again.stderr  # no silent restart from scratch
+    assert mlflow_view(tmp_path, "resume")[1].info.status == "FAILED"  # a search that fails marks its run
 
     out = subprocess.run(
         tune_cmd(job, "--resume"), cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900
@@ -177,3 +178,4 @@ def test_killed_search_resumes_unfinished_trials_from_their_checkpoints(tmp_path
     assert len(children) == 2  # the resumed trials kept their child runs
     assert all(c.data.tags.get("flowpp.trial_status") in ("complete", "stopped early") for c in children)
     assert "flowpp.registered_version" in parent.data.tags
+    assert parent.info.status == "FINISHED"  # the resumed search ran again, and finished

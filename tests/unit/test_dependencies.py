@@ -34,6 +34,10 @@ OPTIONAL = {
     # `flowpp prepare demo` only (orchestrator/data/sources.py finds it with find_spec and, when it
     # is missing, says `pip install 'flowpp-orchestrator[demo]'`)
     "skimage": "demo",
+    # a sqlite:/// MLflow store only (orchestrator/tracking.py finds them with find_spec and, when
+    # they are missing, says `pip install 'flowpp-orchestrator[server]'`)
+    "sqlalchemy": "server",
+    "alembic": "server",
 }
 
 
@@ -153,3 +157,15 @@ def test_the_demo_source_names_its_extra_when_scikit_image_is_missing(monkeypatc
     monkeypatch.setitem(sys.modules, "skimage", None)  # what the import system reads as "not installed"
     with pytest.raises(UserError, match=re.escape("pip install 'flowpp-orchestrator[demo]'")):
         _demo_dir()
+
+
+def test_a_sqlite_store_without_the_server_extra_names_it(monkeypatch, tmp_path):
+    """mlflow-skinny (the core) has no local store: a sqlite:/// tracking URI needs [server]."""
+    from orchestrator import tracking
+
+    monkeypatch.setitem(sys.modules, "sqlalchemy", None)  # as on a core-only install (find_spec: None)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(UserError, match=re.escape("pip install 'flowpp-orchestrator[server]'")) as caught:
+        tracking._mlflow(uri)
+    assert uri in str(caught.value)
+    assert not (tmp_path / "mlflow.db").exists()
