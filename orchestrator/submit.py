@@ -67,7 +67,7 @@ def submit(spec: JobSpec, job_path: str, overrides: list[str], follow: bool = Tr
     if running:
         raise JobRunningError(
             f"job {spec.name} is already running on {spec.ray.address} as {running}; wait for it "
-            f"(`ray job logs -f {running}`) or stop it (`ray job stop {running}`)"
+            f"(`flowpp logs {running}`) or stop it (`flowpp stop {running}`)"
         )
     runtime_env = {"working_dir": ".", **spec.ray.runtime_env}
     job_id = client.submit_job(
