@@ -14,6 +14,9 @@ from orchestrator.redact import install_filter
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+QUIET_BELOW_DEBUG = ("botocore.credentials", "aiobotocore.credentials")
+"""Third-party loggers whose INFO lines ("Found credentials in environment variables.") repeat
+without telling anything: shown at ``--log-level debug`` only."""
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -44,6 +47,8 @@ def setup_logging(level: str = "INFO") -> None:
         handler.setFormatter(logging.Formatter(FORMAT))
         root.addHandler(handler)
     root.setLevel(level.upper())
+    for name in QUIET_BELOW_DEBUG:  # one INFO line per S3 client: every worker, every shard reader
+        logging.getLogger(name).setLevel(logging.NOTSET if root.level <= logging.DEBUG else logging.WARNING)
     loggers = [root, *(v for v in logging.root.manager.loggerDict.values() if isinstance(v, logging.Logger))]
     for logger in loggers:
         for each in logger.handlers:

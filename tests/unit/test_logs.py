@@ -46,3 +46,17 @@ def test_ray_trains_per_report_lines_are_off_at_info_and_back_at_debug(root, cap
     setup_logging("DEBUG")  # --log-level debug
     ray_logger.info(line)
     assert "Reporting training result 7" in capsys.readouterr().err
+
+
+def test_botocores_credential_lines_are_off_at_info_and_back_at_debug(root, capsys):
+    root.handlers = []
+    credentials = logging.getLogger("botocore.credentials")
+    setup_logging("INFO")
+    credentials.info("Found credentials in environment variables.")
+    credentials.warning("a credential warning stays")
+    err = capsys.readouterr().err
+    assert "Found credentials" not in err and "a credential warning stays" in err
+    setup_logging("DEBUG")
+    credentials.info("Found credentials in environment variables.")
+    assert "Found credentials" in capsys.readouterr().err
+    setup_logging("INFO")  # the level this process had
