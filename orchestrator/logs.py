@@ -48,7 +48,8 @@ def setup_logging(level: str = "INFO") -> None:
         root.addHandler(handler)
     root.setLevel(level.upper())
     for name in QUIET_BELOW_DEBUG:  # one INFO line per S3 client: every worker, every shard reader
-        logging.getLogger(name).setLevel(logging.NOTSET if root.level <= logging.DEBUG else logging.WARNING)
+        # a level of their own: a parent's (Ray's AWS module sets `botocore` to WARNING on import) never decides
+        logging.getLogger(name).setLevel(logging.DEBUG if root.level <= logging.DEBUG else logging.WARNING)
     loggers = [root, *(v for v in logging.root.manager.loggerDict.values() if isinstance(v, logging.Logger))]
     for logger in loggers:
         for each in logger.handlers:
