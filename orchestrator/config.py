@@ -10,6 +10,7 @@ wherever it leaves the process.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +53,10 @@ class ModelSpec(_Strict):
     """Override the preset's image size (the data must match)."""
     stages: list[str] | None = None
     """Override the preset's main-flow stages, e.g. [s2d, "stripe:2", s2d, "channel:2", "stripe:2"]."""
+    hidden: int | None = Field(None, ge=1)
+    """Override the width F of the main flow's coupling nets (the dequantizer keeps the preset's)."""
+    num_blocks: int | None = Field(None, ge=1)
+    """Override the blocks B of the main flow's coupling nets."""
 
     def flow_config(self):
         """The flowpp.FlowConfig this spec describes."""
@@ -69,7 +74,9 @@ class ModelSpec(_Strict):
                 changes[k] = getattr(self, k)
         if self.stages is not None:
             changes["stages"] = tuple(self.stages)
-        return get_preset(self.preset, **changes)
+        config = get_preset(self.preset, **changes)
+        net = {k: getattr(self, k) for k in ("hidden", "num_blocks") if getattr(self, k) is not None}
+        return config.replace(net=dataclasses.replace(config.net, **net)) if net else config
 
 
 class DataSpec(_Strict):
@@ -85,6 +92,8 @@ class DataSpec(_Strict):
     """Write this dataset to ``train``/``valid`` first if their manifests are missing."""
     prepare_count: int = Field(4096, ge=16)
     prepare_valid_count: int = Field(512, ge=16)
+    prepare_flip: bool = False
+    """``flowpp prepare demo --flip``: mirror half of the training patches left to right."""
 
 
 class TrainSpec(_Strict):
@@ -322,6 +331,10 @@ def semantic_problems(spec: JobSpec) -> list[str]:
     problems = []
     if spec.model.preset not in PRESETS:
         problems.append(f"model.preset: unknown preset {spec.model.preset!r}; choose from {sorted(PRESETS)}")
+    elif spec.model.hidden is not None:
+        heads = PRESETS[spec.model.preset]().net.num_heads
+        if spec.model.hidden % heads:
+            problems.append(f"model.hidden: {spec.model.hidden} is not divisible by the {heads} attention heads")
     if spec.train.global_batch_size % spec.scaling.num_workers:
         problems.append(
             f"train.global_batch_size: {spec.train.global_batch_size} is not divisible by "

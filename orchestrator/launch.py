@@ -75,6 +75,7 @@ def ensure_data(spec: JobSpec) -> None:
                 split=split,
                 image_size=size,
                 count=count,
+                flip=spec.data.prepare_flip,
                 shard_bytes=4 * 2**20,
                 progress=False,
             ),

@@ -65,12 +65,25 @@ class ShardEntry(_Strict):
     last_item: int | None = Field(None, ge=-1)
 
 
+class DemoInfo(_Strict):
+    """Where a ``demo`` split's patches come from (``sources.demo_summary``)."""
+
+    photos: dict[str, int]
+    """Patches cut from each photograph of this split."""
+    scales: dict[str, int]
+    """Patches per downsampling factor (a crop of ``size * k`` pixels, box-downsampled by k)."""
+    flipped: int = Field(0, ge=0)
+    other_split_photos: list[str]
+    """The other split's photographs, which this split never draws from."""
+
+
 class SourceInfo(_Strict):
     kind: str
     inputs: list[str] = Field(default_factory=list)
     dataset: str = "?"
     holdout: float | None = Field(None, ge=0, le=1)
     """Share of a split-less input held out for ``valid`` by a hash of each image's name."""
+    demo: DemoInfo | None = None
 
 
 class Skipped(_Strict):

@@ -47,6 +47,9 @@ from orchestrator.data.sources import (
     Item,
     SplitInputs,
     decode,
+    demo_count,
+    demo_plan,
+    demo_summary,
     iter_items,
     split_inputs,
 )
@@ -77,6 +80,8 @@ class PrepareOptions:
     seed: int = 0
     count: int = 0
     """Images to cut for the ``demo`` source (0: 4096 train / 512 valid)."""
+    flip: bool = False
+    """``demo`` only: mirror half of the training patches left to right (validation never)."""
     upload_workers: int = 4
     progress: bool = True
 
@@ -336,6 +341,7 @@ def prepare(opts: PrepareOptions, sopts: storage.StorageOptions | None = None) -
         size=opts.image_size,
         seed=opts.seed,
         holdout=inputs.holdout,
+        flip=_demo_flip(opts),
     )
     started = time.perf_counter()
     builder = _build(opts, sopts, items)
@@ -363,6 +369,9 @@ def _manifest(opts: PrepareOptions, inputs: SplitInputs, builder: _Builder) -> d
     source: dict = {"kind": opts.source, "inputs": [p.name for p in inputs.paths], "dataset": _dataset_name(opts)}
     if inputs.holdout:
         source["holdout"] = HOLDOUT
+    if opts.source == "demo":
+        plan = demo_plan(opts.split, demo_count(opts.split, opts.count), opts.image_size, opts.seed, _demo_flip(opts))
+        source["demo"] = demo_summary(opts.split, plan)
     return {
         "version": VERSION,
         "fingerprint": content_id(builder.options_id, (bytes.fromhex(s["content"]) for s in shards))[:16],
@@ -378,6 +387,10 @@ def _manifest(opts: PrepareOptions, inputs: SplitInputs, builder: _Builder) -> d
         "skipped": {"count": len(builder.skipped), "examples": builder.skipped[:20]},
         "shards": shards,
     }
+
+
+def _demo_flip(opts: PrepareOptions) -> bool:
+    return opts.flip and opts.split == "train"
 
 
 def _dataset_name(opts: PrepareOptions) -> str:

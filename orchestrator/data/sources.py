@@ -5,8 +5,9 @@
 - ``npz``: Chrabaszcz et al.'s batches, ``train_data_batch_1..10.npz`` / ``val_data.npz``:
   ``data`` uint8 (n, 12288) as R plane, G plane, B plane; ``labels`` 1..1000, kept as given.
 - ``folder``: any folder of images, centre-cropped to a square and box-downsampled.
-- ``demo``: 64x64 patches cut from the colour photographs inside the scikit-image
-  wheel; train and validation come from different photographs.
+- ``demo``: patches cut at several scales from the photographs inside the scikit-image
+  wheel (``DEMO_PHOTOS``), optionally mirrored; train and validation come from different
+  photographs, and each manifest records which ones (``demo_summary``).
 
 Order: each input's images are sorted by a hash of (seed, name), a shuffled order that an
 added or removed image does not reorder, so that a re-run keeps the shards it did not touch.
@@ -42,19 +43,36 @@ HOLDOUT = 0.05
 """Share of a split-less input's images (by a hash of the name) that is the ``valid`` split."""
 _SPLIT_WORDS = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid"}
 
-# Colour photographs shipped in scikit-image's wheel (skimage/data), split by photograph.
+# The photographs inside scikit-image's wheel (skimage/data) that need no download, split by
+# photograph: validation is two colour photographs that training never sees. The grey ones
+# (camera, moon, ...) are stored as RGB with three equal channels; the synthetic images
+# (chessboard, color wheel, logo, phantom, horse silhouette) and the tiny animations are left out.
 DEMO_PHOTOS = {
     "train": (
         "astronaut.png",
+        "brick.png",
+        "camera.png",
+        "cell.png",
+        "clock_motion.png",
         "coffee.png",
+        "coins.png",
+        "grass.png",
+        "gravel.png",
         "hubble_deep_field.jpg",
         "ihc.png",
+        "microaneurysms.png",
+        "moon.png",
         "motorcycle_left.png",
         "motorcycle_right.png",
+        "page.png",
         "retina.jpg",
+        "text.png",
     ),
     "valid": ("chelsea.png", "rocket.jpg"),
 }
+DEMO_SCALES = (1, 2, 3, 4)
+"""A demo patch is a crop of ``size * k`` pixels box-downsampled by ``k``, with ``k`` drawn from
+the scales the photograph is large enough for (ImageNet 64x64 is downsampled too)."""
 
 
 class CorruptInputError(UserError, ValueError):
@@ -200,26 +218,79 @@ def _demo_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 
-def _demo_items(split: str, count: int, size: int, seed: int) -> Iterator[Item]:
+@dataclass(frozen=True)
+class DemoPatch:
+    photo: str
+    y: int
+    x: int
+    scale: int
+    flip: bool
+
+
+def demo_plan(split: str, count: int, size: int, seed: int, flip: bool = False) -> list[DemoPatch]:
+    """Where each demo patch of ``split`` comes from: the photographs take turns (each gives the
+    same number of patches), the scale is drawn from ``DEMO_SCALES`` that fit the photograph,
+    the position uniformly, and with ``flip`` half the patches are mirrored left to right."""
+    shapes = {name: _demo_shape(name) for name in DEMO_PHOTOS[split]}
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    plan = []
+    for i in range(count):
+        name = DEMO_PHOTOS[split][i % len(DEMO_PHOTOS[split])]
+        h, w = shapes[name]
+        fits = [k for k in DEMO_SCALES if size * k <= min(h, w)]
+        if not fits:
+            raise UserError(f"demo photograph {name} ({w}x{h}) is smaller than one {size}x{size} patch")
+        k = fits[int(rng.integers(len(fits)))]
+        side = size * k
+        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        mirrored = bool(rng.integers(2)) if flip else False
+        plan.append(DemoPatch(name, y, x, k, mirrored))
+    return plan
+
+
+def demo_summary(split: str, plan: list[DemoPatch]) -> dict:
+    """What a demo split's manifest records: patches per photograph and per scale, the flips,
+    and the other split's photographs (which this split never draws from)."""
+    return {
+        "photos": dict(Counter(p.photo for p in plan)),
+        "scales": {str(k): n for k, n in sorted(Counter(p.scale for p in plan).items())},
+        "flipped": sum(p.flip for p in plan),
+        "other_split_photos": list(DEMO_PHOTOS["valid" if split == "train" else "train"]),
+    }
+
+
+def _demo_shape(name: str) -> tuple[int, int]:
     from PIL import Image
 
-    photos = []
+    with Image.open(_demo_dir() / name) as im:
+        return im.height, im.width
+
+
+def _demo_items(split: str, plan: list[DemoPatch], size: int) -> Iterator[Item]:
+    from PIL import Image
+
+    photos = {}
     for name in DEMO_PHOTOS[split]:
         with Image.open(_demo_dir() / name) as im:
-            photos.append((name, np.asarray(im.convert("RGB"))))
-    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
-    for i in range(count):
-        name, img = photos[i % len(photos)]
-        h, w, _ = img.shape
-        side = int(rng.integers(size, min(h, w) // 2 + 1))  # random scale, at least 1:1
-        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-        patch = Image.fromarray(img[y : y + side, x : x + side]).resize((size, size), Image.Resampling.BOX)
+            photos[name] = np.asarray(im.convert("RGB"))
+    for i, p in enumerate(plan):
+        side = size * p.scale
+        crop = Image.fromarray(photos[p.photo][p.y : p.y + side, p.x : p.x + side])
+        patch = crop.resize((size, size), Image.Resampling.BOX)
+        if p.flip:
+            patch = patch.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        key = f"{Path(p.photo).stem}_{i:06d}"
         yield Item(
-            key=f"{Path(name).stem}_{i:06d}",
-            ref=f"skimage/data/{name}@{y},{x},{side}",
-            name=f"{Path(name).stem}_{i:06d}",
+            key=key,
+            ref=f"skimage/data/{p.photo}@{p.y},{p.x},{side}{',flip' if p.flip else ''}",
+            name=key,
             array=np.asarray(patch),
         )
+
+
+def demo_count(split: str, count: int) -> int:
+    """The demo's patches in ``split``: ``count``, or 4096 train / 512 valid for 0."""
+    return count or (4096 if split == "train" else 512)
 
 
 def own_split(path: Path) -> str | None:
@@ -277,12 +348,14 @@ def iter_items(
     seed: int = 0,
     shuffle: bool = True,
     holdout: bool = False,
+    flip: bool = False,
 ) -> Iterator[Item]:
     """Items of one split. ``shuffle`` orders each input's items by a hash of (seed, name) so
     that shards are not sorted by class or name (the stream shuffles shards and within chunks);
-    ``holdout`` keeps only the images of ``split`` (by a hash of the name, see ``in_split``)."""
+    ``holdout`` keeps only the images of ``split`` (by a hash of the name, see ``in_split``);
+    ``flip`` mirrors half the demo's patches (the demo source only)."""
     if source == "demo":
-        yield from _demo_items(split, count or (4096 if split == "train" else 512), size, seed)
+        yield from _demo_items(split, demo_plan(split, demo_count(split, count), size, seed, flip), size)
         return
     if source not in ("vdo", "npz", "folder"):
         raise UserError(f"unknown source {source!r}; expected one of {SOURCES}")

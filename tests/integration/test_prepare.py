@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,14 @@ from PIL import Image
 
 from orchestrator.cli import main as cli_main
 from orchestrator.data.prepare import PrepareOptions, prepare
-from orchestrator.data.sources import CorruptInputError
+from orchestrator.data.sources import (
+    DEMO_PHOTOS,
+    DEMO_SCALES,
+    CorruptInputError,
+    _demo_dir,
+    demo_plan,
+    iter_items,
+)
 from orchestrator.data.stream import ShardStream, load_manifest
 from tests.datafixtures import make_npz_batch, make_vdo_tar, png_bytes
 
@@ -91,17 +99,66 @@ def test_any_folder_is_box_downsampled(tmp_path):
 
 
 def test_demo_source_splits_by_photograph(tmp_path):
-    rc = cli_main(["prepare", "demo", "--output", str(tmp_path / "demo"), "--count", "64", "--valid-count", "16"])
+    rc = cli_main(["prepare", "demo", "--output", str(tmp_path / "demo"), "--count", "72", "--valid-count", "16"])
     assert rc == 0
     train = load_manifest(str(tmp_path / "demo" / "train" / "manifest.json"))
     valid = load_manifest(str(tmp_path / "demo" / "valid" / "manifest.json"))
-    assert train["num_samples"] == 64 and valid["num_samples"] == 16
+    assert train["num_samples"] == 72 and valid["num_samples"] == 16
     tk = set(_all_samples(str(tmp_path / "demo" / "train" / "manifest.json")))
     vk = set(_all_samples(str(tmp_path / "demo" / "valid" / "manifest.json")))
     photo = lambda k: k.rsplit("_", 1)[0]  # noqa: E731
     assert {photo(k) for k in tk}.isdisjoint({photo(k) for k in vk})
     imgs = np.stack([v[0] for v in _all_samples(str(tmp_path / "demo" / "valid" / "manifest.json")).values()])
     assert imgs.std() > 20  # real photographs, not flat fills
+    # every photograph of the split gives patches, and the manifest says which went where
+    td, vd = train["source"]["demo"], valid["source"]["demo"]
+    assert set(td["photos"]) == set(DEMO_PHOTOS["train"]) and sum(td["photos"].values()) == 72
+    assert set(vd["photos"]) == set(DEMO_PHOTOS["valid"]) and sum(vd["photos"].values()) == 16
+    assert td["other_split_photos"] == list(DEMO_PHOTOS["valid"]) == list(vd["photos"])
+    assert {Path(p).stem for p in td["photos"]} == {photo(k) for k in tk}
+    assert len(td["scales"]) > 1 and td["flipped"] == 0  # several scales; no flips without --flip
+
+
+def test_demo_source_draws_from_every_bundled_photograph():
+    """DEMO_PHOTOS is every photograph in scikit-image's data folder: a new release's
+    additions or removals show up here, not as a silently smaller demo."""
+    synthetic = {"chessboard_GRAY.png", "chessboard_RGB.png", "color.png", "horse.png", "logo.png", "phantom.png"}
+    animations = {"multipage.tif", "multipage_rgb.tif", "no_time_for_that_tiny.gif"}
+    exts = {".png", ".jpg", ".jpeg", ".tif", ".gif"}
+    shipped = {p.name for p in _demo_dir().iterdir() if p.suffix in exts}
+    listed = {*DEMO_PHOTOS["train"], *DEMO_PHOTOS["valid"]}
+    assert listed == shipped - synthetic - animations
+    assert not set(DEMO_PHOTOS["train"]) & set(DEMO_PHOTOS["valid"])
+
+
+def test_demo_scales_are_box_downsampled_crops_and_flip_mirrors():
+    plan = demo_plan("train", 400, 32, seed=3, flip=True)
+    assert {p.scale for p in plan} == set(DEMO_SCALES)
+    assert 120 < sum(p.flip for p in plan) < 280
+    items = {it.key: it for it in iter_items("demo", [], split="train", count=400, size=32, seed=3, flip=True)}
+    for i, p in enumerate(plan[:40]):
+        with Image.open(_demo_dir() / p.photo) as im:
+            photo = np.asarray(im.convert("RGB")).astype(np.float64)
+        side = 32 * p.scale
+        crop = photo[p.y : p.y + side, p.x : p.x + side]
+        want = crop.reshape(32, p.scale, 32, p.scale, 3).mean(axis=(1, 3))  # the box filter
+        if p.flip:
+            want = want[:, ::-1]
+        got = items[f"{Path(p.photo).stem}_{i:06d}"].array
+        assert got.shape == (32, 32, 3)
+        assert np.abs(got - want).max() <= 1.0, (p, np.abs(got - want).max())
+    # same seed, same patches; --flip changes only which are mirrored
+    unflipped = demo_plan("train", 400, 32, seed=3)
+    assert not any(p.flip for p in unflipped)
+    assert demo_plan("train", 400, 32, seed=3, flip=True) == plan
+
+
+def test_demo_flip_mirrors_training_patches_only(tmp_path):
+    rc = cli_main(["prepare", "demo", "--output", str(tmp_path), "--count", "40", "--valid-count", "16", "--flip"])
+    assert rc == 0
+    train = load_manifest(str(tmp_path / "train" / "manifest.json"))
+    valid = load_manifest(str(tmp_path / "valid" / "manifest.json"))
+    assert train["source"]["demo"]["flipped"] > 0 and valid["source"]["demo"]["flipped"] == 0
 
 
 def test_shards_are_byte_identical_and_members_have_mtime_zero(tmp_path):

@@ -124,6 +124,16 @@ def test_set_overrides_any_field(tmp_path):
         load_job(_write(tmp_path, GOOD), ["train.lr"])
 
 
+def test_model_width_and_depth_override_the_main_flow_only(tmp_path):
+    spec = load_job(_write(tmp_path, GOOD), ["model.hidden=32", "model.num_blocks=2"])
+    cfg, preset = spec.model.flow_config(), load_job(_write(tmp_path, GOOD)).model.flow_config()
+    assert (cfg.net.hidden, cfg.net.num_blocks) == (32, 2) != (preset.net.hidden, preset.net.num_blocks)
+    assert cfg.dequant == preset.dequant and cfg.net.num_heads == preset.net.num_heads
+    with pytest.raises(JobSpecError, match=r"model.hidden: 33 is not divisible by the 2 attention heads"):
+        load_job(_write(tmp_path, GOOD), ["model.hidden=33"])
+    assert load_job(_write(tmp_path, GOOD), ["data.prepare_flip=true"]).data.prepare_flip
+
+
 def test_env_expansion_and_secret_free_params(tmp_path, monkeypatch):
     monkeypatch.setenv("FLOWPP_X", "s3://from-env")
     monkeypatch.delenv("FLOWPP_NOPE_Q", raising=False)
