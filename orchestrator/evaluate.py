@@ -98,32 +98,49 @@ def per_image_bpd(
     """Score ``model`` (eval mode, whatever weights it holds, on its device) on a split, image by
     image; ``desc`` labels the progress bar."""
     model.eval()
-    # batch 1 at the stream level: a plan never drops a remainder; batches are re-formed below
-    stream = ShardStream(manifest_url, batch_size=1, seed=seed, options=options, shuffle_buffer=1)
+    total, split = split_images(manifest_url, options, seed=seed, max_images=max_images)
     keys: list[str] = []
     images: list[torch.Tensor] = []
     scores: list[torch.Tensor] = []
     devices = {p.device for p in model.parameters()}
     device = devices.pop() if devices else torch.device("cpu")
-    available = sum(stream.counts)
-    total = min(max_images, available) if max_images else available
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), bar(desc, total) as progress:
         torch.manual_seed(seed)  # the same dequantization noise for every model scored this way
-        for batch in stream:
+        for batch in split:
             keys += list(batch["keys"])
             images.append(batch["images"])
             if sum(len(x) for x in images) >= batch_size:
                 scores.append(_score(model, torch.cat(images), samples, device))
                 progress.update(min(len(keys), total) - progress.n)
                 images = []
-            if max_images and len(keys) >= max_images:
-                break
         if images:
             scores.append(_score(model, torch.cat(images), samples, device))
             progress.update(min(len(keys), total) - progress.n)
     bpd = torch.cat(scores).double().cpu().numpy()
     n = max_images or len(keys)
     return Scores(keys[:n], bpd[:n])
+
+
+def split_images(
+    manifest_url: str, options: storage.StorageOptions | None = None, *, seed: int = 0, max_images: int = 0
+) -> tuple[int, Iterator[dict]]:
+    """The images ``per_image_bpd`` scores, in its order: the number of them, and the stream's
+    batches of one image each (``{"images": (1, C, H, W) uint8, "keys": [...], ...}``), the
+    shard order from ``seed``, stopping after the first ``max_images`` (0: all)."""
+    # batch 1 at the stream level: a plan never drops a remainder; callers re-form batches
+    stream = ShardStream(manifest_url, batch_size=1, seed=seed, options=options, shuffle_buffer=1)
+    available = sum(stream.counts)
+    total = min(max_images, available) if max_images else available
+
+    def batches() -> Iterator[dict]:
+        seen = 0
+        for batch in stream:
+            yield batch
+            seen += len(batch["keys"])
+            if max_images and seen >= max_images:
+                return
+
+    return total, batches()
 
 
 def _score(model, images: torch.Tensor, samples: int, device) -> torch.Tensor:

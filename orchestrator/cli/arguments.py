@@ -38,8 +38,8 @@ def _tracking_arg(p) -> None:
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
 
 
-def _model_args(p) -> None:
-    p.add_argument("--model", required=True, help="models:/NAME@champion, models:/NAME/3 or runs:/ID/model")
+def _model_args(p, required: bool = True, also: str = "") -> None:
+    p.add_argument("--model", required=required, help=f"models:/NAME@champion, models:/NAME/3 or runs:/ID/model{also}")
     p.add_argument("--seed", type=int, default=0, help="seed of the dequantization noise or the samples")
     _tracking_arg(p)
     _device_arg(p)
@@ -170,8 +170,8 @@ def add_sample_evaluate(sub) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="scale of the latent noise")
     p.set_defaults(func=commands.cmd_sample)
 
-    p = add_parser(sub, "evaluate", "bits/dim of a registered model on a manifest's shards")
-    _model_args(p)
+    p = add_parser(sub, "evaluate", "bits/dim of a registered model (or lossless codecs) on a manifest's shards")
+    _model_args(p, required=False, also="; optional with --baseline, which then scores only the codecs")
     p.add_argument("--data", required=True, help="manifest URL of the split to score")
     p.add_argument(
         "--iw-samples",
@@ -182,6 +182,14 @@ def add_sample_evaluate(sub) -> None:
     )
     p.add_argument("--max-images", type=int, default=0, help="score only the first N images (0: all)")
     p.add_argument("--batch-size", type=int, default=32, help="images scored at a time")
+    p.add_argument(
+        "--baseline",
+        metavar="CODECS",
+        default=None,
+        help="also print these lossless codecs' bits/dim on the same images, after the model's, e.g. png,webp "
+        "(png: optimize; webp: lossless, method 6; the files' sizes alone) and the model's lead over each "
+        "(default: none)",
+    )
     _storage_args(p)
     p.set_defaults(func=commands.cmd_evaluate)
 

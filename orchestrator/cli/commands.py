@@ -199,6 +199,28 @@ def cmd_sample(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from orchestrator.baselines import parse_codecs, score_codecs
+
+    if not args.model and not args.baseline:
+        raise UserError("the following arguments are required: --model (or --baseline CODECS to score only codecs)")
+    codecs = parse_codecs(args.baseline) if args.baseline else []  # a bad name fails before a model loads
+    bound = None
+    if args.model:
+        bound = _evaluate_model(args)
+    if codecs:
+        kw = dict(seed=args.seed, max_images=args.max_images, desc=f"baselines ({', '.join(codecs)})")
+        baselines = score_codecs(args.data, codecs, _storage_options(args), **kw)
+        for baseline in baselines:
+            print(baseline.line())
+        if bound is not None:
+            name, bpd = bound
+            for baseline in baselines:
+                print(f"{args.model} ({name}) vs {baseline.codec}: {bpd - baseline.bpd:+.4f} bits/dim")
+    return 0
+
+
+def _evaluate_model(args) -> tuple[str, float]:
+    """Print the model's bounds; return the tighter one's name and bits/dim."""
     from orchestrator.evaluate import per_image_bpd
     from orchestrator.tracking import load_flow
 
@@ -211,7 +233,8 @@ def cmd_evaluate(args) -> int:
         desc = f"{args.model} ({args.iw_samples} samples)"
         iw = per_image_bpd(model, args.data, _storage_options(args), samples=args.iw_samples, desc=desc, **common)
         print(f"{args.model}: {iw.mean:.4f} bits/dim (importance-weighted bound, {args.iw_samples} samples)")
-    return 0
+        return "importance-weighted", iw.mean
+    return "dequantization bound", elbo.mean
 
 
 def cmd_submit(args) -> int:
