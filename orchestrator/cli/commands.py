@@ -104,6 +104,7 @@ def cmd_prepare(args) -> int:
             on_error=args.on_error,
             seed=args.seed,
             count=args.count if split == "train" else args.valid_count,
+            flip=args.flip,
             upload_workers=args.upload_workers,
         )
         m = prepare(opts, storage_options)
