@@ -237,19 +237,25 @@ def summarize(results, spec: JobSpec) -> list[TrialRow]:
 
 
 def format_table(rows: list[TrialRow], spec: JobSpec) -> str:
+    """Markdown: every trial's mixture components and lr (the preset's or the job's where not
+    searched), then a column for each other searched field (by its last name: ``hidden``), the
+    best validation bits/dim, steps, wall time and status."""
     preset_k = spec.model.flow_config().num_components
+    extra = [k for k in _tune(spec).space if k not in ("model.num_components", "train.lr")]
 
     def value(row, key, default):
         return row.overrides.get(key, default)
 
+    names = "".join(f" {k.rsplit('.', 1)[-1]} |" for k in extra)
     lines = [
-        "| trial | components | lr | best val bits/dim | steps | wall time (s) | status |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        f"| trial | components | lr |{names} best val bits/dim | steps | wall time (s) | status |",
+        "|---|---:|---:|" + "---:|" * len(extra) + "---:|---:|---:|---|",
     ]
     for row in rows:
         k = value(row, "model.num_components", preset_k)
         lr = value(row, "train.lr", spec.train.lr)
-        cells = [row.trial_id, k, f"{lr:.3g}", f"{row.best_val_bpd:.4f}", row.steps, f"{row.wall_s:.0f}", row.status]
+        cells = [row.trial_id, k, f"{lr:.3g}", *(value(row, key, "") for key in extra)]
+        cells += [f"{row.best_val_bpd:.4f}", row.steps, f"{row.wall_s:.0f}", row.status]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 

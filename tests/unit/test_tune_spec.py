@@ -94,3 +94,36 @@ def test_decision_rule():
     assert not decide(scores([math.nan, 1.0]), None).promote
     with pytest.raises(PromotionError, match="same images"):
         decide(scores([1.0, 2.0], ["a", "b"]), scores([1.0, 2.0], ["a", "c"]))
+
+
+def test_the_search_table_has_a_column_for_every_searched_field():
+    from orchestrator.tune import TrialRow, format_table
+
+    spec = load_job(JOB)  # searches num_components, lr and dropout
+    rows = [
+        TrialRow(
+            "a_00000",
+            {"model.num_components": 8, "train.lr": 1e-3, "model.dropout": 0.1},
+            4.5,
+            4.6,
+            120,
+            61.2,
+            "complete",
+            None,
+        ),
+        TrialRow(
+            "a_00001",
+            {"model.num_components": 2, "train.lr": 4e-3, "model.dropout": 0.0},
+            5.25,
+            5.3,
+            30,
+            15.0,
+            "stopped early",
+            None,
+        ),
+    ]
+    lines = format_table(rows, spec).splitlines()
+    assert lines[0] == "| trial | components | lr | dropout | best val bits/dim | steps | wall time (s) | status |"
+    assert lines[1].count("|") == lines[0].count("|")
+    assert lines[2] == "| a_00000 | 8 | 0.001 | 0.1 | 4.5000 | 120 | 61 | complete |"
+    assert lines[3] == "| a_00001 | 2 | 0.004 | 0.0 | 5.2500 | 30 | 15 | stopped early |"
