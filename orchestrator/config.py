@@ -94,6 +94,8 @@ class DataSpec(_Strict):
     prepare_valid_count: int = Field(512, ge=16)
     prepare_flip: bool = False
     """``flowpp prepare demo --flip``: mirror half of the training patches left to right."""
+    prepare_grey: bool = False
+    """``flowpp prepare demo --grey``: train on the grey photographs too."""
 
 
 class TrainSpec(_Strict):

@@ -76,6 +76,7 @@ def ensure_data(spec: JobSpec) -> None:
                 image_size=size,
                 count=count,
                 flip=spec.data.prepare_flip,
+                grey=spec.data.prepare_grey,
                 shard_bytes=4 * 2**20,
                 progress=False,
             ),

@@ -257,6 +257,7 @@ def add_prepare(sub) -> None:
     p.add_argument("--count", type=_COUNT, default=0, help="demo: train images (0: 4096)")
     p.add_argument("--valid-count", type=_COUNT, default=0, help="demo: validation images (0: 512)")
     p.add_argument("--flip", action="store_true", help="demo: mirror half of the training patches left to right")
+    p.add_argument("--grey", action="store_true", help="demo: train on the 11 grey photographs too (as RGB)")
     p.add_argument("--upload-workers", type=_POSITIVE_INT, default=4, help="parallel shard uploads")
     _storage_args(p)
     p.set_defaults(func=commands.cmd_prepare)

@@ -105,6 +105,7 @@ def cmd_prepare(args) -> int:
             seed=args.seed,
             count=args.count if split == "train" else args.valid_count,
             flip=args.flip,
+            grey=args.grey,
             upload_workers=args.upload_workers,
         )
         m = prepare(opts, storage_options)

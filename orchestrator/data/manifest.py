@@ -74,7 +74,7 @@ class DemoInfo(_Strict):
     """Patches per downsampling factor (a crop of ``size * k`` pixels, box-downsampled by k)."""
     flipped: int = Field(0, ge=0)
     other_split_photos: list[str]
-    """The other split's photographs, which this split never draws from."""
+    """The photographs the other split may draw from, which this split never does."""
 
 
 class SourceInfo(_Strict):

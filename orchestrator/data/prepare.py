@@ -82,6 +82,8 @@ class PrepareOptions:
     """Images to cut for the ``demo`` source (0: 4096 train / 512 valid)."""
     flip: bool = False
     """``demo`` only: mirror half of the training patches left to right (validation never)."""
+    grey: bool = False
+    """``demo`` only: the training split also draws from the grey photographs (``DEMO_GREY``)."""
     upload_workers: int = 4
     progress: bool = True
 
@@ -342,6 +344,7 @@ def prepare(opts: PrepareOptions, sopts: storage.StorageOptions | None = None) -
         seed=opts.seed,
         holdout=inputs.holdout,
         flip=_demo_flip(opts),
+        grey=opts.grey,
     )
     started = time.perf_counter()
     builder = _build(opts, sopts, items)
@@ -370,7 +373,9 @@ def _manifest(opts: PrepareOptions, inputs: SplitInputs, builder: _Builder) -> d
     if inputs.holdout:
         source["holdout"] = HOLDOUT
     if opts.source == "demo":
-        plan = demo_plan(opts.split, demo_count(opts.split, opts.count), opts.image_size, opts.seed, _demo_flip(opts))
+        plan = demo_plan(
+            opts.split, demo_count(opts.split, opts.count), opts.image_size, opts.seed, _demo_flip(opts), opts.grey
+        )
         source["demo"] = demo_summary(opts.split, plan)
     return {
         "version": VERSION,

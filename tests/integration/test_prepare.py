@@ -13,10 +13,12 @@ from PIL import Image
 from orchestrator.cli import main as cli_main
 from orchestrator.data.prepare import PrepareOptions, prepare
 from orchestrator.data.sources import (
+    DEMO_GREY,
     DEMO_PHOTOS,
     DEMO_SCALES,
     CorruptInputError,
     _demo_dir,
+    demo_photos,
     demo_plan,
     iter_items,
 )
@@ -115,6 +117,7 @@ def test_demo_source_splits_by_photograph(tmp_path):
     assert set(td["photos"]) == set(DEMO_PHOTOS["train"]) and sum(td["photos"].values()) == 72
     assert set(vd["photos"]) == set(DEMO_PHOTOS["valid"]) and sum(vd["photos"].values()) == 16
     assert td["other_split_photos"] == list(DEMO_PHOTOS["valid"]) == list(vd["photos"])
+    assert vd["other_split_photos"] == [*DEMO_PHOTOS["train"], *DEMO_GREY]
     assert {Path(p).stem for p in td["photos"]} == {photo(k) for k in tk}
     assert len(td["scales"]) > 1 and td["flipped"] == 0  # several scales; no flips without --flip
 
@@ -126,9 +129,9 @@ def test_demo_source_draws_from_every_bundled_photograph():
     animations = {"multipage.tif", "multipage_rgb.tif", "no_time_for_that_tiny.gif"}
     exts = {".png", ".jpg", ".jpeg", ".tif", ".gif"}
     shipped = {p.name for p in _demo_dir().iterdir() if p.suffix in exts}
-    listed = {*DEMO_PHOTOS["train"], *DEMO_PHOTOS["valid"]}
+    listed = {*DEMO_PHOTOS["train"], *DEMO_PHOTOS["valid"], *DEMO_GREY}
     assert listed == shipped - synthetic - animations
-    assert not set(DEMO_PHOTOS["train"]) & set(DEMO_PHOTOS["valid"])
+    assert not set(demo_photos("train", grey=True)) & set(demo_photos("valid", grey=True))
 
 
 def test_demo_scales_are_box_downsampled_crops_and_flip_mirrors():
@@ -153,12 +156,17 @@ def test_demo_scales_are_box_downsampled_crops_and_flip_mirrors():
     assert demo_plan("train", 400, 32, seed=3, flip=True) == plan
 
 
-def test_demo_flip_mirrors_training_patches_only(tmp_path):
-    rc = cli_main(["prepare", "demo", "--output", str(tmp_path), "--count", "40", "--valid-count", "16", "--flip"])
-    assert rc == 0
-    train = load_manifest(str(tmp_path / "train" / "manifest.json"))
-    valid = load_manifest(str(tmp_path / "valid" / "manifest.json"))
-    assert train["source"]["demo"]["flipped"] > 0 and valid["source"]["demo"]["flipped"] == 0
+def test_demo_flip_mirrors_and_grey_adds_grey_photographs_to_training_only(tmp_path):
+    args = ["prepare", "demo", "--output", str(tmp_path), "--count", "36", "--valid-count", "16", "--flip", "--grey"]
+    assert cli_main(args) == 0
+    train = load_manifest(str(tmp_path / "train" / "manifest.json"))["source"]["demo"]
+    valid = load_manifest(str(tmp_path / "valid" / "manifest.json"))["source"]["demo"]
+    assert train["flipped"] > 0 and valid["flipped"] == 0
+    assert set(train["photos"]) == {*DEMO_PHOTOS["train"], *DEMO_GREY} and set(valid["photos"]) == set(
+        DEMO_PHOTOS["valid"]
+    )
+    grey = [v for k, v in _all_samples(str(tmp_path / "train" / "manifest.json")).items() if k.startswith("camera_")]
+    assert grey and all((img[0] == img[1]).all() and (img[1] == img[2]).all() for img, _ in grey)
 
 
 def test_shards_are_byte_identical_and_members_have_mtime_zero(tmp_path):
