@@ -11,7 +11,9 @@ and WebP-lossless's bits/dim on the same split, so the curve can be read against
 
 The run is ``--run-id``, or the latest run of ``--experiment`` that logged ``val_bpd``. Wall time
 is measured from the run's start as MLflow recorded it (the driver's clock), so it includes the
-data-dependent init, evaluations and checkpoints: what a user waits for.
+data-dependent init, evaluations and checkpoints: what a user waits for. A step logged twice (a
+run resumed from a checkpoint logs the steps after it again) shows its latest value; ``--start``
+moves the origin and drops what was logged before it.
 """
 
 from __future__ import annotations
@@ -34,11 +36,22 @@ class Point:
     what: str
 
 
-def curve(client, run_id: str) -> list[Point]:
-    """The run's evaluations in step order, then its importance-weighted bound if it logged one."""
+def _latest(history, since: int) -> list:
+    """One entry per step, logged at or after ``since`` (ms): the latest, so that a run that was
+    restarted (it logs the steps after its checkpoint again) shows its last attempt."""
+    last: dict = {}
+    for m in sorted(history, key=lambda m: m.timestamp):
+        if m.timestamp >= since:
+            last[m.step] = m
+    return [last[k] for k in sorted(last)]
+
+
+def curve(client, run_id: str, start_ms: int | None = None) -> list[Point]:
+    """The run's evaluations in step order, then its importance-weighted bound if it logged one.
+    Wall time counts from ``start_ms`` (default: the run's start); entries before it are ignored."""
     run = client.get_run(run_id)
-    start = run.info.start_time
-    train = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train_bpd"))
+    start = run.info.start_time if start_ms is None else start_ms
+    train = [(m.step, m.value) for m in _latest(client.get_metric_history(run_id, "train_bpd"), start)]
 
     def last_train(step: int) -> float | None:
         seen = [v for s, v in train if s <= step]
@@ -46,11 +59,11 @@ def curve(client, run_id: str) -> list[Point]:
 
     points = [
         Point(m.step, (m.timestamp - start) / 60_000, last_train(m.step), m.value, "val_bpd (EMA)")
-        for m in sorted(client.get_metric_history(run_id, "val_bpd"), key=lambda m: (m.step, m.timestamp))
+        for m in _latest(client.get_metric_history(run_id, "val_bpd"), start)
     ]
     points += [
         Point(m.step, (m.timestamp - start) / 60_000, last_train(m.step), m.value, "val_bpd_iw (whole split)")
-        for m in client.get_metric_history(run_id, "val_bpd_iw")
+        for m in _latest(client.get_metric_history(run_id, "val_bpd_iw"), start)
     ]
     return points
 
@@ -84,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experiment", help="the latest run of this experiment that logged val_bpd")
     ap.add_argument("--run-id", help="this run instead")
     ap.add_argument("--baseline-data", help="manifest URL of the validation split: also print PNG and WebP")
+    ap.add_argument(
+        "--start",
+        help="wall time counts from this UTC time (2026-11-30T03:17:53), and only what was logged since "
+        "is shown: for a run restarted from scratch under the same name (default: the run's start)",
+    )
     args = ap.parse_args(argv)
     if not (args.run_id or args.experiment):
         ap.error("give --run-id or --experiment")
@@ -96,8 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         from orchestrator.baselines import score_codecs
 
         baselines = score_codecs(args.baseline_data, ["png", "webp"], desc="baselines")
+    start_ms = None
+    if args.start:
+        from datetime import datetime, timezone
+
+        start_ms = int(datetime.fromisoformat(args.start).replace(tzinfo=timezone.utc).timestamp() * 1000)
     print(f"run {run_id}")
-    print("\n".join(table(curve(client, run_id), baselines)))
+    print("\n".join(table(curve(client, run_id, start_ms), baselines)))
     return 0
 
 
