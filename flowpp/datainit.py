@@ -33,6 +33,10 @@ class DataInit(nn.Module):
             self._ready = bool(self.initialized)
         return not self._ready
 
+    def set_ready(self, ready: bool) -> None:
+        """Set the Python mirror from a value already read (``flowpp.distributed.mark_ready``)."""
+        self._ready = ready
+
     def mark_initialized(self) -> None:
         self.initialized.fill_(True)
         self._ready = True

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from flowpp.datainit import DataInit
+
 
 @torch.no_grad()
 def data_dependent_init(model: nn.Module, batch: torch.Tensor | None, src: int = 0, group=None) -> None:
@@ -32,7 +34,22 @@ def data_dependent_init(model: nn.Module, batch: torch.Tensor | None, src: int =
         with torch.compiler.set_stance("force_eager"):  # init branches on data: never trace it
             model(batch)
         model.train(was_training)
-    if not distributed:
-        return
-    for tensor in [*model.parameters(), *model.buffers()]:
-        dist.broadcast(tensor.data, src=src, group=group)
+    if distributed:
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.data, src=src, group=group)
+    mark_ready(model)
+
+
+def mark_ready(model: nn.Module) -> None:
+    """Set every data-init layer's Python flag from its ``initialized`` buffer, in one device read.
+
+    After the broadcast the other ranks hold rank ``src``'s flags, but only as buffers: a layer that
+    first reads its buffer inside a compiled region makes a data-dependent graph break (and, on a GPU,
+    a sync per layer in eager mode). Reading them all here, once, keeps every rank's forward on the
+    Python flag alone, as on rank ``src``.
+    """
+    layers = [m for m in model.modules() if isinstance(m, DataInit)]
+    if layers:
+        flags = torch.stack([m.initialized for m in layers]).tolist()
+        for layer, flag in zip(layers, flags, strict=True):
+            layer.set_ready(bool(flag))

@@ -115,20 +115,28 @@ class FlowPlusPlus(nn.Module):
 
     # -- likelihoods of discrete images ---------------------------------------------------
     def check_pixels(self, x: torch.Tensor) -> None:
-        """Integer pixels in [0, 2**num_bits), or a ValueError naming the range.
+        """Integer pixels in [0, 2**num_bits), or an error naming the range.
 
-        A uint8 batch of an 8-bit model cannot be out of range, so it costs nothing; any
-        other batch costs one device sync (its min and max).
+        A uint8 batch of an 8-bit model cannot be out of range, so it costs nothing. Another
+        batch on the CPU is checked at once (a ValueError); on a GPU the check is queued on the
+        device (``torch._assert_async``), so the forward pass never waits for it: a 5-bit
+        model's every forward would otherwise sync on the batch's min and max.
         """
         if x.is_floating_point() or x.is_complex():
             raise ValueError(f"pixels must be integers in [0, {self.num_levels}), got a {x.dtype} tensor")
         if x.dtype == torch.uint8 and self.num_levels == 256:
             return
+        bits = self.config.num_bits
+        expected = f"pixel values must lie in [0, {self.num_levels}) for a {bits}-bit model"
+        if x.device.type != "cpu":
+            in_range = ((x >= 0) & (x < self.num_levels)).all()
+            hint = f"; reduce 8-bit pixels with x >> {8 - bits} first" if bits < 8 else ""
+            torch._assert_async(in_range, expected + hint)
+            return
         lo, hi = (int(v) for v in torch.aminmax(x))
         if lo < 0 or hi >= self.num_levels:
-            bits = self.config.num_bits
             raise ValueError(
-                f"pixel values must lie in [0, {self.num_levels}) for a {bits}-bit model, got [{lo}, {hi}]"
+                f"{expected}, got [{lo}, {hi}]"
                 + (f"; reduce 8-bit pixels with x >> {8 - bits} first" if bits < 8 and hi < 256 else "")
             )
 

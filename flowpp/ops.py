@@ -8,6 +8,8 @@ recompute the rest, which is cheap elementwise work plus at most one convolution
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -117,10 +119,31 @@ def gated_residual(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return _GatedResidual.apply(x, h)
 
 
+_RECOMPUTE = [True]
+
+
+@contextlib.contextmanager
+def plain_autograd():
+    """Within it, ``concat_elu_conv`` runs as plain ops that autograd differentiates, keeping their
+    activations instead of recomputing the gated convolution in backward: the same values and
+    gradients, and FLOPs that count the model's work only (``orchestrator.usage`` counts MFU so)."""
+    _RECOMPUTE[0] = False
+    try:
+        yield
+    finally:
+        _RECOMPUTE[0] = True
+
+
 def concat_elu_conv(x, weight, bias, padding, keep=None, p=0.0, residual=None) -> torch.Tensor:
     """conv2d(dropout(elu([x, -x]))) [gated into ``residual``], storing only x and ``keep`` for backward.
 
     x (B, C, H, W), weight (C', 2C, k, k), keep a bool (B, 2C, H, W) mask or None;
     returns (B, C', H, W), or (B, C'/2, H, W) with ``residual``.
     """
-    return _ConcatELUConv.apply(x, weight, bias, padding, keep, p, residual)
+    if _RECOMPUTE[0]:
+        return _ConcatELUConv.apply(x, weight, bias, padding, keep, p, residual)
+    h = _elu_conv(x, weight, bias, padding, keep, p)
+    if residual is None:
+        return h
+    a, b = h.chunk(2, dim=1)
+    return residual + a * torch.sigmoid(b)

@@ -139,6 +139,10 @@ class TrainSpec(_Strict):
 class ScalingSpec(_Strict):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
+    gpus_per_worker: float = Field(1.0, gt=0)
+    """GPUs per worker with ``use_gpu``: 1, a whole number, or a fraction under 1, so that several workers
+    share one GPU (0.5: two a GPU). Workers that share a GPU talk over gloo (NCCL refuses two ranks on one
+    device); gloo moves CUDA tensors through the host. For testing the multi-rank path on one GPU."""
     cpus_per_worker: float = Field(1.0, gt=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = Field(3, ge=-1)
@@ -342,6 +346,9 @@ def semantic_problems(spec: JobSpec) -> list[str]:
             f"train.global_batch_size: {spec.train.global_batch_size} is not divisible by "
             f"scaling.num_workers={spec.scaling.num_workers}"
         )
+    gpus = spec.scaling.gpus_per_worker
+    if gpus > 1 and gpus != int(gpus):
+        problems.append(f"scaling.gpus_per_worker: {gpus} GPUs; Ray takes a fraction under 1 or a whole number")
     for field in ("train", "valid"):
         url = getattr(spec.data, field)
         if not url.endswith(".json"):

@@ -114,16 +114,22 @@ def _init_ray(spec: JobSpec) -> None:
         ray.init()
 
 
+def process_group_backend(scaling) -> str:
+    """NCCL between workers that each own their GPUs; gloo on CPUs, and between workers that share a
+    GPU (``scaling.gpus_per_worker`` under 1), which NCCL refuses. Gloo takes CUDA tensors too."""
+    return "nccl" if scaling.use_gpu and scaling.gpus_per_worker >= 1 else "gloo"
+
+
 def make_trainer(spec: JobSpec, run_id: str | None, callbacks: list | None = None, run_name: str | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from orchestrator.train import train_loop
 
     fs, path = storage.pyarrow_filesystem(spec.storage.path, spec.storage.options())
     resources = {"CPU": spec.scaling.cpus_per_worker}
     if spec.scaling.use_gpu:
-        resources["GPU"] = 1
+        resources["GPU"] = spec.scaling.gpus_per_worker
     return TorchTrainer(
         train_loop,
         train_loop_config={
@@ -131,6 +137,7 @@ def make_trainer(spec: JobSpec, run_id: str | None, callbacks: list | None = Non
             "mlflow_run_id": run_id,
             "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel()),
         },
+        torch_config=TorchConfig(backend=process_group_backend(spec.scaling)),
         scaling_config=ScalingConfig(
             num_workers=spec.scaling.num_workers,
             use_gpu=spec.scaling.use_gpu,

@@ -36,7 +36,7 @@ from orchestrator.evaluate import evaluate, periodic_batches
 from orchestrator.images import sample_grid
 from orchestrator.logs import setup_logging
 from orchestrator.schedule import learning_rate
-from orchestrator.step import StepResult, all_sum, train_step
+from orchestrator.step import StepResult, all_sum, ddp_options, train_step
 from orchestrator.trace import Trace
 from orchestrator.tracking import RunLogger
 from orchestrator.usage import device_peak_flops, mfu, train_flops_per_image
@@ -174,12 +174,16 @@ def build_state(spec: JobSpec, rank: int, world: int) -> tuple[TrainState, Shard
         with restored.as_directory() as d:
             checkpoint.load(Path(d), state, rank)
         log.info("rank %d resumed from step %d (%s)", rank, state.step, restored.path)
-    state.ddp_model = ray.train.torch.prepare_model(model, move_to_device=True)
+    state.ddp_model = ray.train.torch.prepare_model(model, move_to_device=True, parallel_strategy_kwargs=ddp_options())
     return state, valid
 
 
 def _adam(model: nn.Module, spec: JobSpec) -> torch.optim.Optimizer:
-    return torch.optim.Adam(model.parameters(), lr=spec.train.lr, fused=spec.train.fused_adam or None)
+    """One fused kernel (``train.fused_adam``), else foreach ops: never the loop over parameters
+    that Adam picks on a CPU unless asked."""
+    if spec.train.fused_adam:
+        return torch.optim.Adam(model.parameters(), lr=spec.train.lr, fused=True)
+    return torch.optim.Adam(model.parameters(), lr=spec.train.lr, foreach=True)
 
 
 def _seed_everything(seed: int) -> None:

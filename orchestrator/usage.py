@@ -4,8 +4,9 @@ Importable with torch alone: bench/ uses it on GPU machines that may lack the or
 other dependencies, and the trainer (orchestrator/train.py) puts MFU in its log line.
 
 MFU follows the usual definition: the model's FLOPs per training image (forward + backward, one
-image, counted by torch's ``FlopCounterMode``; the forward that activation checkpointing
-recomputes is *not* counted), times images/s, over the device's dense bf16 tensor-core peak,
+image, counted by torch's ``FlopCounterMode``; neither the forward that activation checkpointing
+recomputes nor the gated convolution that flowpp/ops.py recomputes in backward is counted),
+times images/s, over the device's dense bf16 tensor-core peak,
 whatever the run's precision, so fp32 and bf16 runs compare on one scale.
 """
 
@@ -16,10 +17,20 @@ import os
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, by a substring of the device name.
-# H100 SXM reports itself as "NVIDIA H100 80GB HBM3"; the PCIe and NVL cards peak lower.
-PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0))
-SLOWER_VARIANTS = ("PCIe", "NVL", "MIG")
+# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from NVIDIA's datasheets (which quote twice
+# these "with sparsity"). The first row whose every part is in the device's name wins, so each
+# card's variants come before its SXM row: the SXM H100 calls itself "NVIDIA H100 80GB HBM3".
+# The A100's PCIe card has the SXM card's tensor-core peak; the H100 and H200 PCIe/NVL cards run
+# lower clocks and power. A MIG slice is left out: its name gives a profile, not its share of SMs.
+PEAK_BF16_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("H200", "NVL"), 835.0),
+    (("H200",), 989.0),
+    (("H100", "NVL"), 835.0),
+    (("H100", "PCIE"), 756.0),
+    (("H100",), 989.0),
+    (("A100",), 312.0),  # SXM4 and PCIe alike
+)
+UNKNOWN_PARTS = ("MIG",)
 PEAK_ENV = "FLOWPP_PEAK_TFLOPS"
 """Overrides the table (any device, CPU included): the MFU denominator per worker, in TFLOP/s."""
 
@@ -27,12 +38,13 @@ aten = torch.ops.aten
 
 
 def peak_flops(device_name: str, override_tflops: float | None = None) -> float | None:
-    """FLOP/s of the device's dense bf16 peak; None where unknown (a MIG slice, a CPU)."""
+    """FLOP/s of the device's dense bf16 peak; None where unknown (a MIG slice, a CPU, another card)."""
     if override_tflops:
         return override_tflops * 1e12
-    if any(v in device_name for v in SLOWER_VARIANTS):
+    name = device_name.upper()
+    if any(part in name for part in UNKNOWN_PARTS):
         return None
-    return next((t * 1e12 for key, t in PEAK_BF16_TFLOPS if key in device_name), None)
+    return next((t * 1e12 for parts, t in PEAK_BF16_TFLOPS if all(p in name for p in parts)), None)
 
 
 def device_peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
@@ -80,6 +92,7 @@ def train_flops_per_image(config, device: torch.device | str = "cpu") -> float:
     draws the same numbers as an uninterrupted one."""
     from flowpp import build_model
     from flowpp.distributed import data_dependent_init
+    from flowpp.ops import plain_autograd
 
     device = torch.device(device)
     cfg = config.replace(checkpoint="none", compile=False)
@@ -88,6 +101,6 @@ def train_flops_per_image(config, device: torch.device | str = "cpu") -> float:
         data_dependent_init(model, torch.randint(0, cfg.num_levels, (2, *cfg.shape), device=device))
         x = torch.randint(0, cfg.num_levels, (1, *cfg.shape), device=device)
         counter = flop_counter()
-        with counter:
+        with counter, plain_autograd():  # the gated convs' backward recompute is not the model's work
             (-model(x).mean()).backward()
     return float(counter.get_total_flops())

@@ -103,3 +103,33 @@ def test_compiled_bf16_channels_last_fused_step_matches_eager_on_cuda(mode):
     assert all(math.isfinite(v) for v in losses[1])
     assert losses[1] == pytest.approx(losses[0], rel=2e-2)  # bf16 nets: kernels may round differently
     torch._dynamo.reset()
+
+
+def test_a_training_step_syncs_once_and_a_5_bit_forward_never():
+    """torch's sync debug mode warns at each host sync: the step's one read of loss, gradient norm and
+    finite flag, and nothing else (no per-layer init flag, no per-forward pixel-range check)."""
+    import warnings
+
+    torch.manual_seed(0)
+    cfg = get_preset("debug").replace(num_bits=5)
+    model = build_model(cfg).to(CUDA)
+    x = (smooth_images(8, 16).to(CUDA) >> 3).long()  # int64 5-bit pixels: a range check is due
+    data_dependent_init(model, x)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+    train_step(model, opt, x, lr=1e-4, grad_clip=1.0)  # Adam's state
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with torch.no_grad():
+                model(x)
+            forward_syncs = sum("synchroniz" in str(w.message) for w in caught)
+            out = train_step(model, opt, x, lr=1e-4, grad_clip=1.0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    step_syncs = sum("synchroniz" in str(w.message) for w in caught) - forward_syncs
+    assert forward_syncs == 0 and step_syncs == 1, [str(w.message)[:120] for w in caught]
+    assert not out.skipped and math.isfinite(out.loss)
+    # (an out-of-range batch fails the device-side assert, which ends the process's CUDA context:
+    # not tried here, where the file's other tests share that context)

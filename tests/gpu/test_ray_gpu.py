@@ -89,3 +89,24 @@ def test_two_gpu_ranks_train_over_nccl_and_end_identical(tmp_path, gpu_ray):
     finals = [[r for r in records(tmp_path, rank) if "final_step" in r][-1] for rank in (0, 1)]
     assert finals[0]["params_sha256"] == finals[1]["params_sha256"]
     assert all(f["device"].startswith("cuda") for f in finals)
+
+
+def test_two_workers_share_one_gpu_over_gloo_and_end_identical_after_a_resume(tmp_path, gpu_ray):
+    """The multi-rank path on a single GPU: 2 Ray Train workers at half a GPU each, DDP over gloo with
+    CUDA tensors (scaling.gpus_per_worker: 0.5): the init broadcast, the gradient all-reduce, a
+    checkpoint, and a resume from it, all on cuda, with both ranks' parameters equal at each end."""
+    from orchestrator.launch import run_training
+
+    spec = gpu_job(tmp_path, 2, scaling__gpus_per_worker=0.5)
+    result = run_training(spec)
+    assert result.error is None and result.metrics["step"] == 20
+    longer = spec.model_copy(update={"train": spec.train.model_copy(update={"max_steps": 30})})
+    assert run_training(longer).metrics["step"] == 30
+    for rank in (0, 1):
+        steps = [r for r in records(tmp_path, rank) if "step" in r]
+        assert [r["step"] for r in steps if r["pid"] != steps[0]["pid"]] == list(range(20, 30)), rank  # resumed
+    finals = [[r for r in records(tmp_path, rank) if "final_step" in r] for rank in (0, 1)]
+    for first, second in zip(*finals, strict=True):  # at step 20, then at step 30
+        assert first["params_sha256"] == second["params_sha256"]
+        assert first["device"].startswith("cuda") and second["device"].startswith("cuda")
+    assert [f["final_step"] for f in finals[0]] == [20, 30]

@@ -6,6 +6,7 @@ import pytest
 
 from orchestrator.config import JobSpecError, load_job, public_params, validate
 from orchestrator.jobenv import expand
+from tests.jobs import tiny_job
 
 pytestmark = pytest.mark.unit
 
@@ -35,7 +36,7 @@ def test_there_are_jobs():
 
 def test_imagenet64_is_the_official_recipe():
     spec = load_job(Path(JOBS[0]).parent / "imagenet64.yaml")
-    assert spec.model.preset == "imagenet64" and spec.model.checkpoint == "attention"
+    assert spec.model.preset == "imagenet64" and spec.model.checkpoint == "none"
     t = spec.train
     assert (t.global_batch_size, t.lr, t.schedule.kind, t.grad_clip, t.ema_decay) == (72, 4e-4, "piecewise", 1.0, 0.999)
     assert spec.scaling.use_gpu and spec.data.train.startswith("s3://") and spec.storage.path.startswith("s3://")
@@ -184,3 +185,20 @@ def test_a_malformed_set_value_is_a_problem_not_a_traceback(tmp_path):
     assert problems[0].startswith("--set train.lr='[1, 2': not a YAML value (")
     assert problems[1].startswith("--set model.stages='*x': not a YAML value (")
     assert load_job(path, ["train.max_steps=5", "train.warmup_steps=0"]).train.max_steps == 5
+
+
+@pytest.mark.parametrize(
+    ("scaling", "backend"),
+    [({"use_gpu": True}, "nccl"), ({"use_gpu": True, "gpus_per_worker": 2}, "nccl"),
+     ({"use_gpu": True, "gpus_per_worker": 0.5}, "gloo"), ({}, "gloo")],
+)  # fmt: skip
+def test_workers_that_share_a_gpu_talk_over_gloo(tmp_path, scaling, backend):
+    from orchestrator.launch import process_group_backend
+
+    spec = validate(tiny_job(tmp_path, scaling__num_workers=2, **{f"scaling__{k}": v for k, v in scaling.items()}))
+    assert process_group_backend(spec.scaling) == backend
+
+
+def test_a_fraction_of_gpus_above_one_is_named(tmp_path):
+    with pytest.raises(JobSpecError, match=r"scaling.gpus_per_worker: 1.5 GPUs; Ray takes a fraction under 1"):
+        validate(tiny_job(tmp_path, scaling__use_gpu=True, scaling__gpus_per_worker=1.5))

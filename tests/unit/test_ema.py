@@ -1,7 +1,9 @@
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from flowpp import FlowPlusPlus
 from flowpp.ema import EMA
 from tests.helpers import initialized_model, random_images, tiny_config
 
@@ -48,3 +50,36 @@ def test_state_dict_round_trip_and_mismatch_error():
         EMA(nn.Linear(3, 2, bias=False)).load_state_dict(ema.state_dict())
     with pytest.raises(ValueError, match="decay"):
         EMA(model, decay=1.5)
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_update_and_copy_are_a_few_foreach_ops_whatever_the_parameter_count(dtype):
+    model = FlowPlusPlus(tiny_config()).to(dtype)
+    assert len(list(model.parameters())) > 100
+    ema = EMA(model, decay=0.5)
+    ema.update(model)  # the first allocates a low-precision model's float32 staging copy; shadow unchanged
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1)
+    expected = {
+        k: 0.5 * v + 0.5 * p.detach().float() for (k, v), p in zip(ema.shadow.items(), model.parameters(), strict=True)
+    }
+    with _Ops() as update:
+        ema.update(model)
+    with _Ops() as copy:
+        ema.copy_to(model)
+    assert len(update.names) == (1 if dtype == torch.float32 else 2), update.names[:20]  # the goal: <= 16
+    assert len(copy.names) == 1, copy.names
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(ema.shadow[k], expected[k], msg=k)
+        torch.testing.assert_close(p, expected[k].to(dtype), msg=k)

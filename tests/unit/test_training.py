@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from flowpp import FlowPlusPlus, get_preset
 from flowpp.distributed import data_dependent_init
@@ -79,3 +80,33 @@ def test_lr_warms_up_linearly_then_holds():
     train = TrainSpec(lr=4e-4, warmup_steps=4, max_steps=10)
     assert [lr_at(s, train) for s in range(6)] == pytest.approx([1e-4, 2e-4, 3e-4, 4e-4, 4e-4, 4e-4])
     assert lr_at(0, TrainSpec(lr=1e-3, warmup_steps=0)) == 1e-3
+
+
+class _Reads(TorchDispatchMode):
+    """Counts the ops that read a tensor's value back to the host (``.item()``, ``bool``, ``float``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scalar_reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.scalar_reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_train_step_reads_from_the_device_once(monkeypatch):
+    """Every value the step needs on the host comes in one copy. ``tolist`` is not a dispatched op,
+    so its calls are counted by wrapping it (it still runs); every other read is a scalar op."""
+    model, x = _model_and_batch(4)
+    x = x.to(torch.uint8)  # as the data stream hands 8-bit pixels to the step
+    # fused, as jobs/imagenet64.yaml runs it: unfused Adam reads its step counters (host tensors) per parameter
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    train_step(model, opt, x, lr=1e-3, grad_clip=1.0)  # Adam's state exists
+    tolist_calls = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: tolist_calls.append(t.shape) or tolist(t))
+    with _Reads() as reads:
+        out = train_step(model, opt, x, lr=1e-3, grad_clip=1.0)
+    assert not out.skipped and out.loss > 0 and out.grad_norm > 0
+    assert reads.scalar_reads == 0
+    assert tolist_calls == [torch.Size([3])]

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
 import torch
 
 from flowpp import get_preset
+from flowpp.ops import concat_elu_conv, plain_autograd
 from orchestrator.step import StepResult
 from orchestrator.train import Meter, eta_text
-from orchestrator.usage import PEAK_ENV, device_peak_flops, mfu, train_flops_per_image
+from orchestrator.usage import PEAK_ENV, device_peak_flops, flop_counter, mfu, peak_flops, train_flops_per_image
 
 pytestmark = pytest.mark.unit
 
@@ -27,6 +29,38 @@ def test_training_flops_count_the_model_once_whatever_the_checkpoint_mode_and_le
     wider = cfg.replace(net=dataclasses.replace(cfg.net, hidden=cfg.net.hidden * 4))
     assert train_flops_per_image(wider) > 1.5 * plain
     assert plain > 1e6
+
+
+def _gated_conv_flops(plain: bool) -> tuple[int, int]:
+    """(forward FLOPs, forward + backward FLOPs) of one gated conv: (1, 8, 6, 6) -> (1, 4, 6, 6)."""
+    torch.manual_seed(0)
+    x, residual = torch.randn(1, 8, 6, 6, requires_grad=True), torch.randn(1, 4, 6, 6)
+    weight, bias = torch.randn(8, 16, 3, 3, requires_grad=True), torch.randn(8, requires_grad=True)
+    with flop_counter() as forward:
+        concat_elu_conv(x, weight, bias, 1, residual=residual)
+    counter = flop_counter()
+    with counter, plain_autograd() if plain else contextlib.nullcontext():
+        out = concat_elu_conv(x, weight, bias, 1, residual=residual)
+        out.sum().backward()
+    return forward.get_total_flops(), counter.get_total_flops()
+
+
+def test_model_flops_leave_out_the_gated_convs_backward_recompute():
+    conv, lean = _gated_conv_flops(plain=False)
+    _, plain = _gated_conv_flops(plain=True)
+    assert conv == 2 * 8 * 16 * 9 * 36  # multiply-adds of a 3x3 conv, 16 -> 8 channels on 6x6
+    assert lean == 4 * conv  # forward, the recomputed forward, input and weight gradients
+    assert plain == 3 * conv  # the model's work: forward, input and weight gradients
+
+
+@pytest.mark.parametrize(
+    ("name", "tflops"),
+    [("NVIDIA H200", 989), ("NVIDIA H200 NVL", 835), ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 NVL", 835),
+     ("NVIDIA H100 PCIe", 756), ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA A100-PCIE-40GB", 312),
+     ("NVIDIA A100 80GB PCIe", 312), ("NVIDIA H200 MIG 1g.18gb", None), ("NVIDIA GeForce RTX 4090", None)],
+)  # fmt: skip
+def test_peak_table_covers_the_sxm_pcie_and_nvl_parts(name, tflops):
+    assert peak_flops(name) == (tflops and tflops * 1e12)
 
 
 def test_peak_flops_by_override_then_environment_then_gpu_name(monkeypatch):
