@@ -183,9 +183,9 @@ def flops_per_image(cfg, device: torch.device) -> float | None:
     """Model FLOPs of one training image (forward + backward), counted on CUDA only (for MFU)."""
     if device.type != "cuda":
         return None
-    from bench.capacity import count_flops
+    from orchestrator.usage import train_flops_per_image
 
-    return float(count_flops("none", device=device, config=cfg.replace(bf16=False, channels_last=False))["step"])
+    return train_flops_per_image(cfg.replace(bf16=False, channels_last=False), device)
 
 
 def measure_compare(name: str, mode: str, batch: int, steps: int, variant: str, device: torch.device) -> dict:

@@ -1,6 +1,7 @@
 """The model's CUDA paths, with torch alone: bf16 on the imagenet64 preset, evaluation,
 sampling and the data path on the device. Skipped without CUDA (tests/conftest.py);
-``bench/gpu_check`` runs them on a GPU machine."""
+``python3 -m bench.gpu_tests`` runs them on a GPU machine,
+each file in its own pytest process."""
 
 from __future__ import annotations
 
