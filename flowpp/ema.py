@@ -29,7 +29,7 @@ class EMA:
 
     def _pairs(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(the model's parameters, their shadows), in the same order."""
-        params = [p for _, p in model.named_parameters()]
+        params: list[torch.Tensor] = [p for _, p in model.named_parameters()]
         return params, [self.shadow[k] for k, _ in model.named_parameters()]
 
     @torch.no_grad()
