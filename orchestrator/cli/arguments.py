@@ -21,7 +21,8 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def add_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help, description=help, formatter_class=DefaultsFormatter)
+    """A subcommand that also takes the global flags after its name (``flowpp evaluate ... --progress off``)."""
+    return sub.add_parser(name, help=help, description=help, formatter_class=DefaultsFormatter, parents=_AFTER)
 
 
 # -- shared groups of arguments -----------------------------------------------------------
@@ -265,16 +266,35 @@ def add_prepare(sub) -> None:
 
 def add_global(parser, levels, version: str) -> None:
     parser.add_argument("--version", action="version", version=f"flowpp {version}", help="print the version and exit")
-    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=levels, help="logging level")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    _global_flags(parser, levels, argparse.SUPPRESS, defaults=True)
+    _AFTER[:] = [argparse.ArgumentParser(add_help=False)]  # afresh for each parser built
+    _global_flags(_AFTER[0], levels, argparse.SUPPRESS, defaults=False)
+
+
+def _global_flags(parser, levels, suppress, defaults: bool) -> None:
+    """--log-level, --debug and --progress: before the command (``defaults``: with their defaults),
+    and after it, where an absent flag leaves the attribute alone (SUPPRESS), so a flag given before
+    the command survives; one given after it wins."""
+
+    def default(value):
+        return value if defaults else suppress
+
+    parser.add_argument(
+        "--log-level", default=default("INFO"), type=str.upper, choices=levels, help="logging level (default: INFO)"
+    )
+    parser.add_argument("--debug", action="store_true", default=default(False), help="show the traceback of an error")
     parser.add_argument(
         "--progress",
         choices=MODES,
-        default=None,
+        default=default(None),
         help="progress bars on stderr: a live bar in a terminal and a line every 30 s in a log (auto), always a "
         "live bar (on), or none (off); TQDM_DISABLE=1 also turns them off (default: FLOWPP_PROGRESS, else auto)",
     )
 
+
+# the global flags as each subcommand takes them: a parent parser that add_global makes before the
+# subcommands are added
+_AFTER: list[argparse.ArgumentParser] = []
 
 SUBCOMMANDS = (
     add_presets_smoke,

@@ -1,4 +1,5 @@
-"""flowpp prepare checks its numeric flags and its output URL before any work, naming the flag."""
+"""flowpp prepare checks its numeric flags and its output URL before any work, naming the flag; the
+global flags (--log-level, --debug, --progress) work before and after the command."""
 
 import pytest
 
@@ -39,3 +40,26 @@ def test_good_flags_parse_to_numbers():
     args = build_parser().parse_args(BASE + ["--upload-workers", "2", "--shard-mb", "0.5", "--image-size", "32"])
     assert (args.upload_workers, args.shard_mb, args.image_size, args.output) == (2, 0.5, 32, "file:///tmp/out")
     assert build_parser().parse_args(["prepare", "demo", "--output", "s3://bucket"]).output == "s3://bucket"
+
+
+@pytest.mark.parametrize(
+    ("argv", "progress", "level", "debug"),
+    [(["presets"], None, "INFO", False),
+     (["--progress", "on", "--log-level", "warning", "--debug", "presets"], "on", "WARNING", True),
+     (["evaluate", "--baseline", "png", "--data", "m.json", "--progress", "off", "--log-level", "debug", "--debug"],
+      "off", "DEBUG", True),
+     (["--progress", "on", "--log-level", "error", "presets", "--progress", "off"], "off", "ERROR", False)],
+)  # fmt: skip
+def test_global_flags_work_before_and_after_the_command(argv, progress, level, debug):
+    """Typed after the command too, as most CLIs take them; given in both places, the later one wins,
+    and one given only before the command is not reset by the command's own parser."""
+    args = build_parser().parse_args(argv)
+    assert (args.progress, args.log_level, args.debug) == (progress, level, debug)
+
+
+def test_every_command_takes_the_global_flags_after_it():
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for name, sub in commands.items():
+        flags = {opt for action in sub._actions for opt in action.option_strings}
+        assert {"--log-level", "--debug", "--progress"} <= flags, name

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
 import sys
 from functools import cache
 from importlib import metadata
@@ -169,3 +170,26 @@ def test_a_sqlite_store_without_the_server_extra_names_it(monkeypatch, tmp_path)
         tracking._mlflow(uri)
     assert uri in str(caught.value)
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_an_editable_install_is_a_plain_path_entry_without_setuptools_warning(tmp_path):
+    """``pip install -e .`` builds this editable wheel (PEP 660, no network: the venv's setuptools).
+    Found by name under an explicit root, the packages make setuptools' simple layout, a .pth line;
+    otherwise setuptools installs an import hook and warns about "folders in your working directory
+    with the same name as your package"."""
+    script = (
+        "import sys, zipfile, pathlib\nfrom setuptools import build_meta\n"
+        "out = sys.argv[1]  # build_meta rewrites sys.argv\n"
+        "name = build_meta.build_editable(out)\n"
+        "with zipfile.ZipFile(pathlib.Path(out, name)) as z:\n"
+        "    for n in z.namelist():\n"
+        "        if not n.endswith(('METADATA', 'RECORD', 'WHEEL', 'entry_points.txt', 'top_level.txt')):\n"
+        "            print('FILE', n, z.read(n).decode().strip() if n.endswith('.pth') else '')\n"
+    )
+    out = subprocess.run([sys.executable, "-W", "always", "-c", script, str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    files = [line.split(" ", 2)[1:] for line in out.stdout.splitlines() if line.startswith("FILE ")]
+    assert len(files) == 1 and files[0][0].endswith(".pth"), files  # no __editable__ finder module
+    assert Path(files[0][1]).resolve() == ROOT.resolve()
+    assert "same name" not in out.stdout + out.stderr
