@@ -1,7 +1,8 @@
 """The real Ray Train loop on GPUs (``scaling.use_gpu: true``): a few steps, a checkpoint, a
 resume; then ``flowpp evaluate|sample|promote --device cuda`` on the model it registered.
-On 2 workers sharing one GPU (gloo over CUDA tensors), and on 2 ranks where 2 GPUs exist (NCCL). Skipped without CUDA (tests/conftest.py), and
-without Ray or MLflow installed (a bare GPU machine: see bench/gpu_wheels and bench/gpu_tests)."""
+On 2 workers sharing one GPU (gloo over CUDA tensors), and on 2 ranks where 2 GPUs exist
+(NCCL). Skipped without CUDA (tests/conftest.py), and without Ray or MLflow installed (a bare
+GPU machine: see bench/gpu_wheels and bench/gpu_tests)."""
 
 from __future__ import annotations
 
