@@ -10,6 +10,9 @@ On stderr, counting images with their rate (``img/s``). ``FLOWPP_PROGRESS`` choo
   tqdm is imported as tqdm itself does).
 
 In a distributed run only rank 0 shows a bar: every rank runs the same loop.
+
+The same choice governs the libraries' own bars (``govern_libraries``): MLflow's "Downloading
+artifacts" bar is a live bar or nothing, so it shows only where ours would be live.
 """
 
 from __future__ import annotations
@@ -58,6 +61,25 @@ def _rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def live() -> bool:
+    """Whether a bar here would be a live one (``on``, or ``auto`` in a terminal)."""
+    chosen = mode()
+    return not _tqdm_disabled() and (chosen == "on" or (chosen == "auto" and sys.stderr.isatty()))
+
+
+LIBRARY_SWITCHES = ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",)
+"""Environment variables that turn a library's own progress bars on or off."""
+
+
+def govern_libraries() -> None:
+    """Turn the libraries' bars on where ours would be live and off elsewhere (a log, ``off``): their
+    in-place updates would be one line of carriage returns in a log. A switch the user set is kept.
+    Set in the environment, so processes started from here follow it too."""
+    value = "true" if live() else "false"
+    for name in LIBRARY_SWITCHES:
+        os.environ.setdefault(name, value)
 
 
 def bar(desc: str, total: int | None = None, unit: str = "img") -> tqdm:

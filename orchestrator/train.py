@@ -35,6 +35,7 @@ from orchestrator.errors import FlowppError
 from orchestrator.evaluate import evaluate, periodic_batches
 from orchestrator.images import sample_grid
 from orchestrator.logs import setup_logging
+from orchestrator.progress import govern_libraries
 from orchestrator.schedule import learning_rate
 from orchestrator.step import StepResult, all_sum, ddp_options, train_step
 from orchestrator.trace import Trace
@@ -198,6 +199,7 @@ def train_loop(config: dict) -> None:
     import ray.train
 
     setup_logging(config.get("log_level", "INFO"))
+    govern_libraries()  # a worker logs to a file: MLflow's upload bars off
     spec = JobSpec.model_validate(config["job"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

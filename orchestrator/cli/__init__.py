@@ -19,6 +19,7 @@ from orchestrator.cli.commands import smooth_images
 from orchestrator.errors import USER_MISTAKE, FlowppError
 from orchestrator.logs import LEVELS, setup_logging
 from orchestrator.progress import ENV as PROGRESS_ENV
+from orchestrator.progress import govern_libraries
 
 __all__ = ["build_parser", "main", "smooth_images", "version"]
 
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return USER_MISTAKE
     if args.progress:
         os.environ[PROGRESS_ENV] = args.progress  # read by every bar, here and in processes started from here
+    govern_libraries()  # MLflow's bars follow the same choice
     setup_logging(args.log_level)
     try:
         return args.func(args)

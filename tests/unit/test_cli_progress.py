@@ -87,3 +87,37 @@ def test_per_image_scoring_counts_to_the_split_size(tmp_path, monkeypatch, capsy
     assert last.startswith("candidate demo v2: 100%") and "20/20" in last and "img/s" in last
     per_image_bpd(model_of(), f"file://{tmp_path}/manifest.json", max_images=5)
     assert "5/5" in capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+
+
+MLFLOW_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
+def _download_with_mlflow(tmp_path) -> str:
+    """Log a file to a real local MLflow store and download it the way flowpp promote does."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    exp = client.create_experiment("bars", artifact_location=(tmp_path / "art").as_uri())
+    run = client.create_run(exp)
+    (tmp_path / "w.txt").write_text("weights")
+    client.log_artifact(run.info.run_id, str(tmp_path / "w.txt"), "model")
+    return client.download_artifacts(run.info.run_id, "model", str(tmp_path / "down"))
+
+
+@pytest.mark.parametrize(("mode", "shown"), [("auto", False), ("off", False), ("on", True)])
+def test_mlflows_download_bar_follows_the_progress_choice(tmp_path, monkeypatch, capsys, mode, shown):
+    """stderr is not a terminal here (a log): MLflow's bar, one line of carriage returns there, shows
+    only where ours would be live."""
+    monkeypatch.setenv(MLFLOW_BAR, "unset")
+    monkeypatch.delenv(MLFLOW_BAR)  # restored to its state before the test afterwards
+    monkeypatch.setenv(progress.ENV, mode)
+    progress.govern_libraries()
+    _download_with_mlflow(tmp_path)
+    assert ("Downloading artifacts" in capsys.readouterr().err) is shown
+
+
+def test_a_library_switch_the_user_set_is_kept(monkeypatch):
+    monkeypatch.setenv(MLFLOW_BAR, "true")
+    monkeypatch.setenv(progress.ENV, "off")
+    progress.govern_libraries()
+    assert progress.os.environ[MLFLOW_BAR] == "true"
