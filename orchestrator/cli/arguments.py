@@ -245,6 +245,12 @@ def add_prepare(sub) -> None:
         "--output", required=True, type=_output_url, help="fsspec URL; shards go under OUTPUT/{train,valid}/"
     )
     p.add_argument("--split", default="both", choices=["train", "valid", "both"], help="which split(s) to write")
+    p.add_argument(
+        "--whole",
+        action="store_true",
+        help="take an input that names no split (a plain folder of images) whole as the one --split asked for; "
+        "without it such an input is split by a hash of each name, 5%% to valid and the rest to train",
+    )
     p.add_argument("--format", default="png", choices=["png", "raw"], help="how each image is stored in a shard")
     p.add_argument("--image-size", type=_POSITIVE_INT, default=64, help="side of the square images, in pixels")
     p.add_argument("--shard-mb", type=_positive_float, default=64.0, help="target shard size in MiB")

@@ -90,6 +90,8 @@ def cmd_prepare(args) -> int:
     from orchestrator import storage
     from orchestrator.data.prepare import PrepareOptions, prepare
 
+    if args.whole and args.split == "both":
+        raise UserError("--whole takes the whole input as one split: give --split train or --split valid")
     splits = ["train", "valid"] if args.split == "both" else [args.split]
     storage_options = _storage_options(args)
     for split in splits:
@@ -107,6 +109,7 @@ def cmd_prepare(args) -> int:
             flip=args.flip,
             grey=args.grey,
             upload_workers=args.upload_workers,
+            whole=args.whole,
         )
         m = prepare(opts, storage_options)
         size_mib = m["total_bytes"] / 2**20
@@ -115,6 +118,10 @@ def cmd_prepare(args) -> int:
             f"{split}: {m['num_samples']} samples, {m['num_shards']} shards, {size_mib:.1f} MiB, "
             f"{m['skipped']['count']} skipped, {m['_kept_shards']} kept -> {where}"
         )
+        if taken := m["source"].get("holdout_taken"):
+            print(f"  {taken[0]} of {taken[1]} images: an input that names no split is split by a hash of each name "
+                  f"({m['source']['holdout']:.0%} to valid, the rest to train); --whole takes all of it as the "
+                  "--split asked for")  # fmt: skip
     return 0
 
 

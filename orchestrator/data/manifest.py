@@ -83,6 +83,8 @@ class SourceInfo(_Strict):
     dataset: str = "?"
     holdout: float | None = Field(None, ge=0, le=1)
     """Share of a split-less input held out for ``valid`` by a hash of each image's name."""
+    holdout_taken: tuple[int, int] | None = None
+    """(images this split took, images in the split-less input) under that holdout."""
     demo: DemoInfo | None = None
 
 

@@ -46,6 +46,7 @@ from orchestrator.data.sources import (
     CorruptInputError,
     Item,
     SplitInputs,
+    Taken,
     decode,
     demo_count,
     demo_plan,
@@ -86,6 +87,9 @@ class PrepareOptions:
     """``demo`` only: the training split also draws from the grey photographs (``DEMO_GREY``)."""
     upload_workers: int = 4
     progress: bool = True
+    whole: bool = False
+    """A split-less input (a folder or tar whose name declares no split) goes whole into ``split``,
+    instead of being split by a hash of each image's name."""
 
 
 def encode(item: Item, fmt: str, size: int) -> bytes:
@@ -334,7 +338,10 @@ def prepare(opts: PrepareOptions, sopts: storage.StorageOptions | None = None) -
     _check_options(opts)
     sopts = sopts or storage.StorageOptions()
     storage.check_bucket(opts.output, sopts)
-    inputs = split_inputs(opts.source, Path(opts.input), opts.split) if opts.source != "demo" else SplitInputs([])
+    inputs = SplitInputs([])
+    if opts.source != "demo":
+        inputs = split_inputs(opts.source, Path(opts.input), opts.split, whole=opts.whole)
+    taken = Taken()
     items = iter_items(
         opts.source,
         inputs.paths,
@@ -345,12 +352,13 @@ def prepare(opts: PrepareOptions, sopts: storage.StorageOptions | None = None) -
         holdout=inputs.holdout,
         flip=_demo_flip(opts),
         grey=opts.grey,
+        taken=taken,
     )
     started = time.perf_counter()
     builder = _build(opts, sopts, items)
     if not builder.shards:
         raise UserError(f"no images found for split {opts.split!r} in {opts.input or opts.source}")
-    manifest = _manifest(opts, inputs, builder)
+    manifest = _manifest(opts, inputs, builder, taken)
     url = storage.join(opts.output, MANIFEST)
     data = json.dumps(manifest, indent=1).encode()
     parse_manifest(data, url)  # what is published loads
@@ -367,11 +375,12 @@ def prepare(opts: PrepareOptions, sopts: storage.StorageOptions | None = None) -
     return manifest
 
 
-def _manifest(opts: PrepareOptions, inputs: SplitInputs, builder: _Builder) -> dict:
+def _manifest(opts: PrepareOptions, inputs: SplitInputs, builder: _Builder, taken: Taken) -> dict:
     shards = builder.shards
     source: dict = {"kind": opts.source, "inputs": [p.name for p in inputs.paths], "dataset": _dataset_name(opts)}
     if inputs.holdout:
         source["holdout"] = HOLDOUT
+        source["holdout_taken"] = [taken.taken, taken.seen]
     if opts.source == "demo":
         plan = demo_plan(
             opts.split, demo_count(opts.split, opts.count), opts.image_size, opts.seed, _demo_flip(opts), opts.grey

@@ -125,6 +125,23 @@ class SplitInputs:
 Keep = Callable[[str], bool]
 
 
+@dataclass
+class Taken:
+    """What the name-hash split of a split-less input kept for one split: ``taken`` of ``seen`` images."""
+
+    seen: int = 0
+    taken: int = 0
+
+    def keep(self, split: str) -> Keep:
+        def counted(name: str) -> bool:
+            hit = in_split(name, split)
+            self.seen += 1
+            self.taken += hit
+            return hit
+
+        return counted
+
+
 def _safe_key(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", name)
 
@@ -328,9 +345,10 @@ def _npz_batches(path: Path, split: str) -> list[Path]:
     return names
 
 
-def split_inputs(source: str, path: Path, split: str) -> SplitInputs:
+def split_inputs(source: str, path: Path, split: str, whole: bool = False) -> SplitInputs:
     """The inputs of one split under ``path``: the file or folder named for it, else ``path``
-    itself, split by a hash of each image's name (see HOLDOUT) if its name declares no split."""
+    itself, split by a hash of each image's name (see HOLDOUT) if its name declares no split,
+    or taken whole as ``split`` with ``whole``."""
     if not path.exists():
         raise InputNotFoundError(f"input {path} does not exist")
     if path.is_dir() and source == "npz":
@@ -345,7 +363,7 @@ def split_inputs(source: str, path: Path, split: str) -> SplitInputs:
             raise InputNotFoundError(f"{path} holds {others[0].name} but no {split} split ({want})")
     declared = own_split(path)
     if declared is None:
-        return SplitInputs([path], holdout=True)
+        return SplitInputs([path], holdout=not whole)
     if declared != split:
         raise UserError(f"input {path} is the {declared} split by its name; give the {split} split's input")
     return SplitInputs([path])
@@ -363,10 +381,12 @@ def iter_items(
     holdout: bool = False,
     flip: bool = False,
     grey: bool = False,
+    taken: Taken | None = None,
 ) -> Iterator[Item]:
     """Items of one split. ``shuffle`` orders each input's items by a hash of (seed, name) so
     that shards are not sorted by class or name (the stream shuffles shards and within chunks);
-    ``holdout`` keeps only the images of ``split`` (by a hash of the name, see ``in_split``);
+    ``holdout`` keeps only the images of ``split`` (by a hash of the name, see ``in_split``),
+    counting them in ``taken``;
     ``flip`` mirrors half the demo's patches and ``grey`` adds its grey photographs (the demo
     source only)."""
     if source == "demo":
@@ -375,7 +395,7 @@ def iter_items(
     if source not in ("vdo", "npz", "folder"):
         raise UserError(f"unknown source {source!r}; expected one of {SOURCES}")
     order = seed if shuffle else None
-    keep: Keep = (lambda name: in_split(name, split)) if holdout else (lambda name: True)
+    keep: Keep = (taken or Taken()).keep(split) if holdout else (lambda name: True)
     stems = unique_keys([p.name for p in inputs])
     for path, stem in zip(inputs, stems, strict=True):
         if not path.exists():

@@ -31,7 +31,7 @@ def _as_version_1(manifest: dict) -> dict:
     """The same shards, described as the code before issue 14 described them."""
     doc = {k: v for k, v in manifest.items() if k not in ("channels", "bits", "_kept_shards")}
     doc["version"] = 1
-    doc["source"] = {k: v for k, v in doc["source"].items() if k != "holdout"}
+    doc["source"] = {k: v for k, v in doc["source"].items() if k not in ("holdout", "holdout_taken")}
     first = 0
     doc["shards"] = []
     for s in manifest["shards"]:
