@@ -13,7 +13,7 @@ import os
 
 from orchestrator import jobstate, rayauth, storage
 from orchestrator.config import JobSpec
-from orchestrator.errors import FlowppError
+from orchestrator.errors import FlowppError, UserError
 from orchestrator.redact import without_env_vars
 
 log = logging.getLogger(__name__)
@@ -46,45 +46,60 @@ def resolve_paths(spec: JobSpec) -> JobSpec:
 
 
 def ensure_data(spec: JobSpec) -> None:
-    """Prepare the job's dataset if it asks for it and its manifests are missing."""
+    """Prepare the job's dataset if it asks for it and its manifests are missing; refuse one that was
+    prepared with other settings than the job's ``data.prepare*`` (another job's data, say)."""
     opts = spec.storage.options()
     for split, url in (("train", spec.data.train), ("valid", spec.data.valid)):
         storage.check_bucket(url, opts)
-        if storage.object_size(url, opts) is not None:
-            continue
-        if spec.data.prepare is None:
+        found = storage.object_size(url, opts) is not None
+        if not found and spec.data.prepare is None:
             raise storage.StorageNotFoundError(f"data.{split}: no manifest at {url} (run `flowpp prepare` first)")
-        from orchestrator.data.prepare import PrepareOptions, prepare
+        if spec.data.prepare is None:
+            continue
+        prepare_opts = _prepare_options(spec, split, url)
+        if found:
+            _check_prepared_alike(prepare_opts, split, url, opts)
+            continue
+        from orchestrator.data.prepare import prepare
 
-        size = spec.model.flow_config().image_size
-        count = spec.data.prepare_count if split == "train" else spec.data.prepare_valid_count
-        log.info(
-            "preparing the %s dataset (%s, %d images at %dx%d) into %s",
-            spec.data.prepare,
-            split,
-            count,
-            size,
-            size,
-            url.rsplit("/", 1)[0],
-        )
-        prepare(
-            PrepareOptions(
-                source=spec.data.prepare,
-                input="",
-                output=url.rsplit("/", 1)[0],
-                split=split,
-                image_size=size,
-                count=count,
-                flip=spec.data.prepare_flip,
-                grey=spec.data.prepare_grey,
-                shard_bytes=4 * 2**20,
-                progress=False,
-            ),
-            opts,
-        )
+        log.info("preparing the %s dataset (%s, %d images at %dx%d) into %s", prepare_opts.source, split,
+                 prepare_opts.count, prepare_opts.image_size, prepare_opts.image_size, prepare_opts.output)  # fmt: skip
+        prepare(prepare_opts, opts)
     from orchestrator.data.manifest import check_job_data
 
     check_job_data(spec)  # both manifests validated, and of the model's image size, channels and bits
+
+
+def _prepare_options(spec: JobSpec, split: str, url: str):
+    from orchestrator.data.prepare import PrepareOptions
+
+    return PrepareOptions(
+        source=spec.data.prepare or "",
+        input="",
+        output=url.rsplit("/", 1)[0],
+        split=split,
+        image_size=spec.model.flow_config().image_size,
+        count=spec.data.prepare_count if split == "train" else spec.data.prepare_valid_count,
+        flip=spec.data.prepare_flip,
+        grey=spec.data.prepare_grey,
+        shard_bytes=4 * 2**20,
+        progress=False,
+    )
+
+
+def _check_prepared_alike(prepare_opts, split: str, url: str, opts) -> None:
+    """The manifest found where the job would prepare its data must hold what the job would prepare."""
+    from orchestrator.data.manifest import load_manifest
+    from orchestrator.data.prepare import settings_differ
+
+    diffs = settings_differ(prepare_opts, load_manifest(url, opts))
+    if diffs:
+        raise UserError(
+            f"data.{split}: {url} holds data prepared with other settings than this job's data.prepare* "
+            f"({'; '.join(diffs)}); point data.{split} at a folder of its own, or delete "
+            f"{prepare_opts.output} to have it prepared again"
+        )
+    log.info("data.%s: %s holds the data this job would prepare; using it", split, url)
 
 
 def _init_ray(spec: JobSpec) -> None:

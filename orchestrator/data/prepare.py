@@ -42,6 +42,7 @@ from pydantic import ValidationError
 from orchestrator import storage
 from orchestrator.data.manifest import VERSION, ManifestError, ShardEntry, parse_manifest
 from orchestrator.data.sources import (
+    DEMO_GREY,
     HOLDOUT,
     CorruptInputError,
     Item,
@@ -401,6 +402,27 @@ def _manifest(opts: PrepareOptions, inputs: SplitInputs, builder: _Builder, take
         "skipped": {"count": len(builder.skipped), "examples": builder.skipped[:20]},
         "shards": shards,
     }
+
+
+def settings_differ(opts: PrepareOptions, manifest: dict) -> list[str]:
+    """How the data set ``manifest`` describes differs from what ``opts`` would prepare (the
+    settings a job's ``data.prepare*`` fields give): "count 2048, not 16384", ...; empty when alike."""
+    source, diffs = manifest.get("source", {}), []
+    if source.get("kind") != opts.source:
+        return [f"source {source.get('kind')}, not {opts.source}"]
+    if manifest.get("image_size") != opts.image_size:
+        diffs.append(f"image size {manifest.get('image_size')}, not {opts.image_size}")
+    if opts.source == "demo":
+        want = demo_count(opts.split, opts.count)
+        if manifest.get("num_samples") != want:
+            diffs.append(f"count {manifest.get('num_samples')}, not {want}")
+        demo = source.get("demo") or {}
+        if bool(demo.get("flipped")) != _demo_flip(opts):
+            diffs.append(f"flip {'on' if demo.get('flipped') else 'off'}, not {'on' if _demo_flip(opts) else 'off'}")
+        grey = any(p in DEMO_GREY for p in demo.get("photos", {}))
+        if grey != (opts.grey and opts.split == "train"):
+            diffs.append(f"grey photographs {'in' if grey else 'out'}, not {'out' if grey else 'in'}")
+    return diffs
 
 
 def _demo_flip(opts: PrepareOptions) -> bool:

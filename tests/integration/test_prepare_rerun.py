@@ -227,3 +227,45 @@ def test_an_input_named_for_one_split_is_refused_for_the_other(tmp_path):
         split_inputs("vdo", tmp_path / "train_64x64.tar", "valid")
     with pytest.raises(FileNotFoundError, match=r"holds train_64x64\.tar but no valid split"):
         split_inputs("vdo", tmp_path, "valid")
+
+
+# -- a job's data.prepare against the data it finds (make demo's, then make demo-long's) ---------
+def _job(tmp_path, data, **overrides):
+    from orchestrator.config import validate
+    from tests.jobs import tiny_job
+
+    tree = tiny_job(tmp_path, **{"data__prepare_count": 64, "data__prepare_valid_count": 16, **overrides})
+    tree["data"]["train"], tree["data"]["valid"] = f"{data}/train/manifest.json", f"{data}/valid/manifest.json"
+    return validate(tree)
+
+
+def test_a_job_refuses_data_prepared_with_other_settings_and_uses_its_own(tmp_path, caplog):
+    from orchestrator.launch import ensure_data
+
+    data = (tmp_path / "data" / "demo").as_uri()
+    ensure_data(_job(tmp_path, data))  # prepares 64 + 16 patches
+    manifest = (tmp_path / "data" / "demo" / "train" / "manifest.json").read_bytes()
+    with caplog.at_level("INFO", logger="orchestrator.launch"):
+        ensure_data(_job(tmp_path, data))  # the same settings: used as it is
+    assert "holds the data this job would prepare; using it" in caplog.text
+    assert (tmp_path / "data" / "demo" / "train" / "manifest.json").read_bytes() == manifest
+    longer = _job(tmp_path, data, data__prepare_count=128, data__prepare_flip=True)
+    with pytest.raises(UserError) as refused:
+        ensure_data(longer)
+    message = str(refused.value)
+    assert f"data.train: {data}/train/manifest.json holds data prepared with other settings" in message
+    assert "count 64, not 128; flip off, not on" in message and f"delete {data}/train" in message
+    assert (tmp_path / "data" / "demo" / "train" / "manifest.json").read_bytes() == manifest  # nothing lost
+
+
+def test_the_shipped_demo_jobs_keep_their_data_apart(monkeypatch):
+    from pathlib import Path
+
+    from orchestrator.config import load_job
+
+    monkeypatch.setenv("FLOWPP_DATA_ROOT", "s3://flowpp/data")  # as infra/local/up sets it
+    jobs = Path(__file__).resolve().parents[2] / "jobs"
+    places = {name: load_job(jobs / name).data.train for name in ("demo.yaml", "demo-long.yaml", "tune-mixtures.yaml")}
+    assert places["demo.yaml"] == "s3://flowpp/data/demo/train/manifest.json"
+    assert places["demo-long.yaml"] == "s3://flowpp/data/demo-long/train/manifest.json"
+    assert len(set(places.values())) == len(places)
