@@ -283,6 +283,11 @@ def test_a_second_submission_of_a_running_job_is_refused(local_stack):
         assert str(ray.get_job_status(job_id)).endswith("RUNNING")
     finally:
         ray.stop_job(job_id)
+        # until its workers are gone: the next test's job needs the stack's CPUs
+        deadline = time.monotonic() + 120
+        while not str(ray.get_job_status(job_id)).endswith(("STOPPED", "FAILED", "SUCCEEDED")):
+            assert time.monotonic() < deadline, f"job {job_id} did not stop"
+            time.sleep(1)
 
 
 def test_flowpp_submit_uses_the_yaml_ray_section_and_streams_logs(local_stack):
@@ -295,8 +300,10 @@ def test_flowpp_submit_uses_the_yaml_ray_section_and_streams_logs(local_stack):
         train__checkpoint_every=4,
         train__eval_every=4,
         train__eval_batches=1,
-        data__prepare_count=64,
+        data__prepare_count=64,  # smaller than the other tests' demo data: a folder of its own
         data__prepare_valid_count=16,
+        data__train=f"{env['FLOWPP_DATA_ROOT']}/e2e-submit/train/manifest.json",
+        data__valid=f"{env['FLOWPP_DATA_ROOT']}/e2e-submit/valid/manifest.json",
         mlflow__registered_model="flowpp-e2e-submit",
     )
     cmd = [sys.executable, "-m", "orchestrator", "submit", "jobs/demo.yaml", *sets]
