@@ -99,11 +99,16 @@ def test_search_stops_laggards_and_registers_the_best_trial(tmp_path):
     assert len(rows) == 4
     assert all((int(r[4]) < 30) == (r[6].rstrip(" |") == "stopped early") for r in rows), rows
     # trials overlapped in time: the search ran two at once on 2 CPUs, without deadlock. A trial's
-    # span runs from its first training log line (step 5) to its last validation: a trial ASHA
-    # stops at the first rung has a single validation point, so validations alone can miss it
-    first = {c.data.tags["flowpp.trial"]: client.get_metric_history(c.info.run_id, "train_bpd")[0] for c in children}
-    spans = sorted((first[t].timestamp, h[-1].timestamp) for t, h in curves.items())
-    assert any(b_start < a_end for (_, a_end), (b_start, _) in zip(spans, spans[1:], strict=False))
+    # span, from Tune's own results: its start (the first result's timestamp less the trial's
+    # running time then, so worker start-up counts) to its last result. Training alone is a
+    # few seconds of a trial, so spans of metric timestamps can miss trials that ran together
+    spans = []
+    for path in (tmp_path / "runs" / "asha").glob("run_trial_*/result.json"):
+        results = [json.loads(line) for line in path.read_text().splitlines()]
+        spans.append((results[0]["timestamp"] - results[0]["time_total_s"], results[-1]["timestamp"]))
+    spans.sort()
+    assert len(spans) == 4
+    assert any(b_start < a_end for (_, a_end), (b_start, _) in zip(spans, spans[1:], strict=False)), spans
 
     # the best trial by what Tune saw (a stopped trial may log a step or two more to MLflow
     # before the stop reaches it): its last reported validation bits/dim, from Tune's files
