@@ -4,7 +4,7 @@ One tree of pydantic models with ``extra="forbid"``. ``load_job`` reads YAML,
 expands ``${VAR:-default}`` from the allowed environment variables (orchestrator.jobenv),
 applies dotted ``--set`` overrides and validates; every problem is reported at once,
 each with its path. The result is plain data: ``spec.model_dump()`` goes to YAML,
-MLflow params and Ray Tune's param_space alike, through ``redact.redact_tree`` first
+MLflow params and tags and Ray Tune's param_space alike, through ``redact.redact_tree`` first
 wherever it leaves the process.
 """
 
@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from orchestrator import jobenv
 from orchestrator.errors import UserError, validation_problems
-from orchestrator.redact import flatten, public_params, public_tree, redact  # noqa: F401  (the spec's public forms)
+from orchestrator.redact import flatten, headline_params, public_params, public_tree, redact, spec_tags  # noqa: F401  (the spec's public forms)
 from orchestrator.schedule import ScheduleSpec, schedule_problems
 
 

@@ -99,5 +99,8 @@ class ModelRegistry:
     def run_param(self, run_id: str, key: str) -> str | None:
         return self._call(f"reading run {run_id}", self.client.get_run, run_id).data.params.get(key) if run_id else None
 
+    def run_tag(self, run_id: str, key: str) -> str | None:
+        return self._call(f"reading run {run_id}", self.client.get_run, run_id).data.tags.get(key) if run_id else None
+
     def load(self, version: str, device: str | torch.device = "cpu"):
         return load_flow(f"models:/{self.name}/{version}", self.tracking_uri, device)

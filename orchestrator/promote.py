@@ -37,6 +37,7 @@ from orchestrator import storage
 from orchestrator.errors import FlowppError, UserError
 from orchestrator.evaluate import Scores, per_image_bpd
 from orchestrator.model_registry import ModelRegistry
+from orchestrator.redact import SPEC_TAG
 from orchestrator.tracking import check_reachable
 
 log_ = logging.getLogger(__name__)
@@ -118,7 +119,8 @@ def val_metric(reg: ModelRegistry, mv) -> float:
 
 
 def data_url(reg: ModelRegistry, mv) -> str:
-    url = reg.run_param(mv.run_id, "data.valid")
+    # the spec's tag; runs logged before the spec moved to tags carry it as a param
+    url = reg.run_tag(mv.run_id, SPEC_TAG + "data.valid") or reg.run_param(mv.run_id, "data.valid")
     if not url:
         raise PromotionError(
             f"{reg.name} version {mv.version}: its run records no data.valid; pass --data MANIFEST_URL"

@@ -116,6 +116,30 @@ def public_params(spec: Any) -> dict[str, str]:
     return {k: str(v)[:6000] for k, v in flatten(redact_tree(spec.model_dump())).items()}  # MLflow's longest param
 
 
+SPEC_TAG = "spec."
+"""The prefix of the tags that carry the whole flattened spec (``spec.train.warmup_steps``)."""
+
+HEADLINE = ("model.preset", "model.num_components", "train.lr")
+"""The spec keys a training run logs as MLflow params (a Tune trial adds the keys it searches).
+Few on purpose: MLflow's image card on the run page lists every param of the run above the
+sample grid, one line each, in a card of fixed height, so each param hides a line of the grid.
+The whole spec goes to tags (``SPEC_TAG``) and to the ``job.yaml`` artifact."""
+
+
+def headline_params(spec: Any) -> dict[str, str]:
+    """``HEADLINE`` as params: ``model.num_components`` as the model builds it (the preset's value
+    when the spec leaves it out)."""
+    flat = public_params(spec)
+    out = {k: flat[k] for k in HEADLINE}
+    out["model.num_components"] = str(spec.model.flow_config().num_components)
+    return out
+
+
+def spec_tags(spec: Any) -> dict[str, str]:
+    """The whole public spec as MLflow tags: ``spec.<dotted key>`` (searchable, shown as run tags)."""
+    return {SPEC_TAG + k: v for k, v in public_params(spec).items()}
+
+
 def without_env_vars(job: dict) -> dict:
     """The job tree workers receive: ``ray.runtime_env.env_vars`` removed. Workers get their
     environment through Ray's runtime_env, never inside ``train_loop_config``, which Ray keeps

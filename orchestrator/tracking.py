@@ -230,6 +230,19 @@ class RunLogger:
         for i in range(0, len(new), 100):
             self.client.log_batch(self.run_id, params=new[i : i + 100])
 
+    def tags(self, tags: dict) -> None:
+        """Tag the run with the tags it does not have yet, queued like the params (first values kept)."""
+        if self.enabled:
+            self._queue().call("tags", lambda: self._send_tags(tags))
+
+    def _send_tags(self, tags: dict) -> None:
+        from mlflow.entities import RunTag
+
+        existing = self.client.get_run(self.run_id).data.tags
+        new = [RunTag(k, str(v)) for k, v in tags.items() if k not in existing]
+        for i in range(0, len(new), 100):
+            self.client.log_batch(self.run_id, tags=new[i : i + 100])
+
     def metrics(self, metrics: dict, step: int) -> None:
         """Queued; sent before returning while the server answers (``wait_s`` at most), at once when it does not."""
         if self.enabled and metrics:

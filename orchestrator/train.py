@@ -29,7 +29,7 @@ from flowpp import FlowPlusPlus, build_model
 from flowpp.distributed import data_dependent_init
 from flowpp.ema import EMA
 from orchestrator import checkpoint
-from orchestrator.config import JobSpec, TrainSpec, public_params, public_tree
+from orchestrator.config import JobSpec, TrainSpec, headline_params, public_tree, spec_tags
 from orchestrator.data.stream import ShardStream, to_device
 from orchestrator.errors import FlowppError
 from orchestrator.evaluate import evaluate, periodic_batches
@@ -222,14 +222,16 @@ def train_loop(config: dict) -> None:
 
 
 def _log_run_inputs(w: Worker, state: TrainState) -> None:
-    """The spec as params (secrets removed), the manifest's hash, the resolved YAML."""
+    """A few headline params, the whole spec as ``spec.*`` tags (secrets removed), the manifest's
+    hash and dataset as tags, the resolved YAML as ``job.yaml``."""
     import yaml
 
     manifest = state.train_stream.manifest
-    params = public_params(w.spec)
-    params["data.manifest_sha256"] = hashlib.sha256(json.dumps(manifest["shards"], sort_keys=True).encode()).hexdigest()
-    params["data.dataset"] = manifest.get("source", {}).get("dataset", "?")
-    w.tracker.params(params)
+    tags = spec_tags(w.spec)
+    tags["data.manifest_sha256"] = hashlib.sha256(json.dumps(manifest["shards"], sort_keys=True).encode()).hexdigest()
+    tags["data.dataset"] = manifest.get("source", {}).get("dataset", "?")
+    w.tracker.params(headline_params(w.spec))
+    w.tracker.tags(tags)
     w.tracker.text(yaml.safe_dump(public_tree(w.spec.model_dump()), sort_keys=False), "job.yaml")
 
 

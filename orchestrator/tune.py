@@ -101,6 +101,11 @@ def run_trial(config: dict, *, job: dict, parent_run_id: str | None, log_level: 
         run_id = tracking.ensure_run(
             spec.mlflow.tracking_uri, spec.mlflow.experiment, spec.name, parent_run_id=parent_run_id, tags=tags
         )
+        # the trial's point of the space as params (MLflow's parallel coordinates compare params);
+        # rank 0 adds the headline params and the whole spec as tags
+        point = tracking.RunLogger(spec.mlflow.tracking_uri, run_id)
+        point.params(config)
+        point.flush()
     make_trainer(spec, run_id, callbacks=[TuneReportCallback()]).fit()
     _drain_reports()
 

@@ -125,8 +125,11 @@ def test_ray_job_submit_trains_evaluates_and_registers(local_stack):
     assert float(v.tags["val_bpd"]) > 0 and float(v.tags["val_bpd_iw"]) > 0
     run = client.get_run(v.run_id)
     assert {"train_bpd", "val_bpd", "val_bpd_iw", "images_per_s", "lr", "grad_norm"} <= set(run.data.metrics)
-    assert run.data.params["model.preset"] == "debug"
-    assert not any("secret" in k.lower() for k in run.data.params)
+    # a few headline params (MLflow's image card lists them above the sample grid), the whole spec as tags
+    assert run.data.params == {"model.preset": "debug", "model.num_components": "4", "train.lr": "0.002"}
+    assert run.data.tags["spec.train.global_batch_size"] == "16"
+    assert run.data.tags["data.dataset"] == "scikit-image photograph patches"
+    assert not any("secret" in k.lower() for k in run.data.tags)
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert "job.yaml" in artifacts and "images" in artifacts  # the sample grids, by step
 

@@ -3,47 +3,63 @@
 A real MLflow server on 127.0.0.1 (sqlite, artifacts proxied to the moto S3), one real
 training job of the debug preset on 16x16 patches logging to it (two evaluations, so two sample
 grids; system metrics every second), then the run's page as ``tracking.run_page`` links it,
-on three tabs: the model metrics (the metric charts and the sample grids' image chart), the
-system metrics (charts of CPU and memory) and a sample grid in the artifact viewer, its step in
-its name. Chromium renders each page for a virtual 30 s (the UI is a React app that fetches
-after it loads), then prints its DOM and saves a screenshot into ``$FLOWPP_SCREENSHOT_DIR``
-(default: the test's tmp folder).
+on three tabs: the model metrics (the metric charts, and the sample grid drawn in its image
+card), the system metrics (charts of CPU and memory) and a sample grid in the artifact viewer,
+its step in its name. Chromium is driven over its DevTools protocol (``tests.browser``): each
+page is read until what the test looks for is there, and a screenshot of it goes to
+``$FLOWPP_SCREENSHOT_DIR`` (default: the test's tmp folder).
 """
 
 from __future__ import annotations
 
-import html
 import os
-import re
 import shutil
-import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 
 from orchestrator import tracking
+from tests.browser import render, text_has
 from tests.jobs import tiny_job, write_job
 from tests.mlflowfixtures import image_steps, mlflow_server, run_train  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.e2e
 
 
-def page(url: str, screenshot: Path, profile: Path, expect: tuple[str, ...], attempts: int = 6) -> str:
-    """The visible text of ``url`` once rendered (scripts and styles left out), the DOM after it, and a
-    screenshot. Loaded again while some of ``expect`` is missing: a run of Chromium now and then ends
-    its virtual time before the charts' code has arrived (about one run in four here)."""
-    cmd = ["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-           f"--user-data-dir={profile}", "--window-size=1600,1800", "--virtual-time-budget=60000",
-           f"--screenshot={screenshot}", "--dump-dom", url]  # fmt: skip
-    for _ in range(attempts):
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0 and screenshot.is_file(), out.stderr[-2000:]
-        text = re.sub(r"<script.*?</script>|<style.*?</style>", " ", out.stdout, flags=re.S)
-        text = html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))) + "\n" + out.stdout
-        if all(e in text for e in expect):
-            break
-    return text
+def page(url: str, screenshot: Path, profile: Path, expect: tuple[str, ...], ready: str | None = None) -> str:
+    """The visible text and the HTML of ``url`` once every string of ``expect`` is there (and
+    ``ready``, a script, says ok), with a screenshot. The UI is a React app that fetches after it
+    loads, so the page is read again each second until then."""
+    rendered = render(url, profile, screenshot, ready or text_has(expect))
+    return rendered.text
+
+
+SAMPLES_CARD = """(() => {
+  // the samples card on the run page: its title, and the grid's <img> once loaded (a grey box before)
+  const title = [...document.querySelectorAll("h4")].find(e => e.textContent.trim() === "samples");
+  const img = [...document.querySelectorAll("img")].find(i => i.src.includes("samples%2Bstep%2B"));
+  if (!title || !img || !img.complete || !img.naturalWidth) return JSON.stringify({ok: false});
+  title.scrollIntoView({block: "center"});  // for the screenshot; the page's own scrolling is not the card's
+  // the part of the picture drawn: its box, clipped by every scrolling or clipping box up to the card
+  const box = img.getBoundingClientRect();
+  let [l, t, r, b] = [box.left, box.top, box.right, box.bottom];
+  for (let e = img.parentElement; e; e = e.parentElement) {
+    const s = getComputedStyle(e);
+    if (s.overflowX !== "visible" || s.overflowY !== "visible") {
+      const c = e.getBoundingClientRect();
+      [l, t, r, b] = [Math.max(l, c.left), Math.max(t, c.top), Math.min(r, c.right), Math.min(b, c.bottom)];
+    }
+    if (e.contains(title)) break;  // the card
+  }
+  const drawn = Math.max(0, r - l) * Math.max(0, b - t) / (box.width * box.height);
+  return JSON.stringify({ok: true, drawn, width: box.width, height: box.height, natural: img.naturalWidth});
+})()"""
+
+
+def samples_card(url: str, screenshot: Path, profile: Path) -> dict:
+    """How much of the sample grid MLflow's image card draws at its default size (``drawn``, 0 to 1)."""
+    return render(url, profile, screenshot, SAMPLES_CARD).answer
 
 
 @pytest.fixture
@@ -88,6 +104,11 @@ def test_the_run_page_shows_metric_charts_sample_grids_by_step_and_system_metric
     assert "Evaluation runs" not in metrics  # not the GenAI one
     for chart in charts:
         assert chart in metrics, chart
+    # the grid itself is drawn in its card, at the card's default size: MLflow lists the run's
+    # params above the picture, one a line, so a run with the whole spec as params hid it
+    card = samples_card(f"{base}/model-metrics?{query}", shots / "mlflow-samples-card.png", profile)
+    assert card["ok"], "the samples card never drew its grid"
+    assert card["drawn"] >= 0.6 and card["width"] >= 200, card
 
     charts = ("cpu_utilization_percentage", "system_memory_usage_megabytes", "Time")  # drawn against time
     system = page(f"{base}/system-metrics?{query}", shots / "mlflow-system-metrics.png", profile, charts)

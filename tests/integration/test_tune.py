@@ -92,6 +92,8 @@ def test_search_stops_laggards_and_registers_the_best_trial(tmp_path):
     curves = {c.data.tags["flowpp.trial"]: client.get_metric_history(c.info.run_id, "val_bpd") for c in children}
     for c in children:  # each trial is a child run with its own params and metric curve
         assert c.data.params["model.num_components"] in ("2", "4")
+        assert c.data.params["train.lr"] in ("0.003", "1e-06")  # the trial's point of the space
+        assert c.data.tags["spec.model.num_components"] == c.data.params["model.num_components"]
         if status[c.data.tags["flowpp.trial"]] == "complete":
             assert curves[c.data.tags["flowpp.trial"]][-1].step == 30
     # the printed table agrees: stopped trials end before max_t in Tune's own results
