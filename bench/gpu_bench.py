@@ -1,7 +1,7 @@
 """Call 1 ("answer") of the device check: timed training steps of ``--preset`` with MFU.
 
 Run from the repository root as ``bench/gpu_check`` (its launcher; ``--help``), after
-``bench/gpu_setup`` and ``python3 -m bench.gpu_preflight`` (README, "On a GPU"). In order:
+``bench/gpu_setup`` and ``python3 -m bench.gpu_preflight`` (docs/performance.md, "On a GPU"). In order:
 
 1. the model FLOPs per training image, counted once on the device (bench/capacity.py);
 2. a memory probe: eager bf16 steps with ``checkpoint: none`` find the largest batch up to
