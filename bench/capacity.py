@@ -7,7 +7,7 @@ Run from the repository root (``make setup`` installs the package; else prefix `
 
 Three tables, each device-independent, so a CPU-only machine measures what a GPU worker holds:
 
-1. **State**: parameters, and the tensors of the ``state.pt`` that orchestrator/train.py's
+1. **State**: parameters, and the tensors of the ``state.pt`` that orchestrator/training/loop.py's
    ``save_checkpoint`` writes (model state_dict, EMA shadow, Adam state), in bytes.
 2. **FLOPs** of one training step per image (forward + backward) from torch's ``FlopCounterMode``.
    Its table has no entry for the CPU kernel of fused attention, so that op is counted with
@@ -47,7 +47,7 @@ from torch.utils._pytree import tree_leaves
 
 from flowpp import build_model, get_preset
 from flowpp.distributed import data_dependent_init
-from orchestrator.usage import flop_counter
+from orchestrator.training.mfu import flop_counter
 
 PRESET = "imagenet64"
 MIB = 2**20
@@ -94,7 +94,7 @@ def build(mode: str, seed: int = 0, preset: str = PRESET, device: torch.device |
 
 
 def adam_with_state(model) -> torch.optim.Adam:
-    """Adam as orchestrator/train.py builds it, with its state allocated by a zero-gradient step."""
+    """Adam as orchestrator/training/loop.py builds it, with its state allocated by a zero-gradient step."""
     opt = torch.optim.Adam(model.parameters(), lr=4e-4)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)

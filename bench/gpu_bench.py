@@ -54,8 +54,8 @@ from bench.gpu_steps import (
 )
 from bench.variants import parse_variant
 from flowpp import PRESETS, get_preset
-from orchestrator.step import train_step
-from orchestrator.usage import peak_flops, train_flops_per_image
+from orchestrator.training.mfu import peak_flops, train_flops_per_image
+from orchestrator.training.step import train_step
 
 PRECISIONS = ("fp32", "bf16")
 MODES = ("none", "attention", "all")
@@ -314,7 +314,7 @@ class Runner:
 
 
 def about_lines(args, step_fn) -> list[str]:
-    step = "orchestrator.step.train_step" if step_fn is None else "the step function passed in"
+    step = "orchestrator.training.step.train_step" if step_fn is None else "the step function passed in"
     return [
         f"step: {step}; Adam, lr {LR}, grad clip {GRAD_CLIP}, uint8 pixels; median of {args.steps} timed steps "
         f"after {args.warmup} warm-up; peak GiB: max_memory_allocated over them (weights, grads, Adam, activations)",

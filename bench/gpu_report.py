@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from bench.gpu_plan import Config, Row
-from orchestrator.usage import mfu
+from orchestrator.training.mfu import mfu
 
 GIB = 2**30
 # Issue 13's goals for the imagenet64 preset on one H200: (label, smallest batch, largest batch, images/s).
@@ -66,7 +66,7 @@ def flops_line(flops: float | None, where: str, seconds: float) -> str:
     if not flops:
         return "FLOPs/image: not counted"
     return (f"FLOPs/image: {flops:,.0f} ({flops / 1e9:,.3f} GFLOP; model forward + backward, no recompute: "
-            f"orchestrator.usage.train_flops_per_image, counted on {where} in {seconds:.1f} s)")  # fmt: skip
+            f"orchestrator.training.mfu.train_flops_per_image, counted on {where} in {seconds:.1f} s)")  # fmt: skip
 
 
 def peak_line(peak: float | None, device_name: str, override: float | None) -> str:

@@ -17,7 +17,7 @@ from flowpp import build_model, get_preset
 from flowpp.compile import compile_model
 from flowpp.distributed import data_dependent_init
 from flowpp.ema import EMA
-from orchestrator.step import train_step
+from orchestrator.training.step import train_step
 
 LR, GRAD_CLIP, INIT_BATCH = 1e-4, 1.0, 2
 SAMPLE_N, SAMPLE_REPEATS, EMA_ROUNDS = 16, 3, 5
@@ -110,7 +110,7 @@ def run_row(preset, config: Config, warmup: int, steps: int, device, *, step_fn=
 
 def time_ema(run: Stepper, device: torch.device, rounds: int = EMA_ROUNDS) -> dict:
     """Medians of train_step alone, train_step + EMA(model).update(model), and the update alone,
-    alternating (one untimed round first): what orchestrator/train.py's loop does each step."""
+    alternating (one untimed round first): what orchestrator/training/loop.py's loop does each step."""
     ema = EMA(run.model)
     times: dict[str, list[float]] = {"step": [], "step_ema": [], "ema": []}
 

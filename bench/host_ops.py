@@ -3,7 +3,7 @@
 On a GPU each dispatched op is a kernel launch (or more) that the host must issue, so the count
 bounds how launch-bound an eager step is. This counts them with a ``TorchDispatchMode`` over one
 training step of ``--preset`` (default imagenet64) at ``--batch`` (default 1) under a 2-rank gloo
-DDP group, as the trainer runs it: ``orchestrator.step.train_step`` on the DDP model (forward,
+DDP group, as the trainer runs it: ``orchestrator.training.step.train_step`` on the DDP model (forward,
 backward with DDP's gradient all-reduce, clipping, Adam), then ``EMA.update``. One warm-up step
 runs first (Adam's state, DDP's buckets). Rows: the step by phase, and the ops by name that
 dominate.
@@ -53,7 +53,7 @@ def _ddp(model):
     from torch.nn.parallel import DistributedDataParallel
 
     try:
-        from orchestrator.step import ddp_options
+        from orchestrator.training.step import ddp_options
     except ImportError:  # before it existed: prepare_model passed none
         return DistributedDataParallel(model)
     return DistributedDataParallel(model, **ddp_options())
@@ -63,7 +63,7 @@ def _rank(rank: int, world: int, port: int, preset: str, batch: int, path: str) 
     from flowpp import build_model, get_preset
     from flowpp.distributed import data_dependent_init
     from flowpp.ema import EMA
-    from orchestrator.step import train_step
+    from orchestrator.training.step import train_step
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     run_id = args.run_id or latest_run(client, args.experiment)
     baselines = []
     if args.baseline_data:
-        from orchestrator.baselines import score_codecs
+        from orchestrator.evaluation.baselines import score_codecs
 
         baselines = score_codecs(args.baseline_data, ["png", "webp"], desc="baselines")
     start_ms = None

@@ -17,7 +17,7 @@ images/s for:
   uint8 for png, ``np.frombuffer`` for raw) + ``.batched(B)``, through the same DataLoader
   settings; ``register_webdataset_s3`` lets it read ``s3://`` URLs;
 - ``bytes``: every shard read whole, one after the other (local ``open().read()``, S3
-  ``orchestrator.storage.read_bytes``): the storage ceiling, in samples per second;
+  ``orchestrator.core.storage.read_bytes``): the storage ceiling, in samples per second;
 
 each with 0 and 2 DataLoader workers (bytes: none). Every configuration runs one warm-up
 epoch, then ``--repeats`` timed epochs, and the best is reported; the ShardStream and
@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from orchestrator import storage
+from orchestrator.core import storage
 from orchestrator.data.prepare import PrepareOptions, prepare
 from orchestrator.data.stream import ShardStream, load_manifest
 

@@ -34,7 +34,7 @@ def run_loop(cfg: dict, in_ray: bool) -> dict:
     from flowpp import build_model, get_preset
     from flowpp.distributed import data_dependent_init
     from orchestrator.data.stream import ShardStream
-    from orchestrator.step import train_step
+    from orchestrator.training.step import train_step
 
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(0)
@@ -83,7 +83,7 @@ def measure_ray(cfg: dict, tmp: Path) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator import rayauth
+    from orchestrator.driver import rayauth
 
     rayauth.ensure_for_embedded()  # token auth with a token of this process's own (a 0600 file)
     t_init = time.time()

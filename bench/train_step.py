@@ -20,7 +20,7 @@ the mean step time and the peak training memory. Configs:
 ``fused`` (fused Adam), ``channels_last`` and ``bf16`` (the nets under autocast). A compiled
 variant's first warm-up step compiles; its time less a steady step is reported as the compile
 time. On CUDA every row also gets its MFU: the model FLOPs per training image (bench/capacity.py)
-times images/s over the device's dense bf16 peak (orchestrator/usage.py's table).
+times images/s over the device's dense bf16 peak (orchestrator/training/mfu.py's table).
 
 ``--compare VARIANT`` measures eager against VARIANT in one process, steps alternating
 (A, B, A, B, ...) on two copies of the same initialised model, and reports the ratio: the
@@ -68,7 +68,7 @@ if __package__ in (None, ""):  # run as a script: bench.* resolves from the repo
 from bench.variants import OPTIONS, apply_variant, parse_variant  # noqa: E402
 from flowpp import build_model, get_preset  # noqa: E402
 from flowpp.distributed import data_dependent_init  # noqa: E402
-from orchestrator.step import train_step  # noqa: E402
+from orchestrator.training.step import train_step  # noqa: E402
 
 CONFIGS = ("cifar10", "narrow")
 MODES = ("none", "attention", "all")
@@ -183,7 +183,7 @@ def flops_per_image(cfg, device: torch.device) -> float | None:
     """Model FLOPs of one training image (forward + backward), counted on CUDA only (for MFU)."""
     if device.type != "cuda":
         return None
-    from orchestrator.usage import train_flops_per_image
+    from orchestrator.training.mfu import train_flops_per_image
 
     return train_flops_per_image(cfg.replace(bf16=False, channels_last=False), device)
 
@@ -261,10 +261,10 @@ def mfu_pct(r: dict, peak: float | None) -> str:
 
 
 def device_peak(device: str) -> float | None:
-    """The device's dense bf16 peak FLOP/s (orchestrator/usage.py's table); None on CPU or unknown."""
+    """The device's dense bf16 peak FLOP/s (orchestrator/training/mfu.py's table); None on CPU or unknown."""
     if not device.startswith("cuda"):
         return None
-    from orchestrator.usage import peak_flops
+    from orchestrator.training.mfu import peak_flops
 
     return peak_flops(torch.cuda.get_device_name(torch.device(device)))
 

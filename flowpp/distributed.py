@@ -53,3 +53,24 @@ def mark_ready(model: nn.Module) -> None:
         flags = torch.stack([m.initialized for m in layers]).tolist()
         for layer, flag in zip(layers, flags, strict=True):
             layer.set_ready(bool(flag))
+
+
+def world_rank_size() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_sum(values: list[float] | torch.Tensor, device: torch.device | None = None) -> list[float]:
+    """Sum ``values`` over every rank (a no-op on one); one host sync.
+
+    The reduced tensor lives on ``device``, or where ``values`` already is: pass the
+    model's device, since NCCL takes CUDA tensors only.
+    """
+    if isinstance(values, torch.Tensor):
+        t = values.detach().to(torch.float64).reshape(-1)
+    else:
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+    if world_rank_size()[1] > 1:
+        dist.all_reduce(t)
+    return t.tolist()

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator import rayauth
+from orchestrator.driver import rayauth
 
 _VARS = (rayauth.MODE_VAR, rayauth.TOKEN_VAR, rayauth.PATH_VAR)
 

@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from orchestrator.storage import StorageOptions
+from orchestrator.core.storage import StorageOptions
 
 SECRET = "s3cr3t-" + uuid.uuid4().hex  # distinctive, so leaks are easy to find
 ACCESS_KEY = "AKIA" + uuid.uuid4().hex[:16].upper()

@@ -5,6 +5,9 @@ validate, --dry-run, and submitted jobs) and an ``add_*`` function that declares
 (``arguments``). ``main`` sets up logging once, runs the command, and turns any ``FlowppError``
 into one line on stderr and its exit code (2: a user mistake, 1: a runtime failure);
 ``--debug`` adds the traceback. A bare ``flowpp`` prints the help and exits 2.
+
+May import: every package; the commands import what they run inside their bodies, so that
+``flowpp --help`` loads no torch, Ray or MLflow.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import traceback
 
 from orchestrator.cli.arguments import SUBCOMMANDS, DefaultsFormatter, add_global
 from orchestrator.cli.commands import smooth_images
-from orchestrator.errors import USER_MISTAKE, FlowppError
-from orchestrator.logs import LEVELS, setup_logging
-from orchestrator.progress import ENV as PROGRESS_ENV
-from orchestrator.progress import govern_libraries
+from orchestrator.core.errors import USER_MISTAKE, FlowppError
+from orchestrator.core.logs import LEVELS, setup_logging
+from orchestrator.core.progress import ENV as PROGRESS_ENV
+
+__all__ = ["build_parser", "main", "version"]
+from orchestrator.core.progress import govern_libraries
 
 __all__ = ["build_parser", "main", "smooth_images", "version"]
 
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except FlowppError as exc:
         if args.debug:
-            from orchestrator.redact import redact
+            from orchestrator.core.redact import redact
 
             print(redact(traceback.format_exc()), end="", file=sys.stderr)
         lines = str(exc).splitlines() or [type(exc).__name__]

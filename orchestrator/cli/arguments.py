@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from orchestrator.cli import commands, jobs
-from orchestrator.progress import MODES
+from orchestrator.core.progress import MODES
 
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -7,7 +7,7 @@ import math
 import time
 
 from orchestrator.cli.jobs import dry_run
-from orchestrator.errors import UserError
+from orchestrator.core.errors import UserError
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -44,7 +44,7 @@ def cmd_smoke(args) -> int:
 
     from flowpp import build_model, get_preset
     from flowpp.distributed import data_dependent_init
-    from orchestrator.step import train_step
+    from orchestrator.training.step import train_step
 
     torch.manual_seed(args.seed)
     model = build_model(get_preset(args.preset))
@@ -81,13 +81,13 @@ def _device(args) -> str:
 
 
 def _storage_options(args):
-    from orchestrator.storage import StorageOptions
+    from orchestrator.core.storage import StorageOptions
 
     return StorageOptions(endpoint_url=args.s3_endpoint, region=args.s3_region)
 
 
 def cmd_prepare(args) -> int:
-    from orchestrator import storage
+    from orchestrator.core import storage
     from orchestrator.data.prepare import PrepareOptions, prepare
 
     if args.whole and args.split == "both":
@@ -136,7 +136,7 @@ def cmd_train(args) -> int:
     spec = _load(args)
     if args.dry_run:
         return dry_run(spec, "train", args)
-    from orchestrator.launch import run_training
+    from orchestrator.driver.launch import run_training
 
     result = run_training(spec, new_run=args.new_run)
     if result is None:
@@ -153,7 +153,7 @@ def cmd_tune(args) -> int:
         raise UserError(f"{args.job}: no `tune:` section; see jobs/tune-mixtures.yaml")
     if args.dry_run:
         return dry_run(spec, "tune", args)
-    from orchestrator.tune import run_search
+    from orchestrator.driver.search import run_search
 
     rows = run_search(spec, resume=args.resume)
     return 0 if any(r.status != "error" for r in rows) else 1
@@ -169,7 +169,7 @@ def _tracking_uri(args) -> str:
 
 
 def cmd_promote(args) -> int:
-    from orchestrator.promote import AlreadyChampionError, EvalSettings, promote, rollback
+    from orchestrator.driver.promote import AlreadyChampionError, EvalSettings, promote, rollback
 
     uri = _tracking_uri(args)
     if args.rollback:
@@ -196,7 +196,7 @@ def cmd_sample(args) -> int:
 
     import torch
 
-    from orchestrator.images import sample_grid
+    from orchestrator.evaluation.images import sample_grid
     from orchestrator.tracking import load_flow
 
     device = _device(args)
@@ -208,7 +208,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from orchestrator.baselines import parse_codecs, score_codecs
+    from orchestrator.evaluation.baselines import parse_codecs, score_codecs
 
     if not args.model and not args.baseline:
         raise UserError("the following arguments are required: --model (or --baseline CODECS to score only codecs)")
@@ -230,7 +230,7 @@ def cmd_evaluate(args) -> int:
 
 def _evaluate_model(args) -> tuple[str, float]:
     """Print the model's bounds; return the tighter one's name and bits/dim."""
-    from orchestrator.evaluate import per_image_bpd
+    from orchestrator.evaluation.evaluate import per_image_bpd
     from orchestrator.tracking import load_flow
 
     device = _device(args)
@@ -250,6 +250,6 @@ def cmd_submit(args) -> int:
     spec = _load(args)
     if args.dry_run:
         return dry_run(spec, "submit", args)
-    from orchestrator.submit import submit
+    from orchestrator.driver.submit import submit
 
     return submit(spec, args.job, args.set or [], follow=not args.no_wait, new_run=args.new_run)

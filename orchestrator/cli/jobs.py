@@ -9,8 +9,8 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from orchestrator.errors import FlowppError, UserError
-from orchestrator.redact import public_tree, redact
+from orchestrator.core.errors import FlowppError, UserError
+from orchestrator.core.redact import public_tree, redact
 
 if TYPE_CHECKING:
     from orchestrator.config import JobSpec
@@ -47,7 +47,7 @@ def plan(spec: JobSpec, command: str, args) -> list[tuple[str, str]]:
     """(what, value) lines: where it would run, on what, and where it would write."""
     rows: list[tuple[str, str]] = []
     if command == "submit":
-        from orchestrator.submit import check_submittable, entrypoint
+        from orchestrator.driver.submit import check_submittable, entrypoint
 
         check_submittable(spec, args.set or [])
         rows.append(("cluster", f"{redact(str(spec.ray.address))} (ray.address), submitted as a Ray job"))

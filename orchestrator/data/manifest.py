@@ -1,6 +1,6 @@
 """``manifest.json``: the typed record of one split's shards, validated wherever it is read.
 
-A pydantic model with ``extra="forbid"`` (the style of orchestrator/config.py). Loading one
+A pydantic model with ``extra="forbid"`` (``orchestrator.core.strict``). Loading one
 checks, and reports at once, each problem with the manifest's URL and the field's path:
 
 - every count and size is non-negative, and the totals equal the sum over the shards;
@@ -18,10 +18,11 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from orchestrator import storage
-from orchestrator.errors import UserError, validation_problems
+from orchestrator.core import storage
+from orchestrator.core.errors import UserError, validation_problems
+from orchestrator.core.strict import Strict
 
 if TYPE_CHECKING:
     from orchestrator.config import JobSpec
@@ -42,11 +43,7 @@ class ManifestError(UserError, ValueError):
             super().__init__(f"{url}: {len(problems)} problem(s) in the manifest:\n{lines}")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ShardEntry(_Strict):
+class ShardEntry(Strict):
     index: int = Field(ge=0)
     """Position in ``shards``."""
     url: str = Field(min_length=1)
@@ -65,7 +62,7 @@ class ShardEntry(_Strict):
     last_item: int | None = Field(None, ge=-1)
 
 
-class DemoInfo(_Strict):
+class DemoInfo(Strict):
     """Where a ``demo`` split's patches come from (``sources.demo_summary``)."""
 
     photos: dict[str, int]
@@ -77,7 +74,7 @@ class DemoInfo(_Strict):
     """The photographs the other split may draw from, which this split never does."""
 
 
-class SourceInfo(_Strict):
+class SourceInfo(Strict):
     kind: str
     inputs: list[str] = Field(default_factory=list)
     dataset: str = "?"
@@ -88,12 +85,12 @@ class SourceInfo(_Strict):
     demo: DemoInfo | None = None
 
 
-class Skipped(_Strict):
+class Skipped(Strict):
     count: int = Field(0, ge=0)
     examples: list[str] = Field(default_factory=list)
 
 
-class Manifest(_Strict):
+class Manifest(Strict):
     version: Literal[1, 2]
     fingerprint: str = ""
     split: str

@@ -39,7 +39,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from orchestrator import storage
+from orchestrator.core import storage
+from orchestrator.core.errors import UserError
 from orchestrator.data.manifest import VERSION, ManifestError, ShardEntry, parse_manifest
 from orchestrator.data.sources import (
     DEMO_GREY,
@@ -55,7 +56,6 @@ from orchestrator.data.sources import (
     iter_items,
     split_inputs,
 )
-from orchestrator.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from orchestrator import storage
+from orchestrator.core import storage
+from orchestrator.core.errors import FlowppError
 from orchestrator.data.manifest import ManifestError, load_manifest
 from orchestrator.data.plan import Plan
-from orchestrator.errors import FlowppError
 
 __all__ = ["ManifestError", "ShardIntegrityError", "ShardStream", "load_manifest", "to_device"]
 

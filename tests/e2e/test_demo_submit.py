@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import rayauth
+from orchestrator.driver import rayauth
 from tests.jobs import shrunk_demo
 from tests.s3fixtures import free_port
 

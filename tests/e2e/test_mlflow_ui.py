@@ -89,7 +89,7 @@ def test_the_run_page_shows_metric_charts_sample_grids_by_step_and_system_metric
     )
     out = run_train(write_job(tree, tmp_path / "job.yaml"), tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    client = tracking._client(mlflow_server.uri)
+    client = tracking.client_for(mlflow_server.uri)
     exp_id = client.get_experiment_by_name(experiment).experiment_id
     run_id = tracking.find_run(mlflow_server.uri, experiment, tree["name"])
     link = tracking.run_page(mlflow_server.uri, exp_id, run_id)

@@ -15,9 +15,9 @@ from flowpp.distributed import data_dependent_init
 from flowpp.ema import EMA
 from orchestrator.cli import smooth_images
 from orchestrator.data.stream import to_device
-from orchestrator.evaluate import evaluate
-from orchestrator.images import sample_grid
-from orchestrator.step import all_sum, train_step
+from orchestrator.evaluation.evaluate import evaluate
+from orchestrator.evaluation.images import sample_grid
+from orchestrator.training.step import all_sum, train_step
 
 pytestmark = pytest.mark.gpu
 

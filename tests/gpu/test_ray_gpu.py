@@ -56,7 +56,7 @@ def records(tmp_path: Path, rank: int) -> list[dict]:
 
 
 def test_one_gpu_trains_checkpoints_resumes_and_its_model_is_served_on_cuda(tmp_path, gpu_ray, capsys):
-    from orchestrator.launch import run_training
+    from orchestrator.driver.launch import run_training
 
     spec = gpu_job(tmp_path, 1)
     result = run_training(spec)
@@ -83,7 +83,7 @@ def test_one_gpu_trains_checkpoints_resumes_and_its_model_is_served_on_cuda(tmp_
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_gpu_ranks_train_over_nccl_and_end_identical(tmp_path, gpu_ray):
-    from orchestrator.launch import run_training
+    from orchestrator.driver.launch import run_training
 
     result = run_training(gpu_job(tmp_path, 2))
     assert result.error is None and result.metrics["step"] == 20
@@ -96,7 +96,7 @@ def test_two_workers_share_one_gpu_over_gloo_and_end_identical_after_a_resume(tm
     """The multi-rank path on a single GPU: 2 Ray Train workers at half a GPU each, DDP over gloo with
     CUDA tensors (scaling.gpus_per_worker: 0.5): the init broadcast, the gradient all-reduce, a
     checkpoint, and a resume from it, all on cuda, with both ranks' parameters equal at each end."""
-    from orchestrator.launch import run_training
+    from orchestrator.driver.launch import run_training
 
     spec = gpu_job(tmp_path, 2, scaling__gpus_per_worker=0.5)
     result = run_training(spec)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import rayauth
 from orchestrator.cli import main
+from orchestrator.driver import rayauth
 from tests.s3fixtures import free_port
 
 pytestmark = pytest.mark.e2e

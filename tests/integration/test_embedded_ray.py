@@ -32,14 +32,14 @@ def test_embedded_ray_listens_on_loopback_only_with_token_auth(tmp_path, monkeyp
     import psutil
     import ray
 
-    from orchestrator.launch import _init_ray
+    from orchestrator.driver.launch import init_ray
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")  # restored after the test
     auth = token_auth(tmp_path)
     saved = ray._private.ray_constants.ENABLE_RAY_CLUSTER
     try:
-        _init_ray(None)  # type: ignore[arg-type]  (the spec is not read on this path)
+        init_ray(None)  # type: ignore[arg-type]  (the spec is not read on this path)
         sockets = _listening(psutil.Process())
         assert os.environ["RAY_AUTH_MODE"] == "token"
         assert len(sockets) >= 5, sockets  # GCS, raylet, agents, workers: found, so the check can fail

@@ -13,11 +13,11 @@ from PIL import Image
 
 from flowpp import FlowPlusPlus
 from flowpp.distributed import data_dependent_init
-from orchestrator.baselines import score_codecs
 from orchestrator.cli import main, smooth_images
 from orchestrator.data.prepare import PrepareOptions, prepare
 from orchestrator.data.stream import ShardStream
-from orchestrator.evaluate import per_image_bpd
+from orchestrator.evaluation.baselines import score_codecs
+from orchestrator.evaluation.evaluate import per_image_bpd
 from tests.datafixtures import png_bytes, random_image
 from tests.helpers import random_images, tiny_config
 

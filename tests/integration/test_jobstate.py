@@ -1,4 +1,4 @@
-"""A job's lock and run records (orchestrator.jobstate) on real storage: local files and moto S3."""
+"""A job's lock and run records (orchestrator.driver.jobstate) on real storage: local files and moto S3."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from orchestrator import jobstate, storage
 from orchestrator.config import validate
+from orchestrator.core import storage
+from orchestrator.driver import jobstate
 from tests.jobs import tiny_job
 
 pytestmark = pytest.mark.integration

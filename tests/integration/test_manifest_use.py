@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from orchestrator import storage
+from orchestrator.core import storage
 from orchestrator.data.manifest import ManifestError
 from orchestrator.data.prepare import PrepareOptions, prepare
 from orchestrator.data.stream import ShardIntegrityError, ShardStream

@@ -75,7 +75,7 @@ def up(server, monkeypatch):
 
 
 def _history(uri: str, run_id: str, key: str) -> list[int]:
-    return sorted(m.step for m in tracking._client(uri).get_metric_history(run_id, key))
+    return sorted(m.step for m in tracking.client_for(uri).get_metric_history(run_id, key))
 
 
 def test_an_unreachable_tracking_server_fails_the_job_before_any_work(tmp_path, capsys):
@@ -98,7 +98,7 @@ def test_an_unreachable_tracking_server_fails_the_job_before_any_work(tmp_path, 
 
 
 def test_metrics_wait_in_a_bounded_queue_while_the_server_is_down_and_are_flushed_at_the_end(up, caplog, tmp_path):
-    from orchestrator.mlflow_buffer import MetricBuffer
+    from orchestrator.tracking.buffer import MetricBuffer
 
     run_id = tracking.ensure_run(up.uri, "faults", "buffered")
     small_run = tracking.ensure_run(up.uri, "faults", "bounded")
@@ -123,7 +123,7 @@ def test_metrics_wait_in_a_bounded_queue_while_the_server_is_down_and_are_flushe
     grid.unlink()  # the trainer's temporary directory goes at once
     assert slowest < 0.05  # a report never waits on the server
     # a queue of 10 points, 25 offered: the oldest are dropped, a params call never is
-    small = MetricBuffer(tracking._client(up.uri), small_run, max_points=10, first_backoff_s=0.2)
+    small = MetricBuffer(tracking.client_for(up.uri), small_run, max_points=10, first_backoff_s=0.2)
     for step in range(25):
         small.metrics({"loss": float(step)}, step)
     small.call("params", lambda: tracking.RunLogger(up.uri, small_run)._send_params({"kept": "yes"}))
@@ -134,7 +134,7 @@ def test_metrics_wait_in_a_bounded_queue_while_the_server_is_down_and_are_flushe
     logger.finish()  # flushes, then closes the run
     assert small.close(timeout_s=60) == 0
     assert _history(up.uri, run_id, "loss") == list(range(41))
-    client = tracking._client(up.uri)
+    client = tracking.client_for(up.uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["train.lr"] == "0.001"
     assert [f.path for f in client.list_artifacts(run_id, "samples")] == ["samples/samples-00000040.png"]
@@ -157,11 +157,11 @@ def test_registration_is_retried_until_the_server_returns(up):
     finally:
         restarter.join()
     assert time.monotonic() - started >= 2.0
-    mv = tracking._client(up.uri).get_model_version("faulty", version)
+    mv = tracking.client_for(up.uri).get_model_version("faulty", version)
     assert mv.run_id == run_id and mv.tags["val_bpd"] == "5.25"
     # a second call (a resubmitted job whose tag write was lost) finds the version, registers nothing new
     assert tracking.RunLogger(up.uri, run_id).register_model(model, "faulty", {"val_bpd": "5.25"}) == version
-    assert len(tracking._client(up.uri).search_model_versions("name = 'faulty'")) == 1
+    assert len(tracking.client_for(up.uri).search_model_versions("name = 'faulty'")) == 1
 
 
 def test_registration_gives_up_after_its_budget_with_a_resumable_message(monkeypatch):
@@ -183,7 +183,7 @@ def test_a_run_whose_val_bpd_is_not_finite_is_never_registered(tmp_path, val_bpd
     tags = {"job": "diverged"} if val_bpd is None else {"val_bpd": val_bpd}
     with pytest.raises(tracking.RegistrationRefusedError, match=r"not registered: run \w+ has val_bpd"):
         tracking.RunLogger(store, run_id).register_model(initialized_model(tiny_config(image_size=8)), "m", tags)
-    assert tracking._client(store).search_model_versions("name = 'm'") == []
+    assert tracking.client_for(store).search_model_versions("name = 'm'") == []
 
 
 def test_a_failed_job_marks_its_run_failed_and_a_resubmission_runs_it_again(tmp_path):
@@ -191,13 +191,13 @@ def test_a_failed_job_marks_its_run_failed_and_a_resubmission_runs_it_again(tmp_
     run_id = tracking.ensure_run(store, "exp", "job")
     with pytest.raises(ValueError), tracking.run_status_on_exit(store, run_id):
         raise ValueError("a rank failed")
-    assert tracking._client(store).get_run(run_id).info.status == "FAILED"
+    assert tracking.client_for(store).get_run(run_id).info.status == "FAILED"
     assert tracking.ensure_run(store, "exp", "job") == run_id  # resubmitted: the same run, running again
-    assert tracking._client(store).get_run(run_id).info.status == "RUNNING"
+    assert tracking.client_for(store).get_run(run_id).info.status == "RUNNING"
     with pytest.raises(KeyboardInterrupt), tracking.run_status_on_exit(store, run_id):
         os.kill(os.getpid(), signal.SIGTERM)  # as `ray job stop` does
         time.sleep(5)
-    assert tracking._client(store).get_run(run_id).info.status == "KILLED"
+    assert tracking.client_for(store).get_run(run_id).info.status == "KILLED"
     assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None) or callable(signal.getsignal(signal.SIGTERM))
 
 

@@ -13,7 +13,7 @@ def test_two_nodes_strict_spread_end_with_identical_parameters(tmp_path):
     import ray
     from ray.cluster_utils import Cluster
 
-    from orchestrator.launch import run_training
+    from orchestrator.driver.launch import run_training
 
     auth = token_auth(tmp_path)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})

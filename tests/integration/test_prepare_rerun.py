@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from orchestrator.cli import main as cli_main
+from orchestrator.core.errors import UserError
 from orchestrator.data.prepare import PrepareOptions, prepare
 from orchestrator.data.sources import CorruptInputError, iter_items, split_inputs
 from orchestrator.data.stream import ShardStream
-from orchestrator.errors import UserError
 from tests.datafixtures import random_image
 
 pytestmark = pytest.mark.integration
@@ -124,7 +124,7 @@ def test_a_run_that_fails_midway_leaves_the_previous_manifest_and_its_shards_int
     want = _folder(src, 20)
     prepare(_opts(src, out), sopts)
     manifest_url = f"{out}/manifest.json"
-    from orchestrator import storage
+    from orchestrator.core import storage
 
     before = storage.read_bytes(manifest_url, sopts)
     new = _folder(src, 20, seed=1)  # every image changes...
@@ -240,12 +240,12 @@ def _job(tmp_path, data, **overrides):
 
 
 def test_a_job_refuses_data_prepared_with_other_settings_and_uses_its_own(tmp_path, caplog):
-    from orchestrator.launch import ensure_data
+    from orchestrator.driver.launch import ensure_data
 
     data = (tmp_path / "data" / "demo").as_uri()
     ensure_data(_job(tmp_path, data))  # prepares 64 + 16 patches
     manifest = (tmp_path / "data" / "demo" / "train" / "manifest.json").read_bytes()
-    with caplog.at_level("INFO", logger="orchestrator.launch"):
+    with caplog.at_level("INFO", logger="orchestrator.driver.launch"):
         ensure_data(_job(tmp_path, data))  # the same settings: used as it is
     assert "holds the data this job would prepare; using it" in caplog.text
     assert (tmp_path / "data" / "demo" / "train" / "manifest.json").read_bytes() == manifest

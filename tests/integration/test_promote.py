@@ -22,11 +22,10 @@ from flowpp import build_model, get_preset
 from flowpp.distributed import data_dependent_init
 from orchestrator import tracking
 from orchestrator.cli import main as cli
+from orchestrator.core.storage import StorageOptions
 from orchestrator.data.prepare import PrepareOptions, prepare
 from orchestrator.data.stream import ShardStream
-from orchestrator.evaluate import per_image_bpd
-from orchestrator.model_registry import ModelRegistry
-from orchestrator.promote import (
+from orchestrator.driver.promote import (
     CHAMPION,
     LOCK_TAG,
     PREVIOUS,
@@ -36,8 +35,9 @@ from orchestrator.promote import (
     promotion_lock,
     rollback,
 )
-from orchestrator.storage import StorageOptions
+from orchestrator.evaluation.evaluate import per_image_bpd
 from orchestrator.tracking import ModelNotFoundError, TrackingUnavailableError
+from orchestrator.tracking.registry import ModelRegistry
 from tests.integration.test_tracking import _no_pickle
 from tests.mlflowfixtures import mlflow_server  # noqa: F401  (fixture)
 from tests.s3fixtures import ACCESS_KEY, SECRET, FaultProxy
@@ -74,7 +74,7 @@ def world(mlflow_server):  # noqa: F811
     train = ShardStream(f"{data}/train/manifest.json", batch_size=16, options=opts, shuffle_buffer=64)
     data_dependent_init(model, next(iter(train))["images"].long())
     uris = {}
-    client = tracking._mlflow(mlflow_server.uri).MlflowClient()
+    client = tracking.mlflow_for(mlflow_server.uri).MlflowClient()
     exp = client.create_experiment("promote-" + uuid.uuid4().hex[:6])
     for name, steps in (("weak", 0), ("good", 40), ("best", 110)):
         model.train()
@@ -100,7 +100,7 @@ def reg(world, aws_env, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AWS_ENDPOINT_URL", world["server"].s3_endpoint)
     uri, name = world["server"].uri, "flow-" + uuid.uuid4().hex[:8]
-    client = tracking._mlflow(uri).MlflowClient()
+    client = tracking.mlflow_for(uri).MlflowClient()
 
     class Reg:
         def __init__(self):
@@ -253,7 +253,7 @@ def test_promoting_a_version_whose_artifacts_are_gone_from_s3_is_one_clear_line(
     import boto3
 
     uri, name = mlflow_server.uri, "gone-" + uuid.uuid4().hex[:8]
-    client = tracking._client(uri)
+    client = tracking.client_for(uri)
     exp = client.create_experiment(name)
     run = client.create_run(exp).info.run_id
     version = tracking.register(uri, tracking.log_flow_model(uri, run, build_model(get_preset("debug"))), name,
@@ -278,7 +278,7 @@ def test_promoting_a_version_whose_artifacts_are_gone_from_s3_is_one_clear_line(
 def bare_registry(mlflow_server):  # noqa: F811
     """A registered model with no versions: all the lock needs."""
     name = "lock-" + uuid.uuid4().hex[:8]
-    tracking._client(mlflow_server.uri).create_registered_model(name)
+    tracking.client_for(mlflow_server.uri).create_registered_model(name)
     return ModelRegistry(mlflow_server.uri, name)
 
 

@@ -52,7 +52,7 @@ def test_a_failed_registration_is_done_by_resubmitting_without_training_again(ml
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "orchestrator", "train", str(path)]
-    client = tracking._client(mlflow_server.uri)
+    client = tracking.client_for(mlflow_server.uri)
     try:
         first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert first.returncode != 0 and proxy.injected >= 1, first.stderr[-3000:]

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from orchestrator.config import load_job
-from orchestrator.logs import setup_logging
+from orchestrator.core.logs import setup_logging
 from tests.jobs import tiny_job
 from tests.mlflowfixtures import mlflow_server  # noqa: F401  (fixture)
 from tests.rayauth import token_auth
@@ -124,7 +124,7 @@ def test_a_fake_secret_reaches_no_log_param_tag_or_artifact(
     ray_with_secrets,
     fresh_root,
 ):
-    from orchestrator.launch import run_training
+    from orchestrator.driver.launch import run_training
 
     authed = mlflow_server.uri.replace("http://", f"http://flowpp:{PASSWORD}@")
     monkeypatch.setenv("FLOWPP_TRACKING", authed)

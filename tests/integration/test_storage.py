@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from orchestrator import storage
+from orchestrator.core import storage
 from orchestrator.data.prepare import PrepareOptions, prepare
 from orchestrator.data.stream import ShardStream
 from tests.s3fixtures import ACCESS_KEY, SECRET, FaultProxy, free_port

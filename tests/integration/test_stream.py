@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from orchestrator import storage
+from orchestrator.core import storage
 from orchestrator.data.prepare import PrepareOptions, prepare
 from orchestrator.data.stream import ShardIntegrityError, ShardStream
 from tests.datafixtures import make_vdo_tar
@@ -235,7 +235,7 @@ def test_missing_object_and_bucket_name_the_url(s3_manifest):
 def test_init_images_are_train_init_batch_size_of_them_the_same_on_every_call(local_manifest, tmp_path):
     from orchestrator.config import validate
     from orchestrator.data.stream import load_manifest
-    from orchestrator.train import init_images
+    from orchestrator.training.loop import init_images
     from tests.jobs import tiny_job
 
     manifest = load_manifest(local_manifest)

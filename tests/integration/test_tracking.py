@@ -95,7 +95,7 @@ def test_a_searchs_trial_runs_end_finished_killed_or_failed_as_their_trials_did(
     runs = {t: tracking.ensure_run(store, "search", f"asha-{t}", parent_run_id=parent, tags={"flowpp.trial": t})
             for t in trials}  # fmt: skip
     tracking.finish_children(store, parent, trials)
-    client = tracking._client(store)
+    client = tracking.client_for(store)
     assert {t: client.get_run(r).info.status for t, r in runs.items()} == {
         "t1": "FINISHED", "t2": "KILLED", "t3": "FAILED"}  # fmt: skip
     assert client.get_run(runs["t2"]).data.tags["flowpp.trial_status"] == "stopped early"
@@ -104,7 +104,7 @@ def test_a_searchs_trial_runs_end_finished_killed_or_failed_as_their_trials_did(
 # -- experiments, images, system metrics --------------------------------------------------
 def test_experiments_are_model_training_experiments_new_or_made_before(store):
     kind = tracking.EXPERIMENT_KIND_TAG
-    client = tracking._client(store)
+    client = tracking.client_for(store)
     tracking.ensure_run(store, "fresh", "job")
     assert client.get_experiment_by_name("fresh").tags[kind] == "custom_model_development"
     before = client.create_experiment("made-before")  # by an older version, or by MLflow itself
@@ -155,7 +155,7 @@ def test_sample_grids_are_images_by_step_and_wait_for_a_server_that_is_away(serv
     assert logger._buffer is not None and logger._buffer.pending() == 1
     server.start()
     logger.finish()
-    client = tracking._client(server.uri)
+    client = tracking.client_for(server.uri)
     assert image_steps(client, run_id, "samples") == [10, 20]
     assert client.get_run(run_id).data.tags["mlflow.loggedImages"] == "True"
     from PIL import Image
@@ -173,7 +173,7 @@ def test_system_metrics_sample_cpu_and_memory_into_the_run_until_it_finishes(sto
     logger.system_metrics(MlflowSpec(tracking_uri=store, system_metrics_interval_s=0.2))
     time.sleep(1.5)
     logger.finish()
-    client = tracking._client(store)
+    client = tracking.client_for(store)
     metrics = client.get_run(run_id).data.metrics
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics), metrics
     assert metrics["system/system_memory_usage_megabytes"] > 0
@@ -226,7 +226,7 @@ def test_a_short_run_logs_its_grids_by_step_system_metrics_and_its_resolved_spec
     out = run_train(path, tmp_path, "--set", "train.max_steps=20", env=env)
     assert out.returncode == 0, out.stderr[-3000:]
 
-    client = tracking._client(mlflow_server.uri)
+    client = tracking.client_for(mlflow_server.uri)
     exp = client.get_experiment_by_name(experiment)
     assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
     run_id = tracking.find_run(mlflow_server.uri, experiment, tree["name"])

@@ -85,7 +85,7 @@ def ray_train_workers() -> list[psutil.Process]:
 
 
 def test_killed_worker_restarts_from_the_last_checkpoint_without_skipping_data(tmp_path, local_ray):
-    from orchestrator.launch import run_training
+    from orchestrator.driver.launch import run_training
 
     spec = validate(job(tmp_path, max_steps=40))
     box = {}
@@ -127,7 +127,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint_without_skipping_data(t
 
 
 def test_nonfinite_losses_are_skipped_then_stop_the_run_keeping_the_checkpoint(tmp_path, local_ray):
-    from orchestrator.launch import TrainingFailed, run_training
+    from orchestrator.driver.launch import TrainingFailed, run_training
 
     # lr ramps by 0.01 per step: fine for the first steps, then the loss blows up
     spec = validate(

@@ -1,4 +1,4 @@
-"""orchestrator.baselines: PNG and WebP-lossless bits/dim of known images, and the codec names."""
+"""orchestrator.evaluation.baselines: PNG and WebP-lossless bits/dim of known images, and the codec names."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from orchestrator.baselines import CODECS, Baseline, encoded_bpd, parse_codecs
-from orchestrator.errors import FlowppError, UserError
+from orchestrator.core.errors import FlowppError, UserError
+from orchestrator.evaluation.baselines import CODECS, Baseline, encoded_bpd, parse_codecs
 
 pytestmark = pytest.mark.unit
 

@@ -10,8 +10,9 @@ import torch
 
 from flowpp import build_model
 from flowpp.ema import EMA
-from orchestrator import checkpoint
-from orchestrator.train import TrainState, train_step
+from orchestrator.training import checkpoint
+from orchestrator.training.loop import train_step
+from orchestrator.training.state import TrainState
 from tests.helpers import random_images, tiny_config
 
 pytestmark = pytest.mark.unit

@@ -116,7 +116,9 @@ def _forbid_starting_anything(monkeypatch):
     import ray
     import ray.job_submission
 
-    from orchestrator import jobstate, launch, storage, tune
+    from orchestrator.core import storage
+    from orchestrator.driver import jobstate, launch
+    from orchestrator.driver import search as tune
 
     monkeypatch.setattr(ray, "init", refuse)
     monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", refuse)

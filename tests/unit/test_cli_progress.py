@@ -9,10 +9,10 @@ import torch
 
 from flowpp import FlowPlusPlus
 from flowpp.distributed import data_dependent_init
-from orchestrator import progress
-from orchestrator.errors import UserError
-from orchestrator.evaluate import evaluate, per_image_bpd
-from orchestrator.images import sample_images
+from orchestrator.core import progress
+from orchestrator.core.errors import UserError
+from orchestrator.evaluation.evaluate import evaluate, per_image_bpd
+from orchestrator.evaluation.images import sample_images
 from tests.helpers import random_images, tiny_config
 
 pytestmark = pytest.mark.unit

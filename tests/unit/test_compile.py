@@ -105,8 +105,8 @@ def test_job_spec_options_reach_the_model_and_the_optimizer():
     from pathlib import Path
 
     from orchestrator.config import load_job
-    from orchestrator.step import train_step
-    from orchestrator.train import _adam
+    from orchestrator.training.loop import _adam
+    from orchestrator.training.step import train_step
 
     spec = load_job(Path(__file__).resolve().parents[2] / "jobs" / "imagenet64.yaml")
     assert spec.train.fused_adam and not spec.model.compile

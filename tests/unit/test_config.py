@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import JobSpecError, load_job, public_params, validate
-from orchestrator.jobenv import expand
+from orchestrator.config.env import expand
 from tests.jobs import tiny_job
 
 pytestmark = pytest.mark.unit
@@ -193,7 +193,7 @@ def test_a_malformed_set_value_is_a_problem_not_a_traceback(tmp_path):
      ({"use_gpu": True, "gpus_per_worker": 0.5}, "gloo"), ({}, "gloo")],
 )  # fmt: skip
 def test_workers_that_share_a_gpu_talk_over_gloo(tmp_path, scaling, backend):
-    from orchestrator.launch import process_group_backend
+    from orchestrator.driver.launch import process_group_backend
 
     spec = validate(tiny_job(tmp_path, scaling__num_workers=2, **{f"scaling__{k}": v for k, v in scaling.items()}))
     assert process_group_backend(spec.scaling) == backend

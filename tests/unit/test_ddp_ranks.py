@@ -1,5 +1,5 @@
 """The trainer's DDP setup across 2 gloo ranks on the CPU: with gradients as bucket views and no
-buffer sync per forward (``orchestrator.step.ddp_options``), parameters, buffers and EMA stay
+buffer sync per forward (``orchestrator.training.step.ddp_options``), parameters, buffers and EMA stay
 equal on both ranks through training steps and a resume from a checkpoint; and every rank marks
 its data-init layers ready after the init broadcast, so a compiled model traces no graph break and
 compiles no extra graph on the ranks that did not run the init."""
@@ -20,9 +20,9 @@ from flowpp.compile import compile_model
 from flowpp.datainit import DataInit
 from flowpp.distributed import data_dependent_init
 from flowpp.ema import EMA
-from orchestrator import checkpoint
-from orchestrator.step import ddp_options, train_step
-from orchestrator.train import TrainState
+from orchestrator.training import checkpoint
+from orchestrator.training.state import TrainState
+from orchestrator.training.step import ddp_options, train_step
 from tests.helpers import random_images, tiny_config
 
 pytestmark = pytest.mark.unit

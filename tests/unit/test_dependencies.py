@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.errors import UserError
+from orchestrator.core.errors import UserError
 
 try:
     import tomllib
@@ -35,7 +35,7 @@ OPTIONAL = {
     # `flowpp prepare demo` only (orchestrator/data/sources.py finds it with find_spec and, when it
     # is missing, says `pip install 'flowpp-orchestrator[demo]'`)
     "skimage": "demo",
-    # a sqlite:/// MLflow store only (orchestrator/tracking.py finds them with find_spec and, when
+    # a sqlite:/// MLflow store only (orchestrator/tracking/runs.py finds them with find_spec and, when
     # they are missing, says `pip install 'flowpp-orchestrator[server]'`)
     "sqlalchemy": "server",
     "alembic": "server",
@@ -167,7 +167,7 @@ def test_a_sqlite_store_without_the_server_extra_names_it(monkeypatch, tmp_path)
     monkeypatch.setitem(sys.modules, "sqlalchemy", None)  # as on a core-only install (find_spec: None)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     with pytest.raises(UserError, match=re.escape("pip install 'flowpp-orchestrator[server]'")) as caught:
-        tracking._mlflow(uri)
+        tracking.mlflow_for(uri)
     assert uri in str(caught.value)
     assert not (tmp_path / "mlflow.db").exists()
 

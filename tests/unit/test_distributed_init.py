@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from flowpp import FlowPlusPlus
 from flowpp.distributed import data_dependent_init
-from orchestrator.step import all_sum
+from orchestrator.training.step import all_sum
 from tests.helpers import random_images, tiny_config
 
 pytestmark = pytest.mark.unit

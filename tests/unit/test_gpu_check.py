@@ -143,7 +143,7 @@ def test_cpu_run_of_the_real_train_step_writes_the_table_sample_and_ema(tmp_path
     args.no_flops = False
     assert gpu_bench.bench(args, torch.device("cpu"), time.perf_counter()) == 0
     text = out.read_text()
-    assert "step: orchestrator.step.train_step;" in text
+    assert "step: orchestrator.training.step.train_step;" in text
     rows = [ln.split(" | ") for ln in text.splitlines() if ln.startswith("| 2 | ")]
     assert [(r[1], r[2], r[3]) for r in rows] == [("fp32", "none", "eager"), ("bf16", "none", "eager")]
     for r in rows:

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from orchestrator.logs import setup_logging
+from orchestrator.core.logs import setup_logging
 
 pytestmark = pytest.mark.unit
 
@@ -38,7 +38,7 @@ def test_ray_trains_per_report_lines_are_off_at_info_and_back_at_debug(root, cap
     setup_logging("INFO")
     ray_logger.info(line)
     ray_logger.warning("a Ray Train warning stays")
-    logging.getLogger("orchestrator.train").info("step 7/10  bits/dim 4.0")
+    logging.getLogger("orchestrator.training.loop").info("step 7/10  bits/dim 4.0")
     err = capsys.readouterr().err
     assert "Reporting training result" not in err
     assert "a Ray Train warning stays" in err and "step 7/10  bits/dim 4.0" in err

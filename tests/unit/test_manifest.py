@@ -5,8 +5,8 @@ import json
 
 import pytest
 
+from orchestrator.core.errors import UserError
 from orchestrator.data.manifest import ManifestError, check_fits_model, parse_manifest
-from orchestrator.errors import UserError
 
 pytestmark = pytest.mark.unit
 

@@ -12,7 +12,7 @@ from flowpp import FlowPlusPlus
 from flowpp.distributed import data_dependent_init
 from flowpp.ema import EMA
 from orchestrator.data.stream import to_device
-from orchestrator.evaluate import evaluate
+from orchestrator.evaluation.evaluate import evaluate
 from tests.helpers import random_images, tiny_config
 
 pytestmark = pytest.mark.unit

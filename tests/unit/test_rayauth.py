@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import rayauth
+from orchestrator.driver import rayauth
 
 pytestmark = pytest.mark.unit
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import JobSpecError, TrainSpec, load_job, override_problems, validate
-from orchestrator.schedule import boundaries, learning_rate
+from orchestrator.config.schedule import boundaries, learning_rate
 
 pytestmark = pytest.mark.unit
 
@@ -19,24 +19,24 @@ def _piecewise(*phases, max_steps=100, **train):
 
 
 def _rates(train, steps):
-    return [learning_rate(s, train) for s in steps]
+    return [learning_rate(s, train.rates()) for s in steps]
 
 
 def test_constant_is_linear_warmup_then_flat():
     train = TrainSpec(lr=4e-4, warmup_steps=4, max_steps=10)
     assert _rates(train, range(6)) == pytest.approx([1e-4, 2e-4, 3e-4, 4e-4, 4e-4, 4e-4])
-    assert learning_rate(0, TrainSpec(lr=1e-3, warmup_steps=0)) == 1e-3
-    assert learning_rate(10**6, train) == 4e-4
+    assert learning_rate(0, TrainSpec(lr=1e-3, warmup_steps=0).rates()) == 1e-3
+    assert learning_rate(10**6, train.rates()) == 4e-4
 
 
 def test_cosine_warms_up_then_decays_to_min_lr_on_the_last_step():
     train = TrainSpec(lr=1e-3, warmup_steps=10, max_steps=110, schedule={"kind": "cosine", "min_lr": 1e-4})
     assert _rates(train, [0, 4, 9]) == pytest.approx([1e-4, 5e-4, 1e-3])
-    assert learning_rate(59, train) == pytest.approx((1e-3 + 1e-4) / 2)  # half-way through the 100 decay steps
-    assert learning_rate(109, train) == pytest.approx(1e-4)
+    assert learning_rate(59, train.rates()) == pytest.approx((1e-3 + 1e-4) / 2)  # half-way through the 100 decay steps
+    assert learning_rate(109, train.rates()) == pytest.approx(1e-4)
     decay = _rates(train, range(9, 110))
     assert all(a > b for a, b in zip(decay, decay[1:], strict=False))
-    assert learning_rate(0, TrainSpec(lr=1e-3, warmup_steps=0, max_steps=4, schedule={"kind": "cosine"})) < 1e-3
+    assert learning_rate(0, TrainSpec(lr=1e-3, warmup_steps=0, max_steps=4, schedule={"kind": "cosine"}).rates()) < 1e-3
 
 
 def test_piecewise_phases_follow_each_other():
@@ -50,8 +50,9 @@ def test_piecewise_phases_follow_each_other():
     )
     expected = [1.25, 1.5, 1.75, 2.0, 2.0, 2.0, 1.0, 0.5, 0.3, 0.6, 1.0, 1.0, 1.0]
     assert _rates(train, range(13)) == pytest.approx(expected)
-    assert [(s.begin, s.end) for s in boundaries(train)] == [(0, 4), (4, 6), (6, 9), (9, 9), (9, 11), (11, None)]
-    assert learning_rate(99, train) == 1.0
+    ends = [(s.begin, s.end) for s in boundaries(train.rates())]
+    assert ends == [(0, 4), (4, 6), (6, 9), (9, 9), (9, 11), (11, None)]
+    assert learning_rate(99, train.rates()) == 1.0
 
 
 def test_piecewise_ignores_lr_and_a_closed_schedule_keeps_its_last_rate():
@@ -66,7 +67,7 @@ def _geometric_steps(rate0, to, factor):
 
 def _check_boundaries(train, expected):
     for step, rate in expected.items():
-        assert learning_rate(step, train) == pytest.approx(rate, rel=1e-9, abs=0), step
+        assert learning_rate(step, train.rates()) == pytest.approx(rate, rel=1e-9, abs=0), step
     rates = _rates(train, range(train.max_steps))
     assert all(math.isfinite(r) and 0 < r <= 4e-4 for r in rates)
 
@@ -83,7 +84,7 @@ def test_official_imagenet64_schedule():
     assert expected[reached - 1] > 3e-4
     assert train.max_steps == 300_000
     _check_boundaries(train, expected)
-    ends = [s.end for s in boundaries(train)]
+    ends = [s.end for s in boundaries(train.rates())]
     assert ends == [10_000, 50_000, reached + 1, 230_000, 240_000, 280_000, 290_000, None]
 
 
@@ -98,7 +99,7 @@ def test_official_imagenet64_5bit_schedule():
     expected |= {110_000: 1e-5 / 20_000, 129_999: 1e-5, 130_000: 1e-5, 199_999: 1e-5}
     assert expected[reached - 1] > 3e-4
     _check_boundaries(train, expected)
-    assert [s.end for s in boundaries(train)] == [10_000, 50_000, reached + 1, 110_000, 130_000, None]
+    assert [s.end for s in boundaries(train.rates())] == [10_000, 50_000, reached + 1, 110_000, 130_000, None]
 
 
 @pytest.mark.parametrize("name", ["imagenet64.yaml", "imagenet64-5bit.yaml"])

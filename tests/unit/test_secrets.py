@@ -11,9 +11,9 @@ import yaml
 
 from orchestrator.cli import main
 from orchestrator.config import JobSpecError, headline_params, load_job, public_params, public_tree, spec_tags, validate
-from orchestrator.errors import FlowppError, UserError
-from orchestrator.logs import setup_logging
-from orchestrator.redact import RedactingFilter, is_secret_name, redact, redact_tree
+from orchestrator.core.errors import FlowppError, UserError
+from orchestrator.core.logs import setup_logging
+from orchestrator.core.redact import RedactingFilter, is_secret_name, redact, redact_tree
 
 pytestmark = pytest.mark.unit
 
@@ -172,7 +172,7 @@ def test_handlers_already_in_place_get_the_filter_once(root, monkeypatch):
 
 # -- what leaves the driver --------------------------------------------------------------------
 def test_workers_train_loop_config_has_no_runtime_env_variables(tmp_path):
-    from orchestrator.launch import make_trainer
+    from orchestrator.driver.launch import make_trainer
 
     spec = validate(
         {
@@ -188,7 +188,7 @@ def test_workers_train_loop_config_has_no_runtime_env_variables(tmp_path):
 
 
 def test_submit_refuses_a_credential_in_the_entrypoint_before_contacting_ray(monkeypatch):
-    from orchestrator.submit import submit
+    from orchestrator.driver.submit import submit
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE)
     spec = validate({"name": "t", "data": {"train": "s3://b/t/manifest.json", "valid": "s3://b/v/manifest.json"}})

@@ -5,7 +5,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from flowpp import FlowPlusPlus, get_preset
 from flowpp.distributed import data_dependent_init
 from orchestrator.cli import smooth_images
-from orchestrator.train import lr_at, train_step
+from orchestrator.training.loop import lr_at, train_step
 
 pytestmark = pytest.mark.unit
 

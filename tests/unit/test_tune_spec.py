@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from orchestrator.config import JobSpecError, load_job, validate
-from orchestrator.evaluate import Scores
-from orchestrator.promote import PromotionError, decide
-from orchestrator.tune import trial_spec, trials_path
+from orchestrator.driver.promote import PromotionError, decide
+from orchestrator.driver.search import trial_spec, trials_path
+from orchestrator.evaluation.evaluate import Scores
 
 pytestmark = pytest.mark.unit
 
@@ -97,7 +97,7 @@ def test_decision_rule():
 
 
 def test_the_search_table_has_a_column_for_every_searched_field():
-    from orchestrator.tune import TrialRow, format_table
+    from orchestrator.driver.search import TrialRow, format_table
 
     spec = load_job(JOB)  # searches num_components, lr and dropout
     rows = [

@@ -10,9 +10,9 @@ import torch
 
 from flowpp import get_preset
 from flowpp.ops import concat_elu_conv, plain_autograd
-from orchestrator.step import StepResult
-from orchestrator.train import Meter, eta_text
-from orchestrator.usage import PEAK_ENV, device_peak_flops, flop_counter, mfu, peak_flops, train_flops_per_image
+from orchestrator.training.loop import Meter, eta_text
+from orchestrator.training.mfu import PEAK_ENV, device_peak_flops, flop_counter, mfu, peak_flops, train_flops_per_image
+from orchestrator.training.step import StepResult
 
 pytestmark = pytest.mark.unit
 

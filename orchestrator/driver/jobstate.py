@@ -23,9 +23,9 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from orchestrator import storage
 from orchestrator.config import JobSpec
-from orchestrator.errors import UserError
+from orchestrator.core import storage
+from orchestrator.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

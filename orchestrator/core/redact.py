@@ -9,7 +9,7 @@ Three things are masked as ``***``:
 - in a tree (the job spec as plain data), the value of every credential-like key and every value
   under an ``env_vars`` key (a runtime environment's variables, whatever their names).
 
-``RedactingFilter`` applies ``redact`` to every log record a handler emits; ``orchestrator.logs``
+``RedactingFilter`` applies ``redact`` to every log record a handler emits; ``orchestrator.core.logs``
 installs it on the process's handlers.
 """
 
@@ -147,6 +147,13 @@ def without_env_vars(job: dict) -> dict:
     ray = job.get("ray") or {}
     runtime_env = {k: v for k, v in (ray.get("runtime_env") or {}).items() if k != "env_vars"}
     return {**job, "ray": {**ray, "runtime_env": runtime_env}} if "ray" in job else dict(job)
+
+
+def first_line(what: BaseException | str) -> str:
+    """The first line of a message, redacted: an exception's as ``TypeName: line``."""
+    text = str(what).strip()
+    line = text.splitlines()[0] if text else ""
+    return redact(f"{type(what).__name__}: {line}" if isinstance(what, BaseException) else line)
 
 
 def carries_secret(text: str) -> bool:

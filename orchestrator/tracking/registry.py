@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from orchestrator.tracking import (
-    _NOT_FOUND,
-    ModelNotFoundError,
+from orchestrator.tracking.connection import (
+    NOT_FOUND,
     TrackingUnavailableError,
-    _client,
-    _first_line,
-    load_flow,
+    client_for,
+    first_line,
     public_uri,
 )
+from orchestrator.tracking.runs import ModelNotFoundError, load_flow
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +30,7 @@ class ModelRegistry:
     """
 
     def __init__(self, tracking_uri: str, name: str):
-        self.client = _client(tracking_uri)
+        self.client = client_for(tracking_uri)
         self.tracking_uri, self.name = tracking_uri, name
 
     def _call(self, what: str, fn, *args, missing=None):
@@ -41,14 +40,14 @@ class ModelRegistry:
         try:
             return fn(*args)
         except MlflowException as exc:
-            if missing is not None and exc.error_code in _NOT_FOUND:
+            if missing is not None and exc.error_code in NOT_FOUND:
                 found = missing()
                 if isinstance(found, Exception):
                     raise found from None
                 return found
             raise TrackingUnavailableError(
                 f"{self.name}: {what} failed at the MLflow server {public_uri(self.tracking_uri)}: "
-                f"{_first_line(exc.message)}"
+                f"{first_line(exc.message)}"
             ) from None
 
     def version(self, version: str):

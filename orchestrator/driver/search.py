@@ -23,11 +23,13 @@ import math
 import os
 from dataclasses import dataclass
 
-from orchestrator import checkpoint, storage, tracking
+from orchestrator import tracking
 from orchestrator.config import JobSpec, TuneSpec, apply_overrides, validate
-from orchestrator.errors import FlowppError, UserError
-from orchestrator.logs import setup_logging
-from orchestrator.redact import without_env_vars
+from orchestrator.core import storage
+from orchestrator.core.errors import FlowppError, UserError
+from orchestrator.core.logs import setup_logging
+from orchestrator.core.redact import without_env_vars
+from orchestrator.training import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,7 @@ def run_trial(config: dict, *, job: dict, parent_run_id: str | None, log_level: 
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator.launch import make_trainer
+    from orchestrator.driver.launch import make_trainer
 
     setup_logging(log_level)
     trial_id = ray.tune.get_context().get_trial_id()
@@ -302,7 +304,7 @@ def register_best(spec: JobSpec, row: TrialRow, parent_run_id: str | None) -> st
 
 def run_search(spec: JobSpec, resume: bool = False) -> list[TrialRow]:
     """Run (or resume) the search to the end; print the table; register the best trial."""
-    from orchestrator.launch import _init_ray, ensure_data, resolve_paths
+    from orchestrator.driver.launch import ensure_data, init_ray, resolve_paths
 
     _tune(spec)
     spec = resolve_paths(spec)
@@ -313,7 +315,7 @@ def run_search(spec: JobSpec, resume: bool = False) -> list[TrialRow]:
         tracking.RunLogger(spec.mlflow.tracking_uri, parent).params(_search_params(spec))
     # the search's run ends FAILED if the search raises, KILLED on Ctrl-C or SIGTERM
     with tracking.run_status_on_exit(spec.mlflow.tracking_uri if parent else None, parent):
-        _init_ray(spec)
+        init_ray(spec)
         results = make_tuner(spec, parent, resume).fit()
         rows = summarize(results, spec)
         table = format_table(rows, spec)

@@ -1,7 +1,7 @@
 """How much of its device a training run uses: model FLOPs per image, the device's peak, MFU.
 
 Importable with torch alone: bench/ uses it on GPU machines that may lack the orchestrator's
-other dependencies, and the trainer (orchestrator/train.py) puts MFU in its log line.
+other dependencies, and the trainer (orchestrator/training/loop.py) puts MFU in its log line.
 
 MFU follows the usual definition: the model's FLOPs per training image (forward + backward, one
 image, counted by torch's ``FlopCounterMode``; neither the forward that activation checkpointing

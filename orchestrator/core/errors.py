@@ -22,7 +22,7 @@ class FlowppError(Exception):
     exit_code = RUNTIME_FAILURE
 
     def __str__(self) -> str:
-        from orchestrator.redact import redact
+        from orchestrator.core.redact import redact
 
         return redact(super().__str__())
 

@@ -47,7 +47,7 @@ def mode() -> str:
     """``FLOWPP_PROGRESS`` (auto, on or off); an unknown value names the variable."""
     value = os.environ.get(ENV, "auto").strip().lower() or "auto"
     if value not in MODES:
-        from orchestrator.errors import UserError
+        from orchestrator.core.errors import UserError
 
         raise UserError(f"{ENV}={value!r}: must be one of {', '.join(MODES)}")
     return value

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from orchestrator.redact import install_filter
+from orchestrator.core.redact import install_filter
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -63,7 +63,7 @@ class RayTrainReports(logging.Filter):
     result N: TrainingReport(...) from rank R", "Checkpoint successfully created at: ..."), unless the
     root logger is at DEBUG (``--log-level debug``). Ray logs the first through a logger named after
     its source file, outside the ``ray.train`` logger that Ray's own ``LoggingConfig`` level governs,
-    so no level setting reaches it. Rank 0 logs one line a checkpoint instead (orchestrator/train.py)."""
+    so no level setting reaches it. Rank 0 logs one line a checkpoint instead (orchestrator/training/loop.py)."""
 
     PREFIXES = ("Reporting training result", "Checkpoint successfully created at")
 

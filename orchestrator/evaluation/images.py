@@ -1,5 +1,5 @@
 """Sample grids: n images from a model, tiled into one PNG, with a progress bar over the
-flow's inverse (orchestrator.progress)."""
+flow's inverse (orchestrator.core.progress)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from orchestrator.progress import bar
+from orchestrator.core.progress import bar
 
 SAMPLE_CHUNK = 16
 """Images inverted at a time: the progress bar's step, and a bound on the inverse's memory."""

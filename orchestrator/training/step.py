@@ -1,6 +1,6 @@
 """One optimiser step, and the collectives it needs: importable with torch alone.
 
-``train_step`` is what the Ray Train loop (orchestrator/train.py), ``flowpp smoke`` and the
+``train_step`` is what the Ray Train loop (orchestrator/training/loop.py), ``flowpp smoke`` and the
 benchmarks in bench/ (on a GPU machine too, where the orchestrator's other dependencies
 may be missing) all run.
 """
@@ -15,26 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-
-def world_rank_size() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_sum(values: list[float] | torch.Tensor, device: torch.device | None = None) -> list[float]:
-    """Sum ``values`` over every rank (a no-op on one); one host sync.
-
-    The reduced tensor lives on ``device``, or where ``values`` already is: pass the
-    model's device, since NCCL takes CUDA tensors only.
-    """
-    if isinstance(values, torch.Tensor):
-        t = values.detach().to(torch.float64).reshape(-1)
-    else:
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-    if world_rank_size()[1] > 1:
-        dist.all_reduce(t)
-    return t.tolist()
+from flowpp.distributed import all_sum, world_rank_size  # noqa: F401  (re-exported: the step's collectives)
 
 
 def ddp_options() -> dict:

@@ -22,13 +22,13 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
-import random
 import time
 from dataclasses import dataclass, field
 
 import fsspec
 
-from orchestrator.errors import USER_MISTAKE, FlowppError
+from orchestrator.core import retry
+from orchestrator.core.errors import USER_MISTAKE, FlowppError
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class StorageOptions:
 
 def redact(text: str, options: StorageOptions | None = None) -> str:
     """``text`` through the one ``redact.redact``, also masking ``options``' own key and secret."""
-    from orchestrator.redact import redact as redact_text
+    from orchestrator.core.redact import redact as redact_text
 
     return redact_text(text, (options or StorageOptions()).secrets())
 
@@ -219,36 +219,33 @@ def _endpoint_name(url: str, options: StorageOptions) -> str:
 
 
 def _with_retries(what: str, url: str, options: StorageOptions, fn):
-    """``fn()``, retried on transient errors with full-jitter backoff until ``retry_budget_s`` is spent."""
-    started = time.monotonic()
-    deadline = started + options.retry_budget_s
-    cap, attempt = options.backoff_s, 0
-    while True:
-        attempt += 1
-        try:
-            return fn()
-        except Exception as exc:  # noqa: BLE001 - classified below
-            detail = redact(f"{type(exc).__name__}: {exc}", options)
-            if isinstance(exc, FileNotFoundError):
-                raise StorageNotFoundError(f"{what} {url}: not found ({detail})") from None
-            if isinstance(exc, PermissionError):
-                raise StorageError(f"{what} {url}: permission denied ({detail})") from None
-            if not _is_transient(exc):
-                raise StorageError(f"{what} {url}: {detail}") from None
-            left = deadline - time.monotonic()
-            if left <= 0:
-                spent = f"{attempt} attempts over {time.monotonic() - started:.1f} s"
-                if _is_unreachable(exc):
-                    raise StorageUnreachableError(
-                        f"{what} {url}: the endpoint {_endpoint_name(url, options)} is unreachable "
-                        f"(still failing after {spent}: {detail})"
-                    ) from None
-                raise StorageTransientError(f"{what} {url}: still failing after {spent} ({detail})") from None
-            delay = min(left, random.uniform(0, cap))
-            log.warning("%s %s: transient error, retry %d in %.2fs (%.0f s of the budget left): %s",
-                        what, url, attempt, delay, left, detail)  # fmt: skip
-            time.sleep(delay)
-            cap = min(cap * 2, 10.0)
+    """``fn()``, retried on transient errors with full-jitter backoff until ``retry_budget_s`` is spent;
+    what fails comes out as a ``StorageError`` that names the URL (and the endpoint, when unreachable)."""
+    started, attempts = time.monotonic(), [1]
+
+    def warn(attempt: int, delay: float, left: float, exc: BaseException) -> None:
+        attempts[0] = attempt + 1
+        log.warning("%s %s: transient error, retry %d in %.2fs (%.0f s of the budget left): %s",
+                    what, url, attempt, delay, left, redact(f"{type(exc).__name__}: {exc}", options))  # fmt: skip
+
+    try:
+        return retry.call(fn, budget_s=options.retry_budget_s, transient=_is_transient,
+                          first_backoff_s=options.backoff_s, max_backoff_s=10.0, on_retry=warn)  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - classified below
+        detail = redact(f"{type(exc).__name__}: {exc}", options)
+        if isinstance(exc, FileNotFoundError):
+            raise StorageNotFoundError(f"{what} {url}: not found ({detail})") from None
+        if isinstance(exc, PermissionError):
+            raise StorageError(f"{what} {url}: permission denied ({detail})") from None
+        if not _is_transient(exc):
+            raise StorageError(f"{what} {url}: {detail}") from None
+        spent = f"{attempts[0]} attempts over {time.monotonic() - started:.1f} s"
+        if _is_unreachable(exc):
+            raise StorageUnreachableError(
+                f"{what} {url}: the endpoint {_endpoint_name(url, options)} is unreachable "
+                f"(still failing after {spent}: {detail})"
+            ) from None
+        raise StorageTransientError(f"{what} {url}: still failing after {spent} ({detail})") from None
 
 
 def read_bytes(url: str, options: StorageOptions | None = None) -> bytes:

@@ -21,9 +21,7 @@ NVML finds) on a daemon thread and sends them through the same queue.
 from __future__ import annotations
 
 import logging
-import random
 import signal
-import ssl
 import threading
 import time
 from collections import deque
@@ -32,7 +30,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.errors import FlowppError
+from orchestrator.core import retry
+from orchestrator.tracking.connection import (  # noqa: F401  (the server's availability, re-exported)
+    TrackingUnavailableError,
+    check_reachable,
+    client_for,
+    first_line,
+    public_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,47 +53,6 @@ _PERMANENT = {
     "ENDPOINT_NOT_FOUND",
     "FEATURE_DISABLED",
 }
-
-
-class TrackingUnavailableError(FlowppError):
-    """The MLflow tracking server cannot be reached or keeps failing; names it, without credentials."""
-
-
-def public_uri(tracking_uri: str) -> str:
-    """The URI without a user:password@ part or any known secret: fit for a message."""
-    from orchestrator.storage import redact
-
-    scheme, sep, rest = tracking_uri.partition("://")
-    if sep:
-        netloc, slash, path = rest.partition("/")
-        tracking_uri = f"{scheme}://{netloc.rsplit('@', 1)[-1]}{slash}{path}"
-    return redact(tracking_uri)
-
-
-def check_reachable(tracking_uri: str, timeout_s: float = 5.0, field: str = "mlflow.tracking_uri",
-                    hint: str = "start it, correct the URI, or set mlflow.enabled: false") -> None:  # fmt: skip
-    """Fail now, naming the server, if an http(s) tracking URI does not answer (before any worker starts)."""
-    import urllib.error
-    import urllib.request
-
-    if not tracking_uri.startswith(("http://", "https://")):
-        return  # a local store (sqlite, file): created on first use
-    health = public_uri(tracking_uri).rstrip("/") + "/health"
-    try:
-        urllib.request.urlopen(health, timeout=timeout_s).close()
-        return
-    except urllib.error.HTTPError as exc:
-        if exc.code < 500:
-            return  # it answered (behind an auth proxy, or without a /health route)
-        reason = f"HTTP {exc.code}"
-    except (OSError, ValueError) as exc:
-        reason_exc = getattr(exc, "reason", exc)
-        if isinstance(reason_exc, ssl.SSLError):
-            return  # it answered; MLflow's client has its own CA settings (MLFLOW_TRACKING_SERVER_CERT_PATH)
-        reason = str(reason_exc)
-    raise TrackingUnavailableError(
-        f"{field}: the MLflow tracking server {public_uri(tracking_uri)} is unreachable ({reason}); {hint}"
-    )
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -108,8 +72,8 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def backoff(cap: float) -> float:
-    """A full-jitter delay below ``cap``."""
-    return random.uniform(0.1 * cap, cap)
+    """A jittered delay below ``cap`` (at least a tenth of it)."""
+    return retry.jitter(cap, floor=0.1)
 
 
 def with_retries(what: str, fn: Callable[[], Any], budget_s: float, first_backoff_s: float = 1.0):
@@ -117,28 +81,12 @@ def with_retries(what: str, fn: Callable[[], Any], budget_s: float, first_backof
 
     A permanent error, or the last transient one once the budget is spent, is raised as is.
     """
-    deadline = time.monotonic() + budget_s
-    cap, attempt = first_backoff_s, 0
-    while True:
-        attempt += 1
-        try:
-            return fn()
-        except Exception as exc:
-            left = deadline - time.monotonic()
-            if not is_transient(exc) or left <= 0:
-                raise
-            delay = min(left, backoff(cap))
-            log.warning("%s: MLflow failed (attempt %d), retrying in %.1f s: %s", what, attempt, delay,
-                        _first_line(exc))  # fmt: skip
-            time.sleep(delay)
-            cap = min(cap * 2, 60.0)
 
+    def warn(attempt: int, delay: float, left: float, exc: BaseException) -> None:
+        log.warning("%s: MLflow failed (attempt %d), retrying in %.1f s: %s", what, attempt, delay, first_line(exc))
 
-def _first_line(exc: BaseException) -> str:
-    from orchestrator.storage import redact
-
-    text = str(exc).strip()
-    return redact(f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}")
+    return retry.call(fn, budget_s=budget_s, transient=is_transient, first_backoff_s=first_backoff_s,
+                      max_backoff_s=60.0, floor=0.1, on_retry=warn)  # fmt: skip
 
 
 @dataclass
@@ -250,10 +198,10 @@ class MetricBuffer:
                         self._cond.notify_all()
                         self._cond.wait(timeout=backoff(cap))
                     if cap == self.first_backoff_s:
-                        log.warning("MLflow unreachable, keeping %s for later: %s", op.what, _first_line(exc))
+                        log.warning("MLflow unreachable, keeping %s for later: %s", op.what, first_line(exc))
                     cap = min(cap * 2, 30.0)
                     continue
-                log.warning("MLflow refused %s, skipped: %s", op.what, _first_line(exc))
+                log.warning("MLflow refused %s, skipped: %s", op.what, first_line(exc))
             with self._cond:
                 op.done, self._inflight = True, None
                 self._cond.notify_all()
@@ -284,7 +232,7 @@ class SystemMetrics:
         try:
             return self.client.get_run(self.run_id).info.start_time / 1000
         except Exception as exc:  # noqa: BLE001 - the server away: steps count from this process's start
-            log.debug("system metrics: the run's start time is unknown (%s)", _first_line(exc))
+            log.debug("system metrics: the run's start time is unknown (%s)", first_line(exc))
             return time.time()
 
     def _run(self) -> None:
@@ -300,7 +248,7 @@ class SystemMetrics:
                 step = max(step + 1, int(time.time() - start))
                 self.send(metrics, step)
         except Exception as exc:  # noqa: BLE001 - a failing sensor never ends the run
-            log.warning("system metrics stopped: %s", _first_line(exc))
+            log.warning("system metrics stopped: %s", first_line(exc))
 
     def _clear(self) -> None:
         for sensor in self._monitor.monitors:
@@ -342,10 +290,8 @@ def end_run(tracking_uri: str | None, run_id: str | None, status: str) -> None:
         return
     try:
         check_reachable(tracking_uri, timeout_s=3.0)
-        from orchestrator.tracking import _client
-
-        client = _client(tracking_uri)
+        client = client_for(tracking_uri)
         if client.get_run(run_id).info.status == "RUNNING":
             client.set_terminated(run_id, status)
     except Exception as exc:  # noqa: BLE001 - never hides the error that ended the job
-        log.warning("MLflow run %s could not be marked %s: %s", run_id, status, _first_line(exc))
+        log.warning("MLflow run %s could not be marked %s: %s", run_id, status, first_line(exc))

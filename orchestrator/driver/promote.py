@@ -33,12 +33,12 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from orchestrator import storage
-from orchestrator.errors import FlowppError, UserError
-from orchestrator.evaluate import Scores, per_image_bpd
-from orchestrator.model_registry import ModelRegistry
-from orchestrator.redact import SPEC_TAG
+from orchestrator.core import storage
+from orchestrator.core.errors import FlowppError, UserError
+from orchestrator.core.redact import SPEC_TAG
+from orchestrator.evaluation.evaluate import Scores, per_image_bpd
 from orchestrator.tracking import check_reachable
+from orchestrator.tracking.registry import ModelRegistry
 
 log_ = logging.getLogger(__name__)
 

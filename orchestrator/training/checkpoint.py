@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 import torch
 
-from orchestrator import storage
-from orchestrator.errors import FlowppError
+from orchestrator.core import storage
+from orchestrator.core.errors import FlowppError
 
 if TYPE_CHECKING:
     from flowpp import FlowConfig, FlowPlusPlus
-    from orchestrator.train import TrainState
+    from orchestrator.training.state import TrainState
 
 log = logging.getLogger(__name__)
 

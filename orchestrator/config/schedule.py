@@ -18,25 +18,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 
-if TYPE_CHECKING:
-    from orchestrator.config import TrainSpec
-
-
-class _Model(BaseModel):
-    # config._Strict's settings; config imports this module, so it cannot be imported from there
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _empty_is_none(cls, v):
-        return None if v == "" else v
+from orchestrator.core.strict import SpecModel
 
 
-class Phase(_Model):
+class Phase(SpecModel):
     """One piece of a piecewise schedule; it begins where the previous phase ended (step 0 first)."""
 
     kind: Literal["warmup", "hold", "geometric"]
@@ -55,7 +44,7 @@ class Phase(_Model):
     above the starting rate). Its length is computed: ceil(log(to / start rate) / log(factor))."""
 
 
-class ScheduleSpec(_Model):
+class ScheduleSpec(SpecModel):
     """``train.schedule``: how the learning rate moves over the steps (see the module docstring)."""
 
     kind: Literal["constant", "cosine", "piecewise"] = "constant"
@@ -66,6 +55,16 @@ class ScheduleSpec(_Model):
     phases: list[Phase] = Field(default_factory=list)
     """piecewise only: the phases in order; the last is an open hold (``until: null``) or the phases
     cover ``train.max_steps``."""
+
+
+@dataclass(frozen=True)
+class Rates:
+    """What a schedule reads: its own spec and three numbers (``TrainSpec.rates()`` gives them)."""
+
+    schedule: ScheduleSpec
+    lr: float
+    warmup_steps: int
+    max_steps: int
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,7 @@ class Segment:
     phase: Phase
 
 
-def learning_rate(step: int, train: TrainSpec) -> float:
+def learning_rate(step: int, train: Rates) -> float:
     """The learning rate of (0-based) step ``step``, the one being taken."""
     kind = train.schedule.kind
     if kind == "constant":
@@ -91,12 +90,12 @@ def learning_rate(step: int, train: TrainSpec) -> float:
     return _piecewise(step, train.schedule.phases)
 
 
-def _warm(step: int, train: TrainSpec) -> float:
+def _warm(step: int, train: Rates) -> float:
     warm = train.warmup_steps
     return train.lr * min(1.0, (step + 1) / warm) if warm else train.lr
 
 
-def _cosine(step: int, train: TrainSpec) -> float:
+def _cosine(step: int, train: Rates) -> float:
     warm, lo, hi = train.warmup_steps, train.schedule.min_lr, train.lr
     if step < warm:
         return _warm(step, train)
@@ -140,7 +139,7 @@ def _last_rate(p: Phase, rate0: float) -> float:
     return rate0 if p.kind == "hold" else float(p.to or 0.0)
 
 
-def boundaries(train: TrainSpec) -> list[Segment]:
+def boundaries(train: Rates) -> list[Segment]:
     """Where each piecewise phase begins and ends, for a schedule that validated."""
     out: list[Segment] = []
     begin, rate0 = 0, 0.0
@@ -160,7 +159,7 @@ _NEEDS = {"warmup": ("steps", "to"), "hold": (), "geometric": ("factor", "to")}
 _USES = {"warmup": {"steps", "to", "start"}, "hold": {"until"}, "geometric": {"factor", "to"}}
 
 
-def schedule_problems(train: TrainSpec) -> list[str]:
+def schedule_problems(train: Rates) -> list[str]:
     """What is wrong with ``train.schedule`` (and the ``train`` fields it reads); [] when nothing."""
     problems = _kind_problems(train)
     if train.schedule.kind == "piecewise" and train.schedule.phases:
@@ -169,7 +168,7 @@ def schedule_problems(train: TrainSpec) -> list[str]:
     return problems or _numeric_problems(train)
 
 
-def _kind_problems(train: TrainSpec) -> list[str]:
+def _kind_problems(train: Rates) -> list[str]:
     s, problems = train.schedule, []
     if s.kind != "piecewise" and s.phases:
         problems.append(f"{_WHERE}.phases: only used by kind=piecewise, not kind={s.kind}")
@@ -181,9 +180,6 @@ def _kind_problems(train: TrainSpec) -> list[str]:
         problems.append(f"{_WHERE}.min_lr: {s.min_lr} exceeds train.lr={train.lr} (cosine decays from lr to min_lr)")
     if s.kind == "piecewise" and not s.phases:
         problems.append(f"{_WHERE}.phases: kind=piecewise needs at least one phase")
-    # by value, not by model_fields_set: a dumped and re-validated spec sets every field
-    if s.kind == "piecewise" and train.warmup_steps != type(train).model_fields["warmup_steps"].default:
-        problems.append("train.warmup_steps: not used by train.schedule.kind=piecewise; put the warm-up in its phases")
     return problems
 
 
@@ -203,7 +199,7 @@ def _phase_problems(phases: list[Phase]) -> list[str]:
     return problems
 
 
-def _layout_problems(train: TrainSpec) -> list[str]:
+def _layout_problems(train: Rates) -> list[str]:
     """The phases placed in order: holds that end after they begin, targets a geometric can reach,
     and no gap before ``train.max_steps``."""
     problems: list[str] = []
@@ -236,7 +232,7 @@ def _moves_away(p: Phase, rate0: float) -> bool:
     return p.factor == 1 or (p.factor < 1) != (p.to < rate0)
 
 
-def _numeric_problems(train: TrainSpec) -> list[str]:
+def _numeric_problems(train: Rates) -> list[str]:
     """The rate at the start, the end and around every boundary must be a finite number >= 0."""
     warm = train.warmup_steps
     steps = {0, train.max_steps - 1, warm - 1, warm, warm + 1}

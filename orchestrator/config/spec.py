@@ -1,7 +1,7 @@
 """The typed job spec, loaded from jobs/*.yaml, strict, validated before any cluster work.
 
 One tree of pydantic models with ``extra="forbid"``. ``load_job`` reads YAML,
-expands ``${VAR:-default}`` from the allowed environment variables (orchestrator.jobenv),
+expands ``${VAR:-default}`` from the allowed environment variables (orchestrator.config.env),
 applies dotted ``--set`` overrides and validates; every problem is reported at once,
 each with its path. The result is plain data: ``spec.model_dump()`` goes to YAML,
 MLflow params and tags and Ray Tune's param_space alike, through ``redact.redact_tree`` first
@@ -16,24 +16,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError
 
-from orchestrator import jobenv
-from orchestrator.errors import UserError, validation_problems
-from orchestrator.redact import flatten, headline_params, public_params, public_tree, redact, spec_tags  # noqa: F401  (the spec's public forms)
-from orchestrator.schedule import ScheduleSpec, schedule_problems
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _empty_is_none(cls, v):
-        return None if v == "" else v
+from orchestrator.config import env as jobenv
+from orchestrator.config.schedule import Rates, ScheduleSpec, schedule_problems
+from orchestrator.core.errors import UserError, validation_problems
+from orchestrator.core.redact import redact
+from orchestrator.core.strict import SpecModel
 
 
-class ModelSpec(_Strict):
+class ModelSpec(SpecModel):
     preset: str = "debug"
     """A name from flowpp.presets: debug, cifar10, imagenet32, imagenet64, imagenet64_5bit."""
     num_components: int | None = Field(None, ge=1, le=256)
@@ -79,7 +71,7 @@ class ModelSpec(_Strict):
         return config.replace(net=dataclasses.replace(config.net, **net)) if net else config
 
 
-class DataSpec(_Strict):
+class DataSpec(SpecModel):
     train: str
     """URL of the training split's manifest.json (s3://, file://, a path, any fsspec URL)."""
     valid: str
@@ -98,7 +90,7 @@ class DataSpec(_Strict):
     """``flowpp prepare demo --grey``: train on the grey photographs too."""
 
 
-class TrainSpec(_Strict):
+class TrainSpec(SpecModel):
     global_batch_size: int = Field(72, ge=1)
     """Images per optimiser step across all workers (the official recipe: 72)."""
     lr: float = Field(4e-4, gt=0)
@@ -107,7 +99,7 @@ class TrainSpec(_Strict):
     """Linear warm-up from 0 to lr (constant, cosine); piecewise refuses it (warm up in its phases)."""
     max_steps: int = Field(300_000, ge=1)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
-    """The learning-rate schedule (orchestrator.schedule): constant (the default), cosine or piecewise."""
+    """The learning-rate schedule (orchestrator.config.schedule): constant (the default), cosine or piecewise."""
     grad_clip: float = Field(1.0, gt=0)
     fused_adam: bool = False
     """Adam's fused implementation: one kernel for every parameter instead of a few per tensor."""
@@ -135,8 +127,12 @@ class TrainSpec(_Strict):
     """A local directory where every rank appends, per step, the sample keys it trained on (an audit
     trail of the data plan across restarts) and, at the end, a hash of its parameters."""
 
+    def rates(self) -> Rates:
+        """What the learning-rate schedule reads: the schedule and three numbers."""
+        return Rates(self.schedule, self.lr, self.warmup_steps, self.max_steps)
 
-class ScalingSpec(_Strict):
+
+class ScalingSpec(SpecModel):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     gpus_per_worker: float = Field(1.0, gt=0)
@@ -149,10 +145,10 @@ class ScalingSpec(_Strict):
     """Worker-group restarts from the last checkpoint before the run fails (-1: unlimited)."""
     peak_tflops: float | None = Field(None, gt=0)
     """One worker device's dense bf16 peak, TFLOP/s: the MFU denominator of the log line. Default: by
-    the GPU's name (H100, H200, A100; orchestrator/usage.py), else FLOWPP_PEAK_TFLOPS; no MFU on a CPU."""
+    the GPU's name (H100, H200, A100; orchestrator/training/mfu.py), else FLOWPP_PEAK_TFLOPS; no MFU on a CPU."""
 
 
-class StorageSpec(_Strict):
+class StorageSpec(SpecModel):
     path: str = "file://./runs"
     """Ray's storage_path for checkpoints: local, file:// or s3://."""
     endpoint_url: str | None = None
@@ -165,7 +161,7 @@ class StorageSpec(_Strict):
 
     def options(self):
         """The ``storage.StorageOptions`` every reader and writer of this job uses."""
-        from orchestrator.storage import StorageOptions
+        from orchestrator.core.storage import StorageOptions
 
         return StorageOptions(
             endpoint_url=self.endpoint_url,
@@ -175,7 +171,7 @@ class StorageSpec(_Strict):
         )
 
 
-class MlflowSpec(_Strict):
+class MlflowSpec(SpecModel):
     tracking_uri: str = "sqlite:///runs/mlflow.db"
     experiment: str = "flowpp"
     registered_model: str = "flowpp"
@@ -191,7 +187,7 @@ class MlflowSpec(_Strict):
     """Seconds between two system-metrics samples."""
 
 
-class RaySpec(_Strict):
+class RaySpec(SpecModel):
     address: str | None = None
     """Dashboard address for ``flowpp submit`` (http://127.0.0.1:8265), or None to run here."""
     runtime_env: dict[str, Any] = Field(default_factory=dict)
@@ -201,7 +197,7 @@ class RaySpec(_Strict):
     entrypoint_num_gpus: float = Field(0.0, ge=0)
 
 
-class Distribution(_Strict):
+class Distribution(SpecModel):
     """One hyperparameter's values: exactly one of the keys."""
 
     grid: list[Any] | None = None
@@ -217,7 +213,7 @@ class Distribution(_Strict):
         return next(k for k in type(self).model_fields if getattr(self, k) is not None)
 
 
-class AshaSpec(_Strict):
+class AshaSpec(SpecModel):
     time_attr: str = "step"
     """The reported counter ASHA measures time in. Trained steps survive a restore of the search;
     ``training_iteration`` restarts from 0 when a trial's driver is restarted, so it is refused."""
@@ -229,7 +225,7 @@ class AshaSpec(_Strict):
     brackets: int = Field(1, ge=1)
 
 
-class TuneSpec(_Strict):
+class TuneSpec(SpecModel):
     metric: str = "val_bpd"
     """The metric ASHA and the final ranking use; lower is better (bits/dim)."""
     space: dict[str, Distribution]
@@ -248,7 +244,7 @@ class TuneSpec(_Strict):
     """Register the best trial's EMA model as a new version of ``mlflow.registered_model``."""
 
 
-class JobSpec(_Strict):
+class JobSpec(SpecModel):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     """The run's name. Deterministic: re-submitting the same job resumes it."""
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -259,7 +255,7 @@ class JobSpec(_Strict):
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
     tune: TuneSpec | None = None
-    """A Ray Tune search over this job (``flowpp tune``; see orchestrator.tune)."""
+    """A Ray Tune search over this job (``flowpp tune``; see orchestrator.driver.search)."""
     env_allow: list[str] = Field(default_factory=list)
     """Environment variables the YAML may read as ``${NAME}`` besides ``FLOWPP_*`` and
     ``MLFLOW_TRACKING_URI`` (e.g. ``[RAY_DASHBOARD]``). Read before expansion; a reference to
@@ -355,7 +351,11 @@ def semantic_problems(spec: JobSpec) -> list[str]:
             problems.append(f"data.{field}: {url!r} should point at a manifest .json file")
     if spec.storage.path.startswith(("http://", "https://")):
         problems.append(f"storage.path: {spec.storage.path!r} is not a filesystem URL (use s3://, file:// or a path)")
-    problems += schedule_problems(spec.train)  # and warmup_steps <= max_steps
+    problems += schedule_problems(spec.train.rates())  # and warmup_steps <= max_steps
+    # by value, not by model_fields_set: a dumped and re-validated spec sets every field
+    default_warmup = TrainSpec.model_fields["warmup_steps"].default
+    if spec.train.schedule.kind == "piecewise" and spec.train.warmup_steps != default_warmup:
+        problems.append("train.warmup_steps: not used by train.schedule.kind=piecewise; put the warm-up in its phases")
     if spec.tune is not None:
         problems += tune_problems(spec)
     return problems

@@ -1,9 +1,6 @@
-"""MLflow, and only here: runs, metrics, model logging (safetensors + code, no pickle), registering.
+"""Runs, metrics, model logging (safetensors + code, no pickle), registering.
 
-Every MLflow call of the project lives in this module and its two neighbours:
-``mlflow_buffer`` (queued logging, retries, reachability, a run's end status) and
-``model_registry`` (the ``ModelRegistry`` that promotion uses). The trainer calls it from
-rank 0 only, through a ``RunLogger``. Values the
+The trainer calls this from rank 0 only, through a ``RunLogger``. Values the
 project needs later (a run's id, its final validation bits/dim) travel as values from
 the code that produced them; they are not read back from the tracking server.
 """
@@ -18,18 +15,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.errors import FlowppError, UserError
-from orchestrator.mlflow_buffer import (  # noqa: F401  (the server's availability, re-exported)
-    MetricBuffer,
-    SystemMetrics,
-    TrackingUnavailableError,
-    check_reachable,
-    end_run,
-    is_transient,
-    public_uri,
-    run_status_on_exit,
-    with_retries,
-)
+from orchestrator.core.errors import FlowppError, UserError
+from orchestrator.tracking.buffer import MetricBuffer, SystemMetrics, is_transient, with_retries
+from orchestrator.tracking.connection import NOT_FOUND, check_reachable, client_for, first_line, mlflow_for, public_uri
 
 if TYPE_CHECKING:
     import torch
@@ -43,11 +31,7 @@ TRAIN_RUN_TAG = "flowpp.train_run"  # the Ray Train run (storage folder) an MLfl
 REGISTERED_TAG = "flowpp.registered_version"
 EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 """The experiment kind MLflow's UI reads to open an experiment in its model-training view, not the GenAI one."""
-PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
-
-
-_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
-"""What MLflow answers for a missing model, version or alias (and only for a bad request besides)."""
+PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")
 
 
 class ModelNotFoundError(UserError):
@@ -60,34 +44,6 @@ class RegistrationError(FlowppError):
 
 class RegistrationRefusedError(RegistrationError):
     """A model whose validation bits/dim is not a finite number is never registered."""
-
-
-def _mlflow(tracking_uri: str):
-    import os
-
-    import mlflow
-
-    from orchestrator.redact import carries_secret
-
-    if carries_secret(tracking_uri):  # MLflow prints "View run ... at <this URI>" to stdout, past the log filter
-        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
-    if tracking_uri.startswith("sqlite:///"):
-        import importlib.util
-
-        # mlflow-skinny (the core) has the sqlite store's code but not its libraries ([server] has them)
-        if not (importlib.util.find_spec("sqlalchemy") and importlib.util.find_spec("alembic")):
-            raise UserError(
-                f"mlflow.tracking_uri {tracking_uri}: a sqlite store needs MLflow's server side: "
-                "pip install 'flowpp-orchestrator[server]', or point it at an MLflow server (http://...)"
-            )
-        db = Path(tracking_uri.removeprefix("sqlite:///"))
-        db.parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(tracking_uri)
-    return mlflow
-
-
-def _client(tracking_uri: str):
-    return _mlflow(tracking_uri).MlflowClient()
 
 
 # -- runs ---------------------------------------------------------------------------------
@@ -115,7 +71,7 @@ def ensure_run(
     one before ``--new-run``) is not reused.
     """
     check_reachable(tracking_uri)
-    client = _client(tracking_uri)
+    client = client_for(tracking_uri)
     exp_id = training_experiment(client, experiment, tracking_uri)
     runs = _job_runs(client, exp_id, job_name)
     if train_run is not None:
@@ -161,7 +117,7 @@ def training_experiment(client, name: str, tracking_uri: str) -> str:
 
 def find_run(tracking_uri: str, experiment: str, job_name: str) -> str | None:
     """The newest run of this job whatever its status, or None."""
-    client = _client(tracking_uri)
+    client = client_for(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     runs = _job_runs(client, exp.experiment_id, job_name) if exp else []
     return runs[0].info.run_id if runs else None
@@ -169,7 +125,7 @@ def find_run(tracking_uri: str, experiment: str, job_name: str) -> str | None:
 
 def finish_children(tracking_uri: str, parent_run_id: str, statuses: dict[str, str]) -> None:
     """Close a search's child runs: FINISHED when complete, KILLED when ASHA stopped them, FAILED on error."""
-    client = _client(tracking_uri)
+    client = client_for(tracking_uri)
     parent = client.get_run(parent_run_id)
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
@@ -209,7 +165,7 @@ class RunLogger:
         self._buffer: MetricBuffer | None = None
         self._system: SystemMetrics | None = None
         if tracking_uri and run_id:
-            self.client = _client(tracking_uri)
+            self.client = client_for(tracking_uri)
 
     def _queue(self) -> MetricBuffer:
         if self._buffer is None:
@@ -341,7 +297,7 @@ class RunLogger:
                 raise
             raise RegistrationError(
                 f"{what}: the MLflow server {public_uri(uri)} still fails after {self.retry_budget_s:.0f} s "
-                f"(mlflow.retry_budget_s): {_first_line(str(exc))}. The final checkpoint is kept: re-submit "
+                f"(mlflow.retry_budget_s): {first_line(str(exc))}. The final checkpoint is kept: re-submit "
                 "the same job (same name) to register it without training again"
             ) from None
         return version
@@ -383,7 +339,7 @@ def _version_of_run(client, name: str, run_id: str) -> str | None:
     try:
         versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     except MlflowException as exc:
-        if exc.error_code in _NOT_FOUND:
+        if exc.error_code in NOT_FOUND:
             return None
         raise
     return str(max(int(v.version) for v in versions)) if versions else None
@@ -419,7 +375,7 @@ def build_from_files(weights: str | Path, config: str | Path, device: str | torc
 
 def log_flow_model(tracking_uri: str, run_id: str, model) -> str:
     """Log a FlowPlusPlus (its current weights) as an MLflow pyfunc; returns the model URI."""
-    mlflow = _mlflow(tracking_uri)
+    mlflow = mlflow_for(tracking_uri)
     root = Path(__file__).resolve().parent.parent
     status = mlflow.MlflowClient().get_run(run_id).info.status
     with tempfile.TemporaryDirectory() as tmp:
@@ -442,7 +398,7 @@ def log_flow_model(tracking_uri: str, run_id: str, model) -> str:
 
 def register(tracking_uri: str, model_uri: str, name: str, tags: dict[str, Any]) -> str:
     """A new version of registered model ``name``; returns its version number."""
-    mlflow = _mlflow(tracking_uri)
+    mlflow = mlflow_for(tracking_uri)
     mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
     return str(mv.version)
 
@@ -451,24 +407,18 @@ def load_flow(model_uri: str, tracking_uri: str | None = None, device: str | tor
     """FlowPlusPlus on ``device`` from a runs:/ or models:/ URI (e.g. models:/flowpp@champion), without pickle."""
     from mlflow.exceptions import MlflowException
 
-    mlflow = _mlflow(tracking_uri) if tracking_uri else __import__("mlflow")
+    mlflow = mlflow_for(tracking_uri) if tracking_uri else __import__("mlflow")
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
         except MlflowException as exc:
             if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                raise ModelNotFoundError(f"{model_uri}: {_first_line(exc.message)}") from None
-            raise FlowppError(f"{model_uri}: cannot download its artifacts: {_first_line(exc.message)}") from None
+                raise ModelNotFoundError(f"{model_uri}: {first_line(exc.message)}") from None
+            raise FlowppError(f"{model_uri}: cannot download its artifacts: {first_line(exc.message)}") from None
         except OSError as exc:  # the artifact store lost the files (or cannot be reached)
-            raise FlowppError(f"{model_uri}: cannot download its artifacts: {_first_line(str(exc))}") from None
+            raise FlowppError(f"{model_uri}: cannot download its artifacts: {first_line(str(exc))}") from None
         weights, config = (next(local.rglob(name), None) for name in ("weights.safetensors", "config.json"))
         if weights is None or config is None:
             missing = "weights.safetensors" if weights is None else "config.json"
             raise FlowppError(f"{model_uri}: its artifacts hold no {missing} (was the artifact store reset?)")
         return build_from_files(weights, config, device)
-
-
-def _first_line(text: str) -> str:
-    from orchestrator.storage import redact
-
-    return redact(text.strip().splitlines()[0] if text.strip() else text)

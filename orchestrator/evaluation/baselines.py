@@ -1,7 +1,7 @@
 """Lossless codecs' bits/dim on a split, for ``flowpp evaluate --baseline png,webp``: what a
 model's bits/dim should be compared against.
 
-Every image of the split is read exactly as ``orchestrator.evaluate.per_image_bpd`` reads it
+Every image of the split is read exactly as ``orchestrator.evaluation.evaluate.per_image_bpd`` reads it
 (``split_images``: the same images, in the same order, the same ``seed`` and ``max_images``)
 and encoded alone with Pillow:
 
@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from orchestrator import storage
-from orchestrator.errors import FlowppError, UserError
-from orchestrator.evaluate import split_images
-from orchestrator.progress import bar
+from orchestrator.core import storage
+from orchestrator.core.errors import FlowppError, UserError
+from orchestrator.core.progress import bar
+from orchestrator.evaluation.evaluate import split_images
 
 CODECS = {
     "png": ("PNG", {"optimize": True, "compress_level": 9}, "lossless, optimize"),

@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import os
 
-from orchestrator import jobstate, rayauth, storage
 from orchestrator.config import JobSpec
-from orchestrator.errors import FlowppError, UserError
-from orchestrator.redact import without_env_vars
+from orchestrator.core import storage
+from orchestrator.core.errors import FlowppError, UserError
+from orchestrator.core.redact import without_env_vars
+from orchestrator.driver import jobstate, rayauth
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def _check_prepared_alike(prepare_opts, split: str, url: str, opts) -> None:
     log.info("data.%s: %s holds the data this job would prepare; using it", split, url)
 
 
-def _init_ray(spec: JobSpec) -> None:
+def init_ray(spec: JobSpec) -> None:
     import ray
 
     if ray.is_initialized():
@@ -139,7 +140,7 @@ def make_trainer(spec: JobSpec, run_id: str | None, callbacks: list | None = Non
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from orchestrator.train import train_loop
+    from orchestrator.training.loop import train_loop
 
     fs, path = storage.pyarrow_filesystem(spec.storage.path, spec.storage.options())
     resources = {"CPU": spec.scaling.cpus_per_worker}
@@ -207,7 +208,7 @@ def _train(spec: JobSpec, run: str):
                  tracking.public_uri(spec.mlflow.tracking_uri))  # fmt: skip
     try:
         with tracking.run_status_on_exit(spec.mlflow.tracking_uri, run_id):  # FAILED, or KILLED on SIGTERM
-            _init_ray(spec)
+            init_ray(spec)
             result = make_trainer(spec, run_id, run_name=run).fit()
     except ray.train.TrainingFailedError as exc:
         raise _failure(spec.name, exc) from exc

@@ -3,7 +3,7 @@
 Reads top to bottom: the state a rank carries (``TrainState``), one optimiser step
 (``train_step``), evaluation, building the state fresh or from a checkpoint, the loop, and
 the end of a run. Every rank calls ``ray.train.report`` at the same steps (it is a
-barrier); only rank 0 writes the shared part of a checkpoint (``orchestrator.checkpoint``)
+barrier); only rank 0 writes the shared part of a checkpoint (``orchestrator.training.checkpoint``)
 or talks to MLflow (``orchestrator.tracking``).
 """
 
@@ -18,7 +18,7 @@ import random
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,42 +28,26 @@ from torch import nn
 from flowpp import FlowPlusPlus, build_model
 from flowpp.distributed import data_dependent_init
 from flowpp.ema import EMA
-from orchestrator import checkpoint
 from orchestrator.config import JobSpec, TrainSpec, headline_params, public_tree, spec_tags
+from orchestrator.config.schedule import learning_rate
+from orchestrator.core.errors import FlowppError
+from orchestrator.core.logs import setup_logging
+from orchestrator.core.progress import govern_libraries
 from orchestrator.data.stream import ShardStream, to_device
-from orchestrator.errors import FlowppError
-from orchestrator.evaluate import evaluate, periodic_batches
-from orchestrator.images import sample_grid
-from orchestrator.logs import setup_logging
-from orchestrator.progress import govern_libraries
-from orchestrator.schedule import learning_rate
-from orchestrator.step import StepResult, all_sum, ddp_options, train_step
-from orchestrator.trace import Trace
+from orchestrator.evaluation.evaluate import evaluate, periodic_batches
+from orchestrator.evaluation.images import sample_grid
 from orchestrator.tracking import RunLogger
-from orchestrator.usage import device_peak_flops, mfu, train_flops_per_image
+from orchestrator.training import checkpoint
+from orchestrator.training.mfu import device_peak_flops, mfu, train_flops_per_image
+from orchestrator.training.state import TrainState
+from orchestrator.training.step import StepResult, all_sum, ddp_options, train_step
+from orchestrator.training.trace import Trace
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FlowppError):
     """Too many consecutive non-finite losses: the run stops, keeping its last good checkpoint."""
-
-
-@dataclass
-class TrainState:
-    """Everything a rank carries from step to step; ``checkpoint`` saves and restores it."""
-
-    model: FlowPlusPlus
-    """The bare model: EMA, evaluation, sampling and checkpoints use it."""
-    ddp_model: nn.Module
-    """The same parameters behind DDP (the model itself on one worker): the train step uses it."""
-    ema: EMA
-    opt: torch.optim.Optimizer
-    train_stream: ShardStream
-    """Its ``state_dict()`` is this rank's position in the data plan."""
-    step: int = 0
-    stats: dict = field(default_factory=lambda: {"nonfinite_skipped": 0})
-    """Counters that survive a restart (skipped steps), and the last validation bits/dim."""
 
 
 @dataclass
@@ -83,7 +67,7 @@ class Worker:
 # -- one step -----------------------------------------------------------------------------
 def lr_at(step: int, train: TrainSpec) -> float:
     """The learning rate of (0-based) ``step`` under ``train.schedule``."""
-    return learning_rate(step, train)
+    return learning_rate(step, train.rates())
 
 
 def whole_split_batches(w: Worker) -> Iterator[torch.Tensor]:

@@ -8,9 +8,9 @@ import sys
 import time
 
 from orchestrator.config import JobSpec
-from orchestrator.errors import UserError
-from orchestrator.jobstate import JobRunningError
-from orchestrator.redact import carries_secret, redact
+from orchestrator.core.errors import UserError
+from orchestrator.core.redact import carries_secret, redact
+from orchestrator.driver.jobstate import JobRunningError
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -55,7 +55,7 @@ def check_submittable(spec: JobSpec, overrides: list[str]) -> None:
 def submit(spec: JobSpec, job_path: str, overrides: list[str], follow: bool = True, new_run: bool = False) -> int:
     """Submit the job unless a submission of the same job is still pending or running.
 
-    (The driver's lock, ``orchestrator.jobstate``, also refuses a second run of the job
+    (The driver's lock, ``orchestrator.driver.jobstate``, also refuses a second run of the job
     however it was started: ``ray job submit``, another client, another cluster.)
     """
     from ray.job_submission import JobSubmissionClient

@@ -1,6 +1,6 @@
 """Held-out evaluation: the training loop's all-reduced bits/dim, and per-image bits/dim
 over a manifest's shards for ``flowpp evaluate`` and promotion. Each shows a progress bar
-with images/s on stderr (orchestrator.progress: rank 0 only, quiet in a log).
+with images/s on stderr (orchestrator.core.progress: rank 0 only, quiet in a log).
 
 Deterministic for a given (manifest, seed, samples): the shard order comes from the
 seed, and the dequantization noise is drawn from a generator seeded the same way for
@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from orchestrator import storage
+from flowpp.distributed import all_sum
+from orchestrator.core import storage
+from orchestrator.core.progress import bar
 from orchestrator.data.stream import ShardStream, to_device
-from orchestrator.progress import bar
-from orchestrator.step import all_sum
 
 if TYPE_CHECKING:
     from flowpp import FlowPlusPlus

@@ -1,0 +1,74 @@
+"""MLflow, and only here: every MLflow call of the project lives in this package.
+
+Layers, bottom first (each imports only those before it):
+
+- ``connection``: the MLflow module and client for a URI, the URI fit for a message, reachability;
+- ``buffer``: the queue that keeps training going while the server is away, retries, system
+  metrics, a run's end status;
+- ``runs``: runs, the ``RunLogger`` a training run logs through, model files, logging and loading
+  a model, registering it;
+- ``registry``: the registered model's versions, aliases and tags (what promotion needs);
+- ``pyfunc``: the model class MLflow loads as code (imported by MLflow, not by the project).
+
+May import: ``orchestrator.core``, ``orchestrator.config``, ``flowpp``.
+"""
+
+from orchestrator.tracking.buffer import MetricBuffer, SystemMetrics, end_run, run_status_on_exit, with_retries
+from orchestrator.tracking.connection import (
+    NOT_FOUND,
+    TrackingUnavailableError,
+    check_reachable,
+    client_for,
+    mlflow_for,
+    public_uri,
+)
+from orchestrator.tracking.runs import (
+    EXPERIMENT_KIND_TAG,
+    JOB_TAG,
+    REGISTERED_TAG,
+    TRAIN_RUN_TAG,
+    ModelNotFoundError,
+    RegistrationError,
+    RegistrationRefusedError,
+    RunLogger,
+    build_from_files,
+    ensure_run,
+    find_run,
+    finish_children,
+    load_flow,
+    log_flow_model,
+    register,
+    run_page,
+    save_model_files,
+)
+
+__all__ = [
+    "EXPERIMENT_KIND_TAG",
+    "JOB_TAG",
+    "NOT_FOUND",
+    "REGISTERED_TAG",
+    "TRAIN_RUN_TAG",
+    "MetricBuffer",
+    "ModelNotFoundError",
+    "RegistrationError",
+    "RegistrationRefusedError",
+    "RunLogger",
+    "SystemMetrics",
+    "TrackingUnavailableError",
+    "build_from_files",
+    "check_reachable",
+    "client_for",
+    "end_run",
+    "ensure_run",
+    "find_run",
+    "finish_children",
+    "load_flow",
+    "log_flow_model",
+    "mlflow_for",
+    "public_uri",
+    "register",
+    "run_page",
+    "run_status_on_exit",
+    "save_model_files",
+    "with_retries",
+]
