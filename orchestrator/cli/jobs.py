@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING
 
 from orchestrator.core.errors import FlowppError, UserError
-from orchestrator.core.redact import public_tree, redact
+from orchestrator.core.redact import redact, redact_tree
 
 if TYPE_CHECKING:
     from orchestrator.config import JobSpec
@@ -24,7 +24,7 @@ def resolved_yaml(spec: JobSpec) -> str:
     """The spec after ``${VAR}`` and ``--set``, as YAML, with every secret masked."""
     import yaml
 
-    return yaml.safe_dump(public_tree(spec.model_dump()), sort_keys=False)
+    return yaml.safe_dump(redact_tree(spec.model_dump()), sort_keys=False)
 
 
 def cmd_validate(args) -> int:

@@ -25,7 +25,7 @@ from orchestrator.config.spec import (
     override_problems,
     validate,
 )
-from orchestrator.core.redact import flatten, headline_params, public_params, public_tree, spec_tags
+from orchestrator.core.redact import flatten, headline_params, public_params, redact_tree, spec_tags
 
 __all__ = [
     "DataSpec",
@@ -47,7 +47,7 @@ __all__ = [
     "load_job",
     "override_problems",
     "public_params",
-    "public_tree",
+    "redact_tree",
     "spec_tags",
     "validate",
 ]

@@ -66,6 +66,15 @@ def secret_values(extra: Iterable[str | None] = ()) -> list[str]:
     return sorted(values, key=len, reverse=True)
 
 
+def strip_userinfo(url: str) -> str:
+    """``scheme://user:pass@host/x`` -> ``scheme://host/x``: an address fit to name in a message."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, path = rest.partition("/")
+    return f"{scheme}://{netloc.rsplit('@', 1)[-1]}{slash}{path}"
+
+
 def redact(text: str, extra: Iterable[str | None] = ()) -> str:
     """``text`` with URL user-info and every known credential value (``secret_values(extra)``) as ``***``."""
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", str(text))
@@ -93,10 +102,6 @@ def _redact_tree(tree: Any, known: list[str], under_env: bool) -> Any:
     if isinstance(tree, str):
         return redact(tree, known)
     return tree
-
-
-public_tree = redact_tree
-"""The spec tree as it may be logged or stored (the ``job.yaml`` artifact)."""
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

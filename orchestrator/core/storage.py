@@ -29,6 +29,7 @@ import fsspec
 
 from orchestrator.core import retry
 from orchestrator.core.errors import USER_MISTAKE, FlowppError
+from orchestrator.core.redact import redact, strip_userinfo
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +99,6 @@ class StorageOptions:
     def secrets(self) -> list[str]:
         values = [self.key, self.secret, *(os.environ.get(k) for k in _SECRET_ENV)]
         return [v for v in values if v and len(v) >= 4]
-
-
-def redact(text: str, options: StorageOptions | None = None) -> str:
-    """``text`` through the one ``redact.redact``, also masking ``options``' own key and secret."""
-    from orchestrator.core.redact import redact as redact_text
-
-    return redact_text(text, (options or StorageOptions()).secrets())
 
 
 def protocol_of(url: str) -> str:
@@ -213,8 +207,7 @@ def _is_unreachable(exc: BaseException) -> bool:
 def _endpoint_name(url: str, options: StorageOptions) -> str:
     endpoint = options.resolved_endpoint()
     if endpoint:
-        scheme, _, rest = endpoint.partition("://")
-        return f"{scheme}://{rest.rsplit('@', 1)[-1]}" if rest else endpoint  # no user:password@
+        return strip_userinfo(endpoint)
     return "the default AWS S3 endpoint" if protocol_of(url) in ("s3", "s3a") else protocol_of(url)
 
 
@@ -225,14 +218,15 @@ def _with_retries(what: str, url: str, options: StorageOptions, fn):
 
     def warn(attempt: int, delay: float, left: float, exc: BaseException) -> None:
         attempts[0] = attempt + 1
+        detail = redact(f"{type(exc).__name__}: {exc}", options.secrets())
         log.warning("%s %s: transient error, retry %d in %.2fs (%.0f s of the budget left): %s",
-                    what, url, attempt, delay, left, redact(f"{type(exc).__name__}: {exc}", options))  # fmt: skip
+                    what, url, attempt, delay, left, detail)  # fmt: skip
 
     try:
         return retry.call(fn, budget_s=options.retry_budget_s, transient=_is_transient,
                           first_backoff_s=options.backoff_s, max_backoff_s=10.0, on_retry=warn)  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - classified below
-        detail = redact(f"{type(exc).__name__}: {exc}", options)
+        detail = redact(f"{type(exc).__name__}: {exc}", options.secrets())
         if isinstance(exc, FileNotFoundError):
             raise StorageNotFoundError(f"{what} {url}: not found ({detail})") from None
         if isinstance(exc, PermissionError):

@@ -25,6 +25,7 @@ import logging
 import tarfile
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -34,6 +35,9 @@ from orchestrator.core import storage
 from orchestrator.core.errors import FlowppError
 from orchestrator.data.manifest import ManifestError, load_manifest
 from orchestrator.data.plan import Plan
+
+if TYPE_CHECKING:
+    from orchestrator.config import JobSpec
 
 __all__ = ["ManifestError", "ShardIntegrityError", "ShardStream", "load_manifest", "to_device"]
 
@@ -397,3 +401,29 @@ class ShardStream:
                 self.plan.dropped_now,
             )
         self.stats = Counter(state.get("stats", {}))
+
+
+def for_job(spec: JobSpec, split: Literal["train", "valid"], *, rank: int = 0, world: int = 1,
+            batch_size: int | None = None, seed: int | None = None, shuffle_buffer: int | None = None,
+            num_workers: int | None = None, pin_memory: bool = False,
+            manifest: dict | None = None) -> ShardStream:  # fmt: skip
+    """The one place a job's ``ShardStream`` is built: ``split`` of ``spec.data`` for ``rank`` of
+    ``world``, with the job's storage options, checksum choice and seed.
+
+    Defaults by split: the training split at the job's per-worker batch, loader workers and shuffle
+    buffer; the validation split at the same batch, in order (no shuffle, no loader workers).
+    """
+    train = split == "train"
+    return ShardStream(
+        spec.data.train if train else spec.data.valid,
+        batch_size=spec.per_worker_batch if batch_size is None else batch_size,
+        rank=rank,
+        world_size=world,
+        seed=spec.train.seed if seed is None else seed,
+        num_workers=(spec.data.num_workers if train else 0) if num_workers is None else num_workers,
+        shuffle_buffer=(spec.data.shuffle_buffer if train else 1) if shuffle_buffer is None else shuffle_buffer,
+        verify=spec.data.verify,
+        options=spec.storage.options(),
+        manifest=manifest,
+        pin_memory=pin_memory,
+    )

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from orchestrator.core import storage
 from orchestrator.core.errors import FlowppError, UserError
-from orchestrator.core.redact import SPEC_TAG
+from orchestrator.core.redact import SPEC_TAG, redact
 from orchestrator.evaluation.evaluate import Scores, per_image_bpd
 from orchestrator.tracking import check_reachable
 from orchestrator.tracking.registry import ModelRegistry
@@ -234,7 +234,7 @@ def promote(
     if champion is not None:
         val_metric(reg, reg.version(champion))
     who = f"v{champion}" if champion else "(none)"
-    log(f"scoring {name} v{cand.version} and champion {who} on {storage.redact(settings.data)} "
+    log(f"scoring {name} v{cand.version} and champion {who} on {redact(settings.data)} "
         f"(seed {settings.seed}, {settings.samples} dequantization sample(s))")  # fmt: skip
     cand_scores = scores(reg, cand.version, settings)
     champ_scores = scores(reg, champion, settings, CHAMPION) if champion else None
@@ -278,7 +278,7 @@ def rollback(tracking_uri: str, name: str, log=print) -> str:
 
 def _record(reg: ModelRegistry, cand: str, champion: str | None, d: Decision, s: EvalSettings) -> None:
     common = {
-        "promotion.data": storage.redact(s.data or ""),
+        "promotion.data": redact(s.data or ""),
         "promotion.seed": s.seed,
         "promotion.samples": s.samples,
         "promotion.images": d.n,

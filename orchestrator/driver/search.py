@@ -28,7 +28,7 @@ from orchestrator.config import JobSpec, TuneSpec, apply_overrides, validate
 from orchestrator.core import storage
 from orchestrator.core.errors import FlowppError, UserError
 from orchestrator.core.logs import setup_logging
-from orchestrator.core.redact import without_env_vars
+from orchestrator.core.redact import redact, without_env_vars
 from orchestrator.training import checkpoint
 
 log = logging.getLogger(__name__)
@@ -171,14 +171,14 @@ def make_tuner(spec: JobSpec, parent_run_id: str | None, resume: bool):
     where = f"{spec.storage.path.rstrip('/')}/{spec.name}"
     if resume:
         if not exists:
-            raise SearchSetupError(f"--resume: no search to resume at {storage.redact(where)}")
-        log.info("resuming the search at %s", storage.redact(where))
+            raise SearchSetupError(f"--resume: no search to resume at {redact(where)}")
+        log.info("resuming the search at %s", redact(where))
         return tune.Tuner.restore(
             experiment, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
         )
     if exists:
         raise SearchSetupError(
-            f"a search named {spec.name!r} already exists at {storage.redact(where)}: "
+            f"a search named {spec.name!r} already exists at {redact(where)}: "
             "pass --resume to continue it, or change `name`"
         )
     sched = t.scheduler

@@ -8,7 +8,7 @@ import ssl
 from pathlib import Path
 
 from orchestrator.core.errors import FlowppError, UserError
-from orchestrator.core.redact import first_line, redact
+from orchestrator.core.redact import first_line, redact, strip_userinfo
 
 __all__ = [
     "NOT_FOUND",
@@ -60,11 +60,7 @@ class TrackingUnavailableError(FlowppError):
 
 def public_uri(tracking_uri: str) -> str:
     """The URI without a user:password@ part or any known secret: fit for a message."""
-    scheme, sep, rest = tracking_uri.partition("://")
-    if sep:
-        netloc, slash, path = rest.partition("/")
-        tracking_uri = f"{scheme}://{netloc.rsplit('@', 1)[-1]}{slash}{path}"
-    return redact(tracking_uri)
+    return redact(strip_userinfo(tracking_uri))
 
 
 def check_reachable(tracking_uri: str, timeout_s: float = 5.0, field: str = "mlflow.tracking_uri",

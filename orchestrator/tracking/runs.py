@@ -376,7 +376,7 @@ def build_from_files(weights: str | Path, config: str | Path, device: str | torc
 def log_flow_model(tracking_uri: str, run_id: str, model) -> str:
     """Log a FlowPlusPlus (its current weights) as an MLflow pyfunc; returns the model URI."""
     mlflow = mlflow_for(tracking_uri)
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the repository: flowpp/ and orchestrator/
     status = mlflow.MlflowClient().get_run(run_id).info.status
     with tempfile.TemporaryDirectory() as tmp:
         mlflow.start_run(run_id=run_id)

@@ -28,12 +28,13 @@ from torch import nn
 from flowpp import FlowPlusPlus, build_model
 from flowpp.distributed import data_dependent_init
 from flowpp.ema import EMA
-from orchestrator.config import JobSpec, TrainSpec, headline_params, public_tree, spec_tags
+from orchestrator.config import JobSpec, TrainSpec, headline_params, redact_tree, spec_tags
 from orchestrator.config.schedule import learning_rate
 from orchestrator.core.errors import FlowppError
 from orchestrator.core.logs import setup_logging
 from orchestrator.core.progress import govern_libraries
 from orchestrator.data.stream import ShardStream, to_device
+from orchestrator.data.stream import for_job as stream_for_job
 from orchestrator.evaluation.evaluate import evaluate, periodic_batches
 from orchestrator.evaluation.images import sample_grid
 from orchestrator.tracking import RunLogger
@@ -74,17 +75,7 @@ def whole_split_batches(w: Worker) -> Iterator[torch.Tensor]:
     """Every validation image, split across ranks one image at a time (a plan of batch 1
     leaves fewer than ``world`` images out), re-batched to the training batch."""
     spec = w.spec
-    stream = ShardStream(
-        spec.data.valid,
-        batch_size=1,
-        rank=w.rank,
-        world_size=w.world,
-        seed=spec.train.seed,
-        shuffle_buffer=1,
-        verify=spec.data.verify,
-        options=spec.storage.options(),
-        manifest=w.valid.manifest,
-    )
+    stream = stream_for_job(spec, "valid", rank=w.rank, world=w.world, batch_size=1, manifest=w.valid.manifest)
     images: list[torch.Tensor] = []
     for batch in stream:
         images.append(batch["images"])
@@ -98,29 +89,16 @@ def whole_split_batches(w: Worker) -> Iterator[torch.Tensor]:
 # -- building the state -------------------------------------------------------------------
 def make_streams(spec: JobSpec, rank: int, world: int, pin_memory: bool = False) -> tuple[ShardStream, ShardStream]:
     """This rank's train and validation streams (pinned batches when it trains on a GPU)."""
-    common = dict(rank=rank, world_size=world, seed=spec.train.seed, options=spec.storage.options())
-    common.update(verify=spec.data.verify, pin_memory=pin_memory)
-    train = ShardStream(
-        spec.data.train,
-        batch_size=spec.per_worker_batch,
-        num_workers=spec.data.num_workers,
-        shuffle_buffer=spec.data.shuffle_buffer,
-        **common,
-    )
-    valid = ShardStream(spec.data.valid, batch_size=spec.per_worker_batch, num_workers=0, shuffle_buffer=1, **common)
+    train = stream_for_job(spec, "train", rank=rank, world=world, pin_memory=pin_memory)
+    valid = stream_for_job(spec, "valid", rank=rank, world=world, pin_memory=pin_memory)
     return train, valid
 
 
 def init_images(spec: JobSpec, manifest: dict) -> torch.Tensor:
     """``train.init_batch_size`` training images (fewer if the split is smaller), the same
     whatever the world size: a fixed seed, one image at a time from a shuffled plan."""
-    stream = ShardStream(
-        spec.data.train,
-        batch_size=1,
-        seed=10**6,
-        shuffle_buffer=256,
-        options=spec.storage.options(),
-        manifest=manifest,
+    stream = stream_for_job(
+        spec, "train", batch_size=1, seed=10**6, shuffle_buffer=256, num_workers=0, manifest=manifest
     )
     images = [batch["images"] for batch in itertools.islice(stream, spec.train.init_batch_size)]
     return torch.cat(images)
@@ -216,7 +194,7 @@ def _log_run_inputs(w: Worker, state: TrainState) -> None:
     tags["data.dataset"] = manifest.get("source", {}).get("dataset", "?")
     w.tracker.params(headline_params(w.spec))
     w.tracker.tags(tags)
-    w.tracker.text(yaml.safe_dump(public_tree(w.spec.model_dump()), sort_keys=False), "job.yaml")
+    w.tracker.text(yaml.safe_dump(redact_tree(w.spec.model_dump()), sort_keys=False), "job.yaml")
 
 
 def run(w: Worker, state: TrainState) -> None:

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from orchestrator.core import storage
+from orchestrator.core.redact import redact
 from orchestrator.data.prepare import PrepareOptions, prepare
 from orchestrator.data.stream import ShardStream
 from tests.s3fixtures import ACCESS_KEY, SECRET, FaultProxy, free_port
@@ -143,9 +144,9 @@ def test_credentials_never_reach_logs_manifests_or_errors(s3, caplog, capsys, tm
 
 def test_redact_scrubs_known_secrets(aws_env):
     msg = f"signature mismatch for key {ACCESS_KEY} with {SECRET}"
-    assert storage.redact(msg) == "signature mismatch for key *** with ***"
+    assert redact(msg) == "signature mismatch for key *** with ***"
     opts = storage.StorageOptions(secret="inline-secret-value")
-    assert "inline-secret-value" not in storage.redact("x inline-secret-value y", opts)
+    assert "inline-secret-value" not in redact("x inline-secret-value y", opts.secrets())
     assert "inline-secret-value" not in repr(opts)
 
 

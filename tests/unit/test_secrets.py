@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from orchestrator.cli import main
-from orchestrator.config import JobSpecError, headline_params, load_job, public_params, public_tree, spec_tags, validate
+from orchestrator.config import JobSpecError, headline_params, load_job, public_params, spec_tags, validate
 from orchestrator.core.errors import FlowppError, UserError
 from orchestrator.core.logs import setup_logging
 from orchestrator.core.redact import RedactingFilter, is_secret_name, redact, redact_tree
@@ -127,7 +127,7 @@ def test_mlflow_params_and_the_job_yaml_artifact_carry_no_secret(tmp_path, monke
     tags = spec_tags(spec)  # what a training run logs: the whole spec as tags, a few params
     assert tags["spec.mlflow.tracking_uri"] == "http://***@127.0.0.1:5000"
     assert tags["spec.ray.runtime_env.env_vars.MY_TOKEN"] == "***"
-    artifact = yaml.safe_dump(public_tree(spec.model_dump()))
+    artifact = yaml.safe_dump(redact_tree(spec.model_dump()))
     logged = repr(params) + repr(tags) + repr(headline_params(spec))
     assert FAKE not in logged and FAKE not in artifact and "MY_TOKEN" in artifact
 
