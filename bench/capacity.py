@@ -47,7 +47,7 @@ from torch.utils._pytree import tree_leaves
 
 from flowpp import build_model, get_preset
 from flowpp.distributed import data_dependent_init
-from orchestrator.training.mfu import flop_counter
+from flowpp.flops import flop_counter
 
 PRESET = "imagenet64"
 MIB = 2**20

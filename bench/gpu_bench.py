@@ -54,7 +54,8 @@ from bench.gpu_steps import (
 )
 from bench.variants import parse_variant
 from flowpp import PRESETS, get_preset
-from orchestrator.training.mfu import peak_flops, train_flops_per_image
+from flowpp.flops import train_flops_per_image
+from orchestrator.training.mfu import peak_flops
 from orchestrator.training.step import train_step
 
 PRECISIONS = ("fp32", "bf16")

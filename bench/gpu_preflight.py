@@ -28,7 +28,7 @@ from packaging.requirements import Requirement
 
 STOP = 3
 BENCHMARK_IMPORTS = ("torch", "triton", "flowpp", "flowpp.ema", "orchestrator.training.step",
-                     "orchestrator.training.mfu", "bench.capacity", "bench.gpu_bench")  # fmt: skip
+                     "orchestrator.training.mfu", "flowpp.flops", "bench.capacity", "bench.gpu_bench")  # fmt: skip
 # A device copy outside a carried wheel's requirement that is known to fail at import, and how.
 KNOWN_BREAKING = {
     "protobuf": "generated *_pb2 modules check the runtime's version at import (a VersionError, not an ImportError)",

@@ -66,7 +66,7 @@ def flops_line(flops: float | None, where: str, seconds: float) -> str:
     if not flops:
         return "FLOPs/image: not counted"
     return (f"FLOPs/image: {flops:,.0f} ({flops / 1e9:,.3f} GFLOP; model forward + backward, no recompute: "
-            f"orchestrator.training.mfu.train_flops_per_image, counted on {where} in {seconds:.1f} s)")  # fmt: skip
+            f"flowpp.flops.train_flops_per_image, counted on {where} in {seconds:.1f} s)")  # fmt: skip
 
 
 def peak_line(peak: float | None, device_name: str, override: float | None) -> str:

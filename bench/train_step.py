@@ -183,7 +183,7 @@ def flops_per_image(cfg, device: torch.device) -> float | None:
     """Model FLOPs of one training image (forward + backward), counted on CUDA only (for MFU)."""
     if device.type != "cuda":
         return None
-    from orchestrator.training.mfu import train_flops_per_image
+    from flowpp.flops import train_flops_per_image
 
     return train_flops_per_image(cfg.replace(bf16=False, channels_last=False), device)
 

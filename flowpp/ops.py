@@ -126,7 +126,7 @@ _RECOMPUTE = [True]
 def plain_autograd():
     """Within it, ``concat_elu_conv`` runs as plain ops that autograd differentiates, keeping their
     activations instead of recomputing the gated convolution in backward: the same values and
-    gradients, and FLOPs that count the model's work only (``orchestrator.training.mfu`` counts MFU so)."""
+    gradients, and FLOPs that count the model's work only (``flowpp.flops`` counts them so)."""
     _RECOMPUTE[0] = False
     try:
         yield

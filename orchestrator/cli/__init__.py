@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except FlowppError as exc:
         if args.debug:
-            from orchestrator.core.redact import redact
+            from orchestrator.core.redact import redact  # lazy: flowpp --help loads only what it shows
 
             print(redact(traceback.format_exc()), end="", file=sys.stderr)
         lines = str(exc).splitlines() or [type(exc).__name__]

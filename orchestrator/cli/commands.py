@@ -14,8 +14,8 @@ from orchestrator.core.errors import UserError
 def cmd_presets(args) -> int:
     import torch
 
-    from flowpp import FlowPlusPlus, get_preset
-    from flowpp.presets import OFFICIAL_PARAM_COUNTS, PRESETS
+    from flowpp import FlowPlusPlus, get_preset  # lazy: torch
+    from flowpp.presets import OFFICIAL_PARAM_COUNTS, PRESETS  # lazy: torch
 
     print(f"{'preset':<18}{'image':>10}{'params':>14}{'official':>14}")
     for name in PRESETS:
@@ -42,9 +42,9 @@ def smooth_images(n: int, size: int, num_levels: int = 256, seed: int = 0):
 def cmd_smoke(args) -> int:
     import torch
 
-    from flowpp import build_model, get_preset
-    from flowpp.distributed import data_dependent_init
-    from orchestrator.training.step import train_step
+    from flowpp import build_model, get_preset  # lazy: torch
+    from flowpp.distributed import data_dependent_init  # lazy: torch
+    from orchestrator.training.step import train_step  # lazy: flowpp --help loads only what it shows
 
     torch.manual_seed(args.seed)
     model = build_model(get_preset(args.preset))
@@ -81,14 +81,14 @@ def _device(args) -> str:
 
 
 def _storage_options(args):
-    from orchestrator.core.storage import StorageOptions
+    from orchestrator.core.storage import StorageOptions  # lazy: flowpp --help loads only what it shows
 
     return StorageOptions(endpoint_url=args.s3_endpoint, region=args.s3_region)
 
 
 def cmd_prepare(args) -> int:
-    from orchestrator.core import storage
-    from orchestrator.data.prepare import PrepareOptions, prepare
+    from orchestrator.core import storage  # lazy: flowpp --help loads only what it shows
+    from orchestrator.data.prepare import PrepareOptions, prepare  # lazy: flowpp --help loads only what it shows
 
     if args.whole and args.split == "both":
         raise UserError("--whole takes the whole input as one split: give --split train or --split valid")
@@ -127,7 +127,7 @@ def cmd_prepare(args) -> int:
 
 def _load(args):
     """The job spec, validated before any Ray resource is used (JobSpecError: exit code 2)."""
-    from orchestrator.config import load_job
+    from orchestrator.config import load_job  # lazy: flowpp --help loads only what it shows
 
     return load_job(args.job, args.set or [])
 
@@ -136,7 +136,7 @@ def cmd_train(args) -> int:
     spec = _load(args)
     if args.dry_run:
         return dry_run(spec, "train", args)
-    from orchestrator.driver.launch import run_training
+    from orchestrator.driver.launch import run_training  # lazy: flowpp --help loads only what it shows
 
     result = run_training(spec, new_run=args.new_run)
     if result is None:
@@ -153,7 +153,7 @@ def cmd_tune(args) -> int:
         raise UserError(f"{args.job}: no `tune:` section; see jobs/tune-mixtures.yaml")
     if args.dry_run:
         return dry_run(spec, "tune", args)
-    from orchestrator.driver.search import run_search
+    from orchestrator.driver.search import run_search  # lazy: flowpp --help loads only what it shows
 
     rows = run_search(spec, resume=args.resume)
     return 0 if any(r.status != "error" for r in rows) else 1
@@ -169,6 +169,7 @@ def _tracking_uri(args) -> str:
 
 
 def cmd_promote(args) -> int:
+    # lazy: flowpp --help loads only what it shows
     from orchestrator.driver.promote import AlreadyChampionError, EvalSettings, promote, rollback
 
     uri = _tracking_uri(args)
@@ -196,8 +197,8 @@ def cmd_sample(args) -> int:
 
     import torch
 
-    from orchestrator.evaluation.images import sample_grid
-    from orchestrator.tracking import load_flow
+    from orchestrator.evaluation.images import sample_grid  # lazy: flowpp --help loads only what it shows
+    from orchestrator.tracking import load_flow  # lazy: flowpp --help loads only what it shows
 
     device = _device(args)
     torch.manual_seed(args.seed)
@@ -208,6 +209,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    # lazy: flowpp --help loads only what it shows
     from orchestrator.evaluation.baselines import parse_codecs, score_codecs
 
     if not args.model and not args.baseline:
@@ -230,8 +232,8 @@ def cmd_evaluate(args) -> int:
 
 def _evaluate_model(args) -> tuple[str, float]:
     """Print the model's bounds; return the tighter one's name and bits/dim."""
-    from orchestrator.evaluation.evaluate import per_image_bpd
-    from orchestrator.tracking import load_flow
+    from orchestrator.evaluation.evaluate import per_image_bpd  # lazy: flowpp --help loads only what it shows
+    from orchestrator.tracking import load_flow  # lazy: flowpp --help loads only what it shows
 
     device = _device(args)
     model = load_flow(args.model, args.tracking_uri, device)
@@ -250,6 +252,6 @@ def cmd_submit(args) -> int:
     spec = _load(args)
     if args.dry_run:
         return dry_run(spec, "submit", args)
-    from orchestrator.driver.submit import submit
+    from orchestrator.driver.submit import submit  # lazy: flowpp --help loads only what it shows
 
     return submit(spec, args.job, args.set or [], follow=not args.no_wait, new_run=args.new_run)

@@ -28,7 +28,7 @@ def resolved_yaml(spec: JobSpec) -> str:
 
 
 def cmd_validate(args) -> int:
-    from orchestrator.config import load_job
+    from orchestrator.config import load_job  # lazy: flowpp --help loads only what it shows
 
     print(resolved_yaml(load_job(args.job, args.set or [])), end="")
     return 0
@@ -47,6 +47,7 @@ def plan(spec: JobSpec, command: str, args) -> list[tuple[str, str]]:
     """(what, value) lines: where it would run, on what, and where it would write."""
     rows: list[tuple[str, str]] = []
     if command == "submit":
+        # lazy: flowpp --help loads only what it shows
         from orchestrator.driver.submit import check_submittable, entrypoint
 
         check_submittable(spec, args.set or [])

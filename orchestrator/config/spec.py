@@ -52,7 +52,7 @@ class ModelSpec(SpecModel):
 
     def flow_config(self):
         """The flowpp.FlowConfig this spec describes."""
-        from flowpp import get_preset
+        from flowpp import get_preset  # lazy: torch
 
         changes: dict[str, Any] = {
             "checkpoint": self.checkpoint,
@@ -161,7 +161,7 @@ class StorageSpec(SpecModel):
 
     def options(self):
         """The ``storage.StorageOptions`` every reader and writer of this job uses."""
-        from orchestrator.core.storage import StorageOptions
+        from orchestrator.core.storage import StorageOptions  # lazy: fsspec, only when a job reads or writes
 
         return StorageOptions(
             endpoint_url=self.endpoint_url,
@@ -328,7 +328,7 @@ def _set(tree: dict, dotted: str, raw: str, problems: list[str]) -> None:
 
 def semantic_problems(spec: JobSpec) -> list[str]:
     """Cross-field checks that pydantic's per-field validation cannot see."""
-    from flowpp.presets import PRESETS
+    from flowpp.presets import PRESETS  # lazy: torch
 
     problems = []
     if spec.model.preset not in PRESETS:

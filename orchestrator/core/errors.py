@@ -8,6 +8,8 @@ catches the base once, prints the message on one line and exits with the error's
 
 from __future__ import annotations
 
+from orchestrator.core.redact import redact
+
 USER_MISTAKE = 2
 RUNTIME_FAILURE = 1
 
@@ -22,8 +24,6 @@ class FlowppError(Exception):
     exit_code = RUNTIME_FAILURE
 
     def __str__(self) -> str:
-        from orchestrator.core.redact import redact
-
         return redact(super().__str__())
 
 

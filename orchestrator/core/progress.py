@@ -23,6 +23,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from orchestrator.core.errors import UserError
+
 ENV = "FLOWPP_PROGRESS"
 MODES = ("auto", "on", "off")
 LOG_INTERVAL_S = 30.0
@@ -47,8 +49,6 @@ def mode() -> str:
     """``FLOWPP_PROGRESS`` (auto, on or off); an unknown value names the variable."""
     value = os.environ.get(ENV, "auto").strip().lower() or "auto"
     if value not in MODES:
-        from orchestrator.core.errors import UserError
-
         raise UserError(f"{ENV}={value!r}: must be one of {', '.join(MODES)}")
     return value
 

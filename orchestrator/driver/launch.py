@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 
+from orchestrator import tracking
 from orchestrator.config import JobSpec
 from orchestrator.core import storage
 from orchestrator.core.errors import FlowppError, UserError
@@ -61,17 +62,20 @@ def ensure_data(spec: JobSpec) -> None:
         if found:
             _check_prepared_alike(prepare_opts, split, url, opts)
             continue
+        # lazy: PIL and webdataset, only where data is checked or prepared
         from orchestrator.data.prepare import prepare
 
         log.info("preparing the %s dataset (%s, %d images at %dx%d) into %s", prepare_opts.source, split,
                  prepare_opts.count, prepare_opts.image_size, prepare_opts.image_size, prepare_opts.output)  # fmt: skip
         prepare(prepare_opts, opts)
+    # lazy: PIL and webdataset, only where data is checked or prepared
     from orchestrator.data.manifest import check_job_data
 
     check_job_data(spec)  # both manifests validated, and of the model's image size, channels and bits
 
 
 def _prepare_options(spec: JobSpec, split: str, url: str):
+    # lazy: PIL and webdataset, only where data is checked or prepared
     from orchestrator.data.prepare import PrepareOptions
 
     return PrepareOptions(
@@ -90,7 +94,10 @@ def _prepare_options(spec: JobSpec, split: str, url: str):
 
 def _check_prepared_alike(prepare_opts, split: str, url: str, opts) -> None:
     """The manifest found where the job would prepare its data must hold what the job would prepare."""
+    # lazy: PIL and webdataset, only where data is checked or prepared
     from orchestrator.data.manifest import load_manifest
+
+    # lazy: PIL and webdataset, only where data is checked or prepared
     from orchestrator.data.prepare import settings_differ
 
     diffs = settings_differ(prepare_opts, load_manifest(url, opts))
@@ -140,7 +147,7 @@ def make_trainer(spec: JobSpec, run_id: str | None, callbacks: list | None = Non
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from orchestrator.training.loop import train_loop
+    from orchestrator.training.loop import train_loop  # lazy: torch, for the workers
 
     fs, path = storage.pyarrow_filesystem(spec.storage.path, spec.storage.options())
     resources = {"CPU": spec.scaling.cpus_per_worker}
@@ -194,8 +201,6 @@ def run_training(spec: JobSpec, new_run: bool = False):
 def _train(spec: JobSpec, run: str):
     """One Ray Train run named ``run`` to its end (resuming from its last checkpoint)."""
     import ray.train
-
-    from orchestrator import tracking
 
     spec = resolve_paths(spec)
     if spec.mlflow.enabled:

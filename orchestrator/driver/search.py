@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass
 
 from orchestrator import tracking
-from orchestrator.config import JobSpec, TuneSpec, apply_overrides, validate
+from orchestrator.config import JobSpec, TuneSpec, apply_overrides, flatten, validate
 from orchestrator.core import storage
 from orchestrator.core.errors import FlowppError, UserError
 from orchestrator.core.logs import setup_logging
@@ -92,7 +92,7 @@ def run_trial(config: dict, *, job: dict, parent_run_id: str | None, log_level: 
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator.driver.launch import make_trainer
+    from orchestrator.driver.launch import make_trainer  # lazy: launch's Ray Train imports, in the trial
 
     setup_logging(log_level)
     trial_id = ray.tune.get_context().get_trial_id()
@@ -304,7 +304,7 @@ def register_best(spec: JobSpec, row: TrialRow, parent_run_id: str | None) -> st
 
 def run_search(spec: JobSpec, resume: bool = False) -> list[TrialRow]:
     """Run (or resume) the search to the end; print the table; register the best trial."""
-    from orchestrator.driver.launch import ensure_data, init_ray, resolve_paths
+    from orchestrator.driver.launch import ensure_data, init_ray, resolve_paths  # lazy: as make_trainer
 
     _tune(spec)
     spec = resolve_paths(spec)
@@ -326,8 +326,6 @@ def run_search(spec: JobSpec, resume: bool = False) -> list[TrialRow]:
 
 
 def _search_params(spec: JobSpec) -> dict:
-    from orchestrator.config import flatten
-
     params = {f"tune.{k}": v for k, v in flatten(_tune(spec).model_dump()).items()}
     params.update({"model.preset": spec.model.preset, "train.max_steps": spec.train.max_steps})
     return params

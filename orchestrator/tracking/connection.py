@@ -8,7 +8,7 @@ import ssl
 from pathlib import Path
 
 from orchestrator.core.errors import FlowppError, UserError
-from orchestrator.core.redact import first_line, redact, strip_userinfo
+from orchestrator.core.redact import carries_secret, first_line, redact, strip_userinfo
 
 __all__ = [
     "NOT_FOUND",
@@ -28,9 +28,7 @@ def mlflow_for(tracking_uri: str):
     """The ``mlflow`` module pointed at ``tracking_uri`` (a sqlite store's folder made first)."""
     import os
 
-    import mlflow
-
-    from orchestrator.core.redact import carries_secret
+    import mlflow  # lazy: MLflow's import takes seconds
 
     if carries_secret(tracking_uri):  # MLflow prints "View run ... at <this URI>" to stdout, past the log filter
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"

@@ -365,7 +365,7 @@ def build_from_files(weights: str | Path, config: str | Path, device: str | torc
     """A FlowPlusPlus (eval mode, on ``device``) from weights.safetensors + config.json: no pickle involved."""
     from safetensors.torch import load_file
 
-    from flowpp import FlowConfig, FlowPlusPlus
+    from flowpp import FlowConfig, FlowPlusPlus  # lazy: torch
 
     cfg = FlowConfig.from_dict(json.loads(Path(config).read_text())).for_inference()
     model = FlowPlusPlus(cfg).to(device)

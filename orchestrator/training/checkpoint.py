@@ -2,8 +2,10 @@
 
 A checkpoint is a folder that Ray Train copies to ``storage.path``:
 
-    meta.json       {"format_version", "step", "stream": the train stream's position, "stats"}  rank 0
-    state.pt        {"model", "ema", "optimizer", "step"}: tensors in plain containers      rank 0
+    meta.json       {"format_version", "step", "stats", and each of ``TrainState.json_states()``:
+                    "stream", the train stream's position}                                  rank 0
+    state.pt        {each of ``TrainState.tensor_states()``: "model", "ema", "optimizer";
+                    "step"}: tensors in plain containers                                    rank 0
     rng-rank{r}.pt  rank r's torch (CPU, and its GPU's where it has one), numpy and python RNG every rank
 
 Every ``.pt`` file holds only tensors, numbers, strings and containers, so it loads with
@@ -63,21 +65,10 @@ def save(directory: Path, state: TrainState, rank: int) -> None:
     torch.save(_rng_state(), directory / f"rng-rank{rank}.pt")
     if rank != 0:
         return
-    torch.save(
-        {
-            "model": state.model.state_dict(),
-            "ema": state.ema.state_dict(),
-            "optimizer": state.opt.state_dict(),
-            "step": state.step,
-        },
-        directory / "state.pt",
-    )
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "step": state.step,
-        "stream": state.train_stream.state_dict(),
-        "stats": state.stats,
-    }
+    tensors = {name: obj.state_dict() for name, obj in state.tensor_states().items()}
+    torch.save({**tensors, "step": state.step}, directory / "state.pt")
+    meta = {"format_version": FORMAT_VERSION, "step": state.step, "stats": state.stats}
+    meta.update({name: obj.state_dict() for name, obj in state.json_states().items()})
     (directory / "meta.json").write_text(json.dumps(meta))
 
 
@@ -112,14 +103,20 @@ def load(directory: Path, state: TrainState, rank: int) -> None:
     meta = json.loads((directory / "meta.json").read_text())
     _check_version(meta, str(directory))
     saved = _torch_load(directory / "state.pt", str(directory / "state.pt"))
-    state.model.load_state_dict(saved["model"])
-    state.ema.load_state_dict(saved["ema"])
-    state.opt.load_state_dict(saved["optimizer"])
-    state.train_stream.load_state_dict(meta["stream"])
+    for name, obj in state.tensor_states().items():
+        obj.load_state_dict(_entry(saved, name, directory / "state.pt"))
+    for name, obj in state.json_states().items():
+        obj.load_state_dict(_entry(meta, name, directory / "meta.json"))
     state.step, state.stats = saved["step"], meta.get("stats", {})
     rng_file = directory / f"rng-rank{rank}.pt"
     if rng_file.exists():  # absent when the world size grew
         _restore_rng(rng_file)
+
+
+def _entry(saved: dict, name: str, where: Path):
+    if name not in saved:
+        raise CheckpointError(f"{where}: no {name!r} state (a checkpoint of a training with less state)")
+    return saved[name]
 
 
 def _restore_rng(path: Path) -> None:
@@ -141,8 +138,8 @@ def load_ema_model(url: str, config: FlowConfig, options: storage.StorageOptions
 
     ``url`` is a checkpoint folder on any storage (``s3://...``, ``file://...``, a path).
     """
-    from flowpp import build_model
-    from flowpp.ema import EMA
+    from flowpp import build_model  # lazy: torch
+    from flowpp.ema import EMA  # lazy: torch
 
     meta_url, state_url = storage.join(url, "meta.json"), storage.join(url, "state.pt")
     if storage.object_size(meta_url, options) is not None:

@@ -28,6 +28,7 @@ from torch import nn
 from flowpp import FlowPlusPlus, build_model
 from flowpp.distributed import data_dependent_init
 from flowpp.ema import EMA
+from flowpp.flops import train_flops_per_image
 from orchestrator.config import JobSpec, TrainSpec, headline_params, redact_tree, spec_tags
 from orchestrator.config.schedule import learning_rate
 from orchestrator.core.errors import FlowppError
@@ -39,10 +40,11 @@ from orchestrator.evaluation.evaluate import evaluate, periodic_batches
 from orchestrator.evaluation.images import sample_grid
 from orchestrator.tracking import RunLogger
 from orchestrator.training import checkpoint
-from orchestrator.training.mfu import device_peak_flops, mfu, train_flops_per_image
+from orchestrator.training.mfu import device_peak_flops, mfu
 from orchestrator.training.state import TrainState
 from orchestrator.training.step import StepResult, all_sum, ddp_options, train_step
 from orchestrator.training.trace import Trace
+from orchestrator.training.tracker import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ class Worker:
     world: int
     device: torch.device
     valid: ShardStream
-    tracker: RunLogger
+    tracker: Tracker
     """A no-op on ranks > 0."""
     trace: Trace
 
@@ -170,7 +172,7 @@ def train_loop(config: dict) -> None:
 
     state, valid = build_state(spec, rank, world)
     tracking_uri = spec.mlflow.tracking_uri if rank == 0 and spec.mlflow.enabled else None
-    tracker = RunLogger(tracking_uri, config.get("mlflow_run_id"), retry_budget_s=spec.mlflow.retry_budget_s)
+    tracker: Tracker = RunLogger(tracking_uri, config.get("mlflow_run_id"), retry_budget_s=spec.mlflow.retry_budget_s)
     tracker.system_metrics(spec.mlflow)  # rank 0's machine: CPU, memory, GPUs; stopped by finish
     device = next(state.model.parameters()).device
     w = Worker(spec, rank, world, device, valid, tracker, Trace(spec.train.trace_dir, rank))

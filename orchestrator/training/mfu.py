@@ -1,4 +1,5 @@
-"""How much of its device a training run uses: model FLOPs per image, the device's peak, MFU.
+"""How much of its device a training run uses: the device's peak and MFU (the model's FLOPs per
+image are counted with the model, in ``flowpp.flops``).
 
 Importable with torch alone: bench/ uses it on GPU machines that may lack the orchestrator's
 other dependencies, and the trainer (orchestrator/training/loop.py) puts MFU in its log line.
@@ -15,7 +16,6 @@ from __future__ import annotations
 import os
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from NVIDIA's datasheets (which quote twice
 # these "with sparsity"). The first row whose every part is in the device's name wins, so each
@@ -33,8 +33,6 @@ PEAK_BF16_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
 UNKNOWN_PARTS = ("MIG",)
 PEAK_ENV = "FLOWPP_PEAK_TFLOPS"
 """Overrides the table (any device, CPU included): the MFU denominator per worker, in TFLOP/s."""
-
-aten = torch.ops.aten
 
 
 def peak_flops(device_name: str, override_tflops: float | None = None) -> float | None:
@@ -64,43 +62,3 @@ def mfu(flops_per_image: float | None, images_s: float | None, peak: float | Non
     if not (flops_per_image and images_s and peak):
         return None
     return flops_per_image * images_s / peak
-
-
-def _sdpa_cpu(q, k, v, *args, **kwargs) -> int:
-    return sdpa_flop_count(q, k, v)
-
-
-def _sdpa_cpu_backward(grad_out, q, k, v, *args, **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out, q, k, v)
-
-
-def flop_counter() -> FlopCounterMode:
-    """torch's FLOP counter, silent, with the CPU kernel of fused attention mapped to torch's own
-    SDPA formulas (its table has CUDA's flash, efficient and cuDNN kernels only)."""
-    return FlopCounterMode(
-        display=False,
-        custom_mapping={
-            aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
-            aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward,
-        },
-    )
-
-
-def train_flops_per_image(config, device: torch.device | str = "cpu") -> float:
-    """Forward + backward FLOPs of one image through a fresh model of ``config`` (a FlowConfig)
-    without checkpointing or compiling. The global RNG state is left as it was: a resumed run
-    draws the same numbers as an uninterrupted one."""
-    from flowpp import build_model
-    from flowpp.distributed import data_dependent_init
-    from flowpp.ops import plain_autograd
-
-    device = torch.device(device)
-    cfg = config.replace(checkpoint="none", compile=False)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        model = build_model(cfg).to(device).train()
-        data_dependent_init(model, torch.randint(0, cfg.num_levels, (2, *cfg.shape), device=device))
-        x = torch.randint(0, cfg.num_levels, (1, *cfg.shape), device=device)
-        counter = flop_counter()
-        with counter, plain_autograd():  # the gated convs' backward recompute is not the model's work
-            (-model(x).mean()).backward()
-    return float(counter.get_total_flops())

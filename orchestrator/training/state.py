@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -13,7 +13,15 @@ if TYPE_CHECKING:
     from flowpp.ema import EMA
     from orchestrator.data.stream import ShardStream
 
-__all__ = ["TrainState"]
+__all__ = ["Stateful", "TrainState"]
+
+
+class Stateful(Protocol):
+    """What a checkpoint saves: anything with ``state_dict`` and ``load_state_dict``."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any, /) -> Any: ...
 
 
 @dataclass
@@ -31,3 +39,12 @@ class TrainState:
     step: int = 0
     stats: dict = field(default_factory=lambda: {"nonfinite_skipped": 0})
     """Counters that survive a restart (skipped steps), and the last validation bits/dim."""
+
+    def tensor_states(self) -> dict[str, Stateful]:
+        """The objects whose ``state_dict`` goes into ``state.pt`` (tensors in plain containers), by
+        name. State added to training goes here (or to ``json_states``), not into ``checkpoint``."""
+        return {"model": self.model, "ema": self.ema, "optimizer": self.opt}
+
+    def json_states(self) -> dict[str, Stateful]:
+        """The objects whose ``state_dict`` is plain JSON, kept in ``meta.json``, by name."""
+        return {"stream": self.train_stream}

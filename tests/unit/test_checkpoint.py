@@ -104,3 +104,29 @@ def test_a_crafted_state_file_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="state.pt: unreadable"):
         checkpoint.load_ema_model(str(tmp_path), saved.model.config)
     assert not os.path.exists(marker)
+
+
+class MoreState(TrainState):
+    """Training with one more stateful object: only the state record names it."""
+
+    scaler: Position | None = None
+
+    def tensor_states(self):
+        return {**super().tensor_states(), "scaler": self.scaler}
+
+
+def test_new_state_travels_by_naming_it_in_the_state_record_alone(tmp_path):
+    base = trained_state()
+    saved = MoreState(base.model, base.model, base.ema, base.opt, base.train_stream, base.step, base.stats)
+    saved.scaler = Position({"scale": 1024.0, "growth": 3})
+    checkpoint.save(tmp_path, saved, rank=0)
+    fresh = MoreState(base.model, base.model, base.ema, base.opt, Position())
+    fresh.scaler = Position()
+    checkpoint.load(tmp_path, fresh, rank=0)
+    assert fresh.scaler.state_dict() == {"scale": 1024.0, "growth": 3}
+    assert fresh.train_stream.state_dict() == {"epoch": 1, "consumed": 24} and fresh.step == 2
+
+    plain = trained_state(steps=0)  # a checkpoint without it is refused by name, not with a KeyError
+    checkpoint.save(tmp_path / "old", plain, rank=0)
+    with pytest.raises(checkpoint.CheckpointError, match="no 'scaler' state"):
+        checkpoint.load(tmp_path / "old", fresh, rank=0)

@@ -144,3 +144,37 @@ def test_the_checks_catch_an_upward_import_a_cycle_and_a_private_name(tmp_path):
     assert "orchestrator.core.storage (core) imports orchestrator.driver.launch (driver), a higher layer" in found
     assert "private name _secret" in found
     assert "import cycle: orchestrator.data.a -> orchestrator.data.b -> orchestrator.data.a" in found
+
+
+def test_the_model_library_imports_nothing_of_the_orchestrator():
+    flowpp = ROOT.parent / "flowpp"
+    found = [f"{p.relative_to(ROOT.parent)}:{line}" for p in sorted(flowpp.rglob("*.py"))
+             for target, _, _, line in imports(p, {}) if target.startswith("orchestrator")]  # fmt: skip
+    assert found == []
+
+
+def lazy_without_reason(root: Path = ROOT) -> list[str]:
+    """Imports of the project (flowpp, orchestrator) in a function body with no ``# lazy: why``
+    comment on their line or the line above."""
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for fn in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(fn):
+                mod = node.module if isinstance(node, ast.ImportFrom) else None
+                if isinstance(node, ast.Import):
+                    mod = node.names[0].name
+                if mod and mod.split(".")[0] in ("flowpp", "orchestrator"):
+                    near = lines[node.lineno - 1] + (lines[node.lineno - 2] if node.lineno > 1 else "")
+                    if "# lazy" not in near:
+                        out.append(f"{path.relative_to(root.parent)}:{node.lineno}: {mod}")
+    return sorted(set(out))
+
+
+def test_an_import_left_in_a_function_body_says_why_it_is_lazy(tmp_path):
+    assert lazy_without_reason() == []
+    (tmp_path / "orchestrator").mkdir()
+    (tmp_path / "orchestrator" / "m.py").write_text("def f():\n    from orchestrator.core import storage\n")
+    assert lazy_without_reason(tmp_path / "orchestrator") == ["orchestrator/m.py:2: orchestrator.core"]

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from flowpp import get_preset
+from flowpp.flops import flop_counter, train_flops_per_image
 from flowpp.ops import concat_elu_conv, plain_autograd
 from orchestrator.training.loop import Meter, eta_text
-from orchestrator.training.mfu import PEAK_ENV, device_peak_flops, flop_counter, mfu, peak_flops, train_flops_per_image
+from orchestrator.training.mfu import PEAK_ENV, device_peak_flops, mfu, peak_flops
 from orchestrator.training.step import StepResult
 
 pytestmark = pytest.mark.unit
