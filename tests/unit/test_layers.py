@@ -2,7 +2,7 @@
 
 Layers, bottom first: core, config, data, tracking, evaluation, training, driver, cli. A module
 may import its own package and the layers below it, never one above, whether at the top of the
-file, in a function body or under ``TYPE_CHECKING``; module-level imports form no cycle; no
+file, in a function body or under ``TYPE_CHECKING``; imports form no cycle, lazy ones included; no
 module imports another module's ``_private`` name; every package says what it owns and lists
 its public names in ``__all__``.
 """
@@ -70,7 +70,7 @@ def problems(root: Path = ROOT) -> list[str]:
                 out.append(f"{where}: {name} ({LAYERS[here]}) imports {target} ({LAYERS[there]}), a higher layer")
             if imported.startswith("_") and target != name:
                 out.append(f"{where}: {name} imports {target}'s private name {imported}")
-            if top and target in known and target != name:
+            if target in known and target != name:  # lazy and TYPE_CHECKING imports included
                 graph[name].add(target)
     out += [f"import cycle: {' -> '.join(c)}" for c in cycles(graph)]
     return out
