@@ -63,7 +63,7 @@ def problems(root: Path = ROOT) -> list[str]:
     graph: dict[str, set[str]] = {m: set() for m in known}
     for name, path in known.items():
         here = layer(name)
-        for target, imported, top, line in imports(path, known):
+        for target, imported, _top, line in imports(path, known):
             where = f"{path.relative_to(root.parent)}:{line}"
             there = layer(target)
             if here is not None and there is not None and there > here:
