@@ -45,6 +45,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from bench.timing import sync
 from flowpp import build_model, get_preset
 from flowpp.distributed import data_dependent_init
 from flowpp.flops import flop_counter
@@ -163,11 +164,6 @@ def measure_memory(mode: str, batch: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
     return {"held": held, "peak": live.peak, "ops": ops, "seconds": time.perf_counter() - started}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_steps(mode: str, batch: int, steps: int, device: torch.device) -> dict:

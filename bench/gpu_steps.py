@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from bench.gpu_plan import Config, Row
+from bench.timing import sync, timed
 from bench.variants import apply_variant
 from flowpp import build_model, get_preset
 from flowpp.compile import compile_model
@@ -21,11 +22,6 @@ from orchestrator.training.step import train_step
 
 LR, GRAD_CLIP, INIT_BATCH = 1e-4, 1.0, 2
 SAMPLE_N, SAMPLE_REPEATS, EMA_ROUNDS = 16, 3, 5
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def free(device: torch.device) -> None:
@@ -70,17 +66,6 @@ class Stepper:
         self.skipped += bool(getattr(out, "skipped", out))
 
 
-def timed(fn: Callable[[], object], n: int, device: torch.device) -> list[float]:
-    times = []
-    for _ in range(n):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def run_row(preset, config: Config, warmup: int, steps: int, device, *, step_fn=train_step, backend="inductor",
             after_first: Callable[[], None] | None = None, ema: bool = False) -> tuple[Row, dict | None]:  # fmt: skip
     """(row, EMA timings or None) of ``config``: ``warmup`` untimed steps, then ``steps`` timed.
@@ -94,11 +79,11 @@ def run_row(preset, config: Config, warmup: int, steps: int, device, *, step_fn=
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     run = Stepper(model, opt, x, step_fn)
-    warm = timed(run, min(1, warmup), device)
+    warm, _ = timed(run, min(1, warmup), device)
     if after_first is not None:
         after_first()
-    warm += timed(run, max(0, warmup - 1), device)
-    times = timed(run, steps, device)
+    warm += timed(run, max(0, warmup - 1), device)[0]
+    times, _ = timed(run, steps, device)
     step_s = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     note = f"{run.skipped} of {warmup + steps} steps skipped (non-finite)" if run.skipped else ""
@@ -120,7 +105,7 @@ def time_ema(run: Stepper, device: torch.device, rounds: int = EMA_ROUNDS) -> di
 
     for i in range(rounds + 1):
         for name, fn in (("step", run), ("step_ema", whole), ("ema", lambda: ema.update(run.model))):
-            t = timed(fn, 1, device)
+            t, _ = timed(fn, 1, device)
             if i:
                 times[name] += t
     return {name: statistics.median(values) for name, values in times.items()}
@@ -150,7 +135,7 @@ def sample_line(preset: str, device: torch.device) -> str:
         with torch.no_grad():
             for i in range(SAMPLE_REPEATS + 1):
                 for name, call in calls.items():
-                    t = timed(call, 1, device)
+                    t, _ = timed(call, 1, device)
                     if i:
                         times[name] += t
         s_s, lp_s = statistics.median(times["sample"]), statistics.median(times["log_prob"])

@@ -65,6 +65,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: bench.* resolves from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.timing import sync, timed  # noqa: E402
 from bench.variants import OPTIONS, apply_variant, parse_variant  # noqa: E402
 from flowpp import build_model, get_preset  # noqa: E402
 from flowpp.distributed import data_dependent_init  # noqa: E402
@@ -99,26 +100,9 @@ def setup(name: str, mode: str, batch: int, device: torch.device, variant: str =
     return model, x, torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused or None)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def rss_kib() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-def timed(fn, steps: int, device: torch.device) -> tuple[list[float], object]:
-    """Seconds of each of ``steps`` calls of ``fn``, and its last result."""
-    times, out = [], None
-    for _ in range(steps):
-        sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return times, out
 
 
 def reset_rss_peak() -> bool:
