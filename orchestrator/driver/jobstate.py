@@ -2,29 +2,25 @@
 
     run.json       {"run": Ray Train run name}: the job's current run (``name`` until ``--new-run``)
     finished.json  {"run", "step", "finished_at"}: written by the driver once that run completed
-    lock.json      {"owner", "heartbeat", "ray_job"}: held by the driver while it runs
+    lock.json      {"owner", "heartbeat", "expires", "ray_job"}: held by the driver while it runs
 
 A re-submitted job whose current run finished at or beyond ``train.max_steps`` does nothing and
 says so; ``--new-run`` starts a fresh Ray Train run (a new run name, the old one kept). Two
-drivers of the same job are refused by the lock: its owner rewrites its heartbeat every
-``HEARTBEAT_S``; a lock whose heartbeat is older than ``STALE_S``, or whose owner was a process
-of this machine that is gone (a killed driver), is taken over.
+drivers of the same job are refused by the lock, a lease of ``orchestrator.core.lease``: its
+owner renews it every ``HEARTBEAT_S``; a lock whose heartbeat is older than ``STALE_S``, or
+whose owner was a process of this machine that is gone (a killed driver), is taken over.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import socket
-import threading
 import time
-import uuid
-from dataclasses import dataclass
 
 from orchestrator.config import JobSpec
-from orchestrator.core import storage
+from orchestrator.core import lease, storage
 from orchestrator.core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -55,12 +51,6 @@ def _write(spec: JobSpec, leaf: str, record: dict) -> None:
     storage.write_bytes(state_url(spec, leaf), json.dumps(record).encode(), spec.storage.options())
 
 
-def _delete(spec: JobSpec, leaf: str) -> None:
-    fs, path = storage.filesystem(state_url(spec, leaf), spec.storage.options())
-    with contextlib.suppress(FileNotFoundError):
-        fs.rm_file(path)
-
-
 # -- the current run and whether it finished -----------------------------------------------
 def current_run(spec: JobSpec) -> str:
     """The Ray Train run name this job resumes: ``name``, or the one the last ``--new-run`` made."""
@@ -88,54 +78,24 @@ def mark_finished(spec: JobSpec, run: str, step: int) -> None:
 
 
 # -- the lock ------------------------------------------------------------------------------
-@dataclass
-class JobLock:
-    """This driver's hold on the job; ``release`` (or a ``with`` block's end) gives it back."""
-
-    spec: JobSpec
-    owner: str
-    _stop: threading.Event
-    _thread: threading.Thread | None = None
-
-    def _record(self) -> dict:
-        return {"owner": self.owner, "heartbeat": time.time(), "ray_job": os.environ.get("RAY_JOB_ID", "")}
-
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                _write(self.spec, "lock.json", self._record())
-            except Exception as exc:  # noqa: BLE001 - a missed beat is retried; the run goes on
-                log.warning("job %s: lock heartbeat failed: %s", self.spec.name, exc)
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=HEARTBEAT_S)
-        held = _read(self.spec, "lock.json")
-        if held and held.get("owner") == self.owner:
-            _delete(self.spec, "lock.json")
-
-    def __enter__(self) -> JobLock:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+JobLock = lease.Lease  # this driver's hold on the job; ``release`` (or a ``with`` block's end) gives it back
 
 
-def _refusal(spec: JobSpec, held: dict, now: float) -> JobRunningError:
-    who = f"driver {held.get('owner', '(another one, starting at the same time)')}"
-    if held.get("ray_job"):
-        who += f", Ray job {held['ray_job']} (stop it with `ray job stop {held['ray_job']}`)"
-    beat = f", last heartbeat {now - float(held['heartbeat']):.0f} s ago" if "heartbeat" in held else ""
+def _refusal(spec: JobSpec, held: lease.Holder | None) -> JobRunningError:
+    who = f"driver {held.owner if held else '(another one, starting at the same time)'}"
+    ray_job = held.info.get("ray_job") if held else ""
+    if ray_job:
+        who += f", Ray job {ray_job} (stop it with `ray job stop {ray_job}`)"
+    beat = f", last heartbeat {time.time() - held.beat:.0f} s ago" if held and held.beat else ""
     return JobRunningError(
         f"job {spec.name} is already running: {who}{beat}, lock {state_url(spec, 'lock.json')}; wait for it "
         f"to finish (a lock without a heartbeat for {STALE_S:.0f} s is taken over)"
     )
 
 
-def _owner_gone(held: dict) -> bool:
+def _owner_gone(held: lease.Holder) -> bool:
     """The lock's owner was a process on this machine that no longer exists (a killed driver)."""
-    host, _, rest = str(held.get("owner", "")).partition(":")
+    host, _, rest = held.owner.partition(":")
     pid = rest.partition(":")[0]
     if host != socket.gethostname() or not pid.isdigit():
         return False
@@ -149,23 +109,18 @@ def _owner_gone(held: dict) -> bool:
 
 
 def acquire(spec: JobSpec, settle_s: float = 1.0) -> JobLock:
-    """Hold the job's lock, or raise ``JobRunningError`` if a live driver holds it.
+    """Hold the job's lock (the one lease of ``orchestrator.core.lease``), or raise
+    ``JobRunningError`` if a live driver holds it."""
 
-    Object stores have no atomic create-if-absent here, so a write is read back after
-    ``settle_s``: of two drivers that wrote at once, the one whose record stayed wins.
-    """
-    now = time.time()
-    held = _read(spec, "lock.json")
-    if held and now - float(held.get("heartbeat", 0)) < STALE_S and not _owner_gone(held):
-        raise _refusal(spec, held, now)
-    if held:
-        log.warning("job %s: taking over a stale lock of %s", spec.name, held.get("owner"))
-    lock = JobLock(spec, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}", threading.Event())
-    _write(spec, "lock.json", lock._record())
-    time.sleep(settle_s)
-    held = _read(spec, "lock.json")
-    if not held or held.get("owner") != lock.owner:
-        raise _refusal(spec, held or {}, time.time())
-    lock._thread = threading.Thread(target=lock._beat, name=f"lock-{spec.name}", daemon=True)
-    lock._thread.start()
-    return lock
+    def lost(holder: lease.Holder | None) -> None:
+        taker = holder.owner if holder else "(deleted)"
+        log.error("job %s: its lock was taken over by %s; this driver no longer holds it", spec.name, taker)
+
+    store = lease.JsonStore(state_url(spec, "lock.json"), spec.storage.options(), STALE_S)
+    info = {"ray_job": os.environ.get("RAY_JOB_ID", "")}
+    try:
+        return lease.acquire(
+            store, STALE_S, settle_s=settle_s, stale=_owner_gone, beat_s=HEARTBEAT_S, info=info, on_lost=lost
+        )
+    except lease.LeaseHeld as held:
+        raise _refusal(spec, held.holder) from None

@@ -13,7 +13,8 @@ the registered model, set, left to settle, then read back), and the champion is 
 again under the lock: if another promotion moved it meanwhile, the candidate is
 compared with the new champion before anything changes.
 
-The lock's tag is ``OWNER:EXPIRY``. A heartbeat thread renews the expiry every third of the
+The lock is the project's one lease (``orchestrator.core.lease``) stored in the tag
+``OWNER:EXPIRY``. A heartbeat thread renews the expiry every third of the
 lease while the holder works (a re-score of 50k images outlasts any fixed lease), and the
 aliases move only if the lock is still held. Release is compare-and-delete: the tag is read
 and deleted only if it still names this owner. MLflow offers no conditional delete, so a
@@ -26,14 +27,11 @@ from __future__ import annotations
 
 import logging
 import math
-import random
-import threading
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from orchestrator.core import storage
+from orchestrator.core import lease, retry, storage
 from orchestrator.core.errors import FlowppError, UserError
 from orchestrator.core.redact import SPEC_TAG, redact
 from orchestrator.evaluation.evaluate import Scores, per_image_bpd
@@ -143,70 +141,52 @@ def scores(reg: ModelRegistry, version: str, settings: EvalSettings, role: str =
     )
 
 
-class Lease:
-    """A held promotion lock: its owner id, renewed by a heartbeat thread until released."""
+class TagStore:
+    """The promotion lock's record as the registered model's tag ``OWNER:EXPIRY`` (a lease store)."""
 
-    def __init__(self, reg: ModelRegistry, owner: str, lease_s: float):
-        self.reg, self.owner, self.lease_s = reg, owner, lease_s
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="promotion-lock-heartbeat", daemon=True)
+    def __init__(self, reg: ModelRegistry):
+        self.reg, self.where = reg, f"{reg.name}'s promotion lock"
 
-    def token(self) -> str:
-        return f"{self.owner}:{time.time() + self.lease_s:.3f}"
-
-    def held(self) -> bool:
-        held = self.reg.tags().get(LOCK_TAG) or ""
-        return held.rsplit(":", 1)[0] == self.owner
-
-    def ensure_held(self) -> None:
-        """Raise unless this owner still holds the lock (checked before the aliases move)."""
-        if self.lost.is_set() or not self.held():
-            self.lost.set()
-            raise PromotionError(f"{self.reg.name}: the promotion lock was lost (its lease ran out); nothing moved")
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.lease_s / 3):
-            try:
-                if not self.held():  # read, compare, renew: only the owner's token is extended
-                    self.lost.set()
-                    return
-                self.reg.set_tag(LOCK_TAG, self.token())
-            except FlowppError as exc:  # MLflow away for a moment: the lease still has time left
-                log_.warning("promotion lock: renewal failed, retrying: %s", exc)
-
-    def release(self) -> None:
-        """Compare-and-delete: only a tag that still names this owner is deleted."""
-        self._stop.set()
-        self._thread.join()
+    def read(self) -> lease.Holder | None:
+        owner, _, expires = (self.reg.tags().get(LOCK_TAG) or "").rpartition(":")
         try:
-            if self.held():
-                self.reg.delete_tag(LOCK_TAG)
-        except FlowppError as exc:  # never hides the body's own error; the lease frees it in time
-            log_.warning("promotion lock: not released (it expires with its lease): %s", exc)
+            return lease.Holder(owner, float(expires)) if owner else None
+        except ValueError:
+            return None  # a tag no promotion wrote: free
+
+    def write(self, holder: lease.Holder) -> None:
+        self.reg.set_tag(LOCK_TAG, f"{holder.owner}:{holder.expires:.3f}")
+
+    def delete(self) -> None:
+        self.reg.delete_tag(LOCK_TAG)
 
 
 @contextmanager
 def promotion_lock(reg: ModelRegistry, lease_s: float = 1800, settle_s: float = 1.0, timeout_s: float = 900):
-    """An advisory lock on the registered model, renewed while held; a holder that died frees it when its lease ends."""
-    lease = Lease(reg, uuid.uuid4().hex, lease_s)
-    deadline = time.monotonic() + timeout_s
+    """An advisory lock on the registered model (the one lease of ``orchestrator.core.lease``),
+    renewed while held; a holder that died frees it when its lease ends."""
+    store, deadline = TagStore(reg), time.monotonic() + timeout_s
     while True:
-        held = reg.tags().get(LOCK_TAG)
-        if held and not held.startswith(lease.owner + ":") and float(held.rsplit(":", 1)[1]) > time.time():
-            if time.monotonic() > deadline:
-                raise PromotionError(f"{reg.name}: another promotion has held the lock for over {timeout_s:.0f} s")
-            time.sleep(0.2 + random.random() * 0.3)
-            continue
-        reg.set_tag(LOCK_TAG, lease.token())
-        time.sleep(settle_s)  # a concurrent writer that read "free" has written by now; the last write wins
-        if lease.held():
+        try:
+            held = lease.acquire(store, lease_s, settle_s=settle_s)
             break
-    lease._thread.start()
+        except lease.LeaseHeld:
+            if time.monotonic() > deadline:
+                waited = f"{reg.name}: another promotion has held the lock for over {timeout_s:.0f} s"
+                raise PromotionError(waited) from None
+            time.sleep(0.2 + retry.jitter(0.3))
     try:
-        yield lease
+        yield held
     finally:
-        lease.release()
+        held.release()
+
+
+def ensure_held(reg: ModelRegistry, held: lease.Lease) -> None:
+    """Raise unless this promotion still holds the lock (checked before the aliases move)."""
+    try:
+        held.ensure_held()
+    except lease.LeaseLost:
+        raise PromotionError(f"{reg.name}: the promotion lock was lost (its lease ran out); nothing moved") from None
 
 
 def promote(
@@ -242,14 +222,14 @@ def promote(
     if dry_run:
         log(_summary(name, cand.version, champion, decision, dry_run=True))
         return decision
-    with promotion_lock(reg, lease_s=lock_lease_s) as lease:
+    with promotion_lock(reg, lease_s=lock_lease_s) as held:
         now = reg.alias(CHAMPION)
         if now != champion:  # another promotion moved it while we were scoring
             log(f"the champion changed from {champion} to {now} meanwhile; comparing with v{now}")
             champion = now
             champ_scores = scores(reg, champion, settings, CHAMPION) if champion else None
             decision = decide(cand_scores, champ_scores, margin, z)
-        lease.ensure_held()  # a re-score may have outlasted a lease whose heartbeat failed
+        ensure_held(reg, held)  # a re-score may have outlasted a lease whose heartbeat failed
         _record(reg, cand.version, champion, decision, settings)
         if decision.promote:
             reg.set_alias(CHAMPION, str(cand.version))

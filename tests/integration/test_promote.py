@@ -31,6 +31,7 @@ from orchestrator.driver.promote import (
     PREVIOUS,
     EvalSettings,
     PromotionError,
+    ensure_held,
     promote,
     promotion_lock,
     rollback,
@@ -294,7 +295,7 @@ def test_the_lock_is_renewed_while_its_holder_outlasts_the_lease(bare_registry):
         waiting = promotion_lock(reg, lease_s=1.5, settle_s=0.1, timeout_s=1.0)
         with pytest.raises(PromotionError, match="another promotion has held the lock"), waiting:
             pass
-        lease.ensure_held()
+        ensure_held(reg, lease)
     assert LOCK_TAG not in reg.tags()
 
 
@@ -304,6 +305,6 @@ def test_only_the_owner_token_releases_the_lock(bare_registry):
     with promotion_lock(reg, lease_s=600, settle_s=0.1) as lease:
         reg.set_tag(LOCK_TAG, intruder)  # as if our lease had run out and another promotion took over
         with pytest.raises(PromotionError, match="the promotion lock was lost"):
-            lease.ensure_held()
+            ensure_held(reg, lease)
     assert reg.tags()[LOCK_TAG] == intruder  # compare-and-delete left the other owner's lock alone
     reg.delete_tag(LOCK_TAG)
