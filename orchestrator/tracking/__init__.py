@@ -5,8 +5,9 @@ Layers, bottom first (each imports only those before it):
 - ``connection``: the MLflow module and client for a URI, the URI fit for a message, reachability;
 - ``buffer``: the queue that keeps training going while the server is away, retries, system
   metrics, a run's end status;
-- ``runs``: runs, the ``RunLogger`` a training run logs through, model files, logging and loading
-  a model, registering it;
+- ``models``: a model as files (safetensors + config.json, no pickle), logged as a pyfunc,
+  registered, loaded back;
+- ``runs``: finding and making a job's run, and the ``RunLogger`` a training run logs through;
 - ``registry``: the registered model's versions, aliases and tags (what promotion needs);
 - ``pyfunc``: the model class MLflow loads as code (imported by MLflow, not by the project).
 
@@ -22,24 +23,26 @@ from orchestrator.tracking.connection import (
     mlflow_for,
     public_uri,
 )
+from orchestrator.tracking.models import (
+    ModelNotFoundError,
+    RegistrationError,
+    RegistrationRefusedError,
+    build_from_files,
+    load_flow,
+    log_flow_model,
+    register,
+    save_model_files,
+)
 from orchestrator.tracking.runs import (
     EXPERIMENT_KIND_TAG,
     JOB_TAG,
     REGISTERED_TAG,
     TRAIN_RUN_TAG,
-    ModelNotFoundError,
-    RegistrationError,
-    RegistrationRefusedError,
     RunLogger,
-    build_from_files,
     ensure_run,
     find_run,
     finish_children,
-    load_flow,
-    log_flow_model,
-    register,
     run_page,
-    save_model_files,
 )
 
 __all__ = [

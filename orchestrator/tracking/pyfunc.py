@@ -11,7 +11,7 @@ from mlflow.pyfunc import PythonModel
 
 class FlowPPModel(PythonModel):
     def load_context(self, context):
-        from orchestrator.tracking.runs import build_from_files  # lazy: MLflow loads this file as code, alone
+        from orchestrator.tracking.models import build_from_files  # lazy: MLflow loads this file as code, alone
 
         self.model = build_from_files(context.artifacts["weights"], context.artifacts["config"])
 

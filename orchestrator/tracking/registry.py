@@ -16,7 +16,7 @@ from orchestrator.tracking.connection import (
     first_line,
     public_uri,
 )
-from orchestrator.tracking.runs import ModelNotFoundError, load_flow
+from orchestrator.tracking.models import ModelNotFoundError, load_flow
 
 if TYPE_CHECKING:
     import torch

@@ -1,4 +1,4 @@
-"""Runs, metrics, model logging (safetensors + code, no pickle), registering.
+"""Runs: finding and making a job's MLflow run, and the ``RunLogger`` a training run logs through.
 
 The trainer calls this from rank 0 only, through a ``RunLogger``. Values the
 project needs later (a run's id, its final validation bits/dim) travel as values from
@@ -7,21 +7,23 @@ the code that produced them; they are not read back from the tracking server.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.core.errors import FlowppError, UserError
 from orchestrator.tracking.buffer import MetricBuffer, SystemMetrics, is_transient, with_retries
-from orchestrator.tracking.connection import NOT_FOUND, check_reachable, client_for, first_line, mlflow_for, public_uri
+from orchestrator.tracking.connection import check_reachable, client_for, first_line, public_uri
+from orchestrator.tracking.models import (
+    RegistrationError,
+    log_flow_model,
+    register,
+    require_finite_val_bpd,
+    version_of_run,
+)
 
 if TYPE_CHECKING:
-    import torch
-
     from orchestrator.config import MlflowSpec
 
 log = logging.getLogger(__name__)
@@ -31,19 +33,6 @@ TRAIN_RUN_TAG = "flowpp.train_run"  # the Ray Train run (storage folder) an MLfl
 REGISTERED_TAG = "flowpp.registered_version"
 EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 """The experiment kind MLflow's UI reads to open an experiment in its model-training view, not the GenAI one."""
-PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")
-
-
-class ModelNotFoundError(UserError):
-    """A registered model, version, alias or model URI that does not exist; names it."""
-
-
-class RegistrationError(FlowppError):
-    """The model could not be registered; the run's final checkpoint is kept for a later try."""
-
-
-class RegistrationRefusedError(RegistrationError):
-    """A model whose validation bits/dim is not a finite number is never registered."""
 
 
 # -- runs ---------------------------------------------------------------------------------
@@ -176,28 +165,22 @@ class RunLogger:
     def params(self, params: dict) -> None:
         """Log the params this run does not have yet (a resumed run keeps its first values)."""
         if self.enabled:
-            self._queue().call("params", lambda: self._send_params(params))
-
-    def _send_params(self, params: dict) -> None:
-        from mlflow.entities import Param
-
-        existing = self.client.get_run(self.run_id).data.params
-        new = [Param(k, str(v)) for k, v in params.items() if k not in existing]
-        for i in range(0, len(new), 100):
-            self.client.log_batch(self.run_id, params=new[i : i + 100])
+            self._queue().call("params", lambda: self._send_missing("params", params))
 
     def tags(self, tags: dict) -> None:
         """Tag the run with the tags it does not have yet, queued like the params (first values kept)."""
         if self.enabled:
-            self._queue().call("tags", lambda: self._send_tags(tags))
+            self._queue().call("tags", lambda: self._send_missing("tags", tags))
 
-    def _send_tags(self, tags: dict) -> None:
-        from mlflow.entities import RunTag
+    def _send_missing(self, kind: str, values: dict) -> None:
+        """Log the ``params`` or ``tags`` the run does not have yet (first values kept), 100 a batch."""
+        from mlflow.entities import Param, RunTag  # lazy: mlflow.entities loads much of MLflow
 
-        existing = self.client.get_run(self.run_id).data.tags
-        new = [RunTag(k, str(v)) for k, v in tags.items() if k not in existing]
+        data = self.client.get_run(self.run_id).data
+        existing, entity = (data.params, Param) if kind == "params" else (data.tags, RunTag)
+        new = [entity(k, str(v)) for k, v in values.items() if k not in existing]
         for i in range(0, len(new), 100):
-            self.client.log_batch(self.run_id, tags=new[i : i + 100])
+            self.client.log_batch(self.run_id, **{kind: new[i : i + 100]})
 
     def metrics(self, metrics: dict, step: int) -> None:
         """Queued; sent before returning while the server answers (``wait_s`` at most), at once when it does not."""
@@ -277,7 +260,7 @@ class RunLogger:
         """
         assert self.enabled and self.tracking_uri and self.run_id
         uri, run_id = self.tracking_uri, self.run_id
-        _require_finite_val_bpd(name, run_id, tags)
+        require_finite_val_bpd(name, run_id, tags)
         deadline = time.monotonic() + self.retry_budget_s
         what = f"registering {name} from run {run_id}"
 
@@ -285,11 +268,11 @@ class RunLogger:
             return with_retries(what, fn, max(0.0, deadline - time.monotonic()))
 
         try:
-            version = step(lambda: _version_of_run(self.client, name, run_id))
+            version = step(lambda: version_of_run(self.client, name, run_id))
             if version is None:
                 model_uri = step(lambda: log_flow_model(uri, run_id, model))
                 # each attempt looks first: a version whose reply was lost is not made twice
-                version = step(lambda: _version_of_run(self.client, name, run_id)
+                version = step(lambda: version_of_run(self.client, name, run_id)
                                or register(uri, model_uri, name, {**tags, "run_id": run_id}))  # fmt: skip
             step(lambda: self.client.set_tag(run_id, REGISTERED_TAG, version))
         except Exception as exc:
@@ -317,108 +300,3 @@ class RunLogger:
             self.stop_system_metrics()
             self.flush()
             self._retry(f"closing run {self.run_id}", lambda: self.client.set_terminated(self.run_id, status))
-
-
-def _require_finite_val_bpd(name: str, run_id: str, tags: dict[str, Any]) -> None:
-    value = tags.get("val_bpd")
-    try:
-        finite = math.isfinite(float(value))  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        finite = False
-    if not finite:
-        raise RegistrationRefusedError(
-            f"{name}: not registered: run {run_id} has val_bpd {value!r}, not a finite number (a run that "
-            "diverged or never evaluated is never a model version)"
-        )
-
-
-def _version_of_run(client, name: str, run_id: str) -> str | None:
-    """The newest version of ``name`` registered from ``run_id`` (a retry after a lost reply), or None."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    except MlflowException as exc:
-        if exc.error_code in NOT_FOUND:
-            return None
-        raise
-    return str(max(int(v.version) for v in versions)) if versions else None
-
-
-# -- models: safetensors + config.json, logged as a pyfunc from code -----------------------
-def save_model_files(model, directory: Path) -> tuple[Path, Path]:
-    """weights.safetensors (float32) + config.json for a FlowPlusPlus."""
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    weights, config = directory / "weights.safetensors", directory / "config.json"
-    state = {
-        k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().cpu()
-        for k, v in model.state_dict().items()
-    }
-    save_file(state, str(weights))
-    config.write_text(json.dumps(model.config.to_dict(), indent=1))
-    return weights, config
-
-
-def build_from_files(weights: str | Path, config: str | Path, device: str | torch.device = "cpu"):
-    """A FlowPlusPlus (eval mode, on ``device``) from weights.safetensors + config.json: no pickle involved."""
-    from safetensors.torch import load_file
-
-    from flowpp import FlowConfig, FlowPlusPlus  # lazy: torch
-
-    cfg = FlowConfig.from_dict(json.loads(Path(config).read_text())).for_inference()
-    model = FlowPlusPlus(cfg).to(device)
-    model.load_state_dict(load_file(str(weights), device=str(device)))
-    return model.eval()
-
-
-def log_flow_model(tracking_uri: str, run_id: str, model) -> str:
-    """Log a FlowPlusPlus (its current weights) as an MLflow pyfunc; returns the model URI."""
-    mlflow = mlflow_for(tracking_uri)
-    root = Path(__file__).resolve().parents[2]  # the repository: flowpp/ and orchestrator/
-    status = mlflow.MlflowClient().get_run(run_id).info.status
-    with tempfile.TemporaryDirectory() as tmp:
-        mlflow.start_run(run_id=run_id)
-        try:
-            weights, config = save_model_files(model, Path(tmp))
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(PYFUNC_CODE),
-                artifacts={"weights": str(weights), "config": str(config)},
-                code_paths=[str(root / "flowpp"), str(root / "orchestrator")],
-                pip_requirements=["torch>=2.4", "safetensors", "numpy"],
-            )
-        finally:
-            # not FINISHED, as leaving start_run's block would make it: a job whose registration then
-            # fails must stay resumable (its run FAILED, not a finished run the next submission skips)
-            mlflow.end_run(status=status)
-    return info.model_uri
-
-
-def register(tracking_uri: str, model_uri: str, name: str, tags: dict[str, Any]) -> str:
-    """A new version of registered model ``name``; returns its version number."""
-    mlflow = mlflow_for(tracking_uri)
-    mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
-    return str(mv.version)
-
-
-def load_flow(model_uri: str, tracking_uri: str | None = None, device: str | torch.device = "cpu"):
-    """FlowPlusPlus on ``device`` from a runs:/ or models:/ URI (e.g. models:/flowpp@champion), without pickle."""
-    from mlflow.exceptions import MlflowException
-
-    mlflow = mlflow_for(tracking_uri) if tracking_uri else __import__("mlflow")
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
-        except MlflowException as exc:
-            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                raise ModelNotFoundError(f"{model_uri}: {first_line(exc.message)}") from None
-            raise FlowppError(f"{model_uri}: cannot download its artifacts: {first_line(exc.message)}") from None
-        except OSError as exc:  # the artifact store lost the files (or cannot be reached)
-            raise FlowppError(f"{model_uri}: cannot download its artifacts: {first_line(str(exc))}") from None
-        weights, config = (next(local.rglob(name), None) for name in ("weights.safetensors", "config.json"))
-        if weights is None or config is None:
-            missing = "weights.safetensors" if weights is None else "config.json"
-            raise FlowppError(f"{model_uri}: its artifacts hold no {missing} (was the artifact store reset?)")
-        return build_from_files(weights, config, device)

@@ -35,7 +35,7 @@ OPTIONAL = {
     # `flowpp prepare demo` only (orchestrator/data/sources.py finds it with find_spec and, when it
     # is missing, says `pip install 'flowpp-orchestrator[demo]'`)
     "skimage": "demo",
-    # a sqlite:/// MLflow store only (orchestrator/tracking/runs.py finds them with find_spec and, when
+    # a sqlite:/// MLflow store only (orchestrator/tracking/connection.py finds them with find_spec and, when
     # they are missing, says `pip install 'flowpp-orchestrator[server]'`)
     "sqlalchemy": "server",
     "alembic": "server",
@@ -162,8 +162,11 @@ def test_the_demo_source_names_its_extra_when_scikit_image_is_missing(monkeypatc
 
 def test_a_sqlite_store_without_the_server_extra_names_it(monkeypatch, tmp_path):
     """mlflow-skinny (the core) has no local store: a sqlite:/// tracking URI needs [server]."""
+    import mlflow.tracking._model_registry.utils  # noqa: F401 - it registers the sqlite scheme once, at import
+
     from orchestrator import tracking
 
+    # imported first: hidden while MLflow's registry loads, sqlite would stay unknown to later tests
     monkeypatch.setitem(sys.modules, "sqlalchemy", None)  # as on a core-only install (find_spec: None)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     with pytest.raises(UserError, match=re.escape("pip install 'flowpp-orchestrator[server]'")) as caught:
