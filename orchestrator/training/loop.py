@@ -13,7 +13,6 @@ import hashlib
 import itertools
 import json
 import logging
-import math
 import random
 import tempfile
 import time
@@ -40,9 +39,10 @@ from orchestrator.evaluation.evaluate import evaluate, periodic_batches
 from orchestrator.evaluation.images import sample_grid
 from orchestrator.tracking import RunLogger
 from orchestrator.training import checkpoint
-from orchestrator.training.mfu import device_peak_flops, mfu
+from orchestrator.training.meter import Meter
+from orchestrator.training.mfu import device_peak_flops
 from orchestrator.training.state import TrainState
-from orchestrator.training.step import StepResult, all_sum, ddp_options, train_step
+from orchestrator.training.step import StepResult, ddp_options, train_step
 from orchestrator.training.trace import Trace
 from orchestrator.training.tracker import Tracker
 
@@ -332,86 +332,6 @@ def usage_of(w: Worker, model: FlowPlusPlus) -> tuple[float | None, float | None
         log.info("MFU: %.3g GFLOPs a training image (forward + backward) against %.3g TFLOP/s a worker",
                  flops / 1e9, peak / 1e12)  # fmt: skip
     return flops, peak
-
-
-def eta_text(seconds: float) -> str:
-    """``HH:MM:SS``, or days (``4.3 days``) from 24 hours on; ``?`` while unknown."""
-    if not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    if seconds >= 86400:
-        return f"{seconds / 86400:.1f} days"
-    return time.strftime("%H:%M:%S", time.gmtime(seconds))
-
-
-class Meter:
-    """Running sums between two log lines (loss, grad norm, images, time spent waiting for data),
-    and the figures of the line: rate, MFU, peak GPU memory, the loader's share, the ETA.
-
-    ``flush`` runs on every rank at the same steps: it sums the loader wait and the substituted
-    samples over the ranks (one small all-reduce).
-    """
-
-    def __init__(self, step: int, world: int, device: torch.device, usage: tuple = (None, None)):
-        self.started, self.first_step = time.perf_counter(), step
-        self.world, self.device = world, device
-        self.flops_per_image, self.peak = usage
-        self.consecutive_skips = 0
-        self._reset(self.started)
-
-    def _reset(self, now: float) -> None:
-        self.loss, self.grad_norm, self.count, self.images, self.since = 0.0, 0.0, 0, 0, now
-        self.data_wait = 0.0
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-    def add(self, out: StepResult) -> None:
-        self.loss += out.loss
-        self.grad_norm += out.grad_norm
-        self.count += 1
-
-    def flush(self, lr: float, stats: dict, substituted: int = 0) -> dict:
-        wait, subst = all_sum([self.data_wait, float(substituted)], self.device)
-        now, n = time.perf_counter(), max(1, self.count)
-        elapsed = max(1e-9, now - self.since)
-        images_s = self.images / elapsed
-        metrics = {
-            "train_bpd": self.loss / n,
-            "grad_norm": self.grad_norm / n,
-            "images_per_s": images_s,
-            "lr": lr,
-            "nonfinite_skipped": stats.get("nonfinite_skipped", 0),
-            "data_wait_pct": 100.0 * wait / (self.world * elapsed),
-            "substituted_samples": int(subst),
-        }
-        utilisation = mfu(self.flops_per_image, images_s / self.world, self.peak)
-        if utilisation is not None:
-            metrics["mfu_pct"] = 100.0 * utilisation
-        if self.device.type == "cuda":
-            metrics["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        self._reset(now)
-        return metrics
-
-    def eta_s(self, step: int, max_steps: int) -> float:
-        elapsed = time.perf_counter() - self.started
-        rate = (step - self.first_step) / elapsed if elapsed > 0 else 0.0
-        return (max_steps - step) / rate if rate > 0 else float("inf")
-
-    def line(self, step: int, max_steps: int, metrics: dict) -> str:
-        parts = [
-            f"step {step}/{max_steps}",
-            f"bits/dim {metrics['train_bpd']:.4f}",
-            f"images/s {metrics['images_per_s']:,.1f}",
-            f"lr {metrics['lr']:.2e}",
-            f"grad_norm {metrics['grad_norm']:.3f}",
-        ]
-        if "mfu_pct" in metrics:
-            parts.append(f"mfu {metrics['mfu_pct']:.1f}%")
-        if "gpu_mem_peak_gib" in metrics:
-            parts.append(f"gpu_mem {metrics['gpu_mem_peak_gib']:.1f} GiB")
-        parts.append(f"data_wait {metrics['data_wait_pct']:.1f}%")
-        parts.append(f"substituted {metrics['substituted_samples']}")
-        parts.append(f"eta {eta_text(self.eta_s(step, max_steps))}")
-        return "  ".join(parts)
 
 
 # -- the end of a run ---------------------------------------------------------------------

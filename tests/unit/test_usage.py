@@ -11,7 +11,7 @@ import torch
 from flowpp import get_preset
 from flowpp.flops import flop_counter, train_flops_per_image
 from flowpp.ops import concat_elu_conv, plain_autograd
-from orchestrator.training.loop import Meter, eta_text
+from orchestrator.training.meter import Meter, eta_text
 from orchestrator.training.mfu import PEAK_ENV, device_peak_flops, mfu, peak_flops
 from orchestrator.training.step import StepResult
 
