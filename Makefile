@@ -22,8 +22,10 @@ $(BIN)/.installed: pyproject.toml $(LOCK)
 
 setup: $(BIN)/.installed
 
+# The slowest tests are printed every run, so that drift shows; PYTEST_ARGS adds more (e.g. a -k filter).
+PYTEST_ARGS ?=
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
 
 unit: setup
 	$(BIN)/python -m pytest -m unit
