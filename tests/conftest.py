@@ -1,5 +1,30 @@
+import sys
+
 import pytest
 import torch
+
+from tests import sockets
+
+_WATCH = pytest.StashKey[sockets.Watch]()
+
+
+def pytest_sessionstart(session):
+    """Every listening socket of a Ray process the tests start is watched from here on (Linux)."""
+    if sys.platform.startswith("linux"):
+        session.config.stash[_WATCH] = sockets.Watch().start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The session fails if a Ray process it started listened anywhere but on loopback."""
+    watch = session.config.stash.get(_WATCH, None)
+    offenders = watch.stop() if watch is not None else []
+    if offenders:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        lines = [f"Ray listened off loopback ({len(offenders)} socket(s)); every Ray a test starts binds 127.0.0.1:"]
+        lines += [f"  {o}" for o in offenders]
+        for line in lines:
+            reporter.write_line(line, red=True) if reporter else print(line, file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_collection_modifyitems(config, items):

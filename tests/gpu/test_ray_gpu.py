@@ -20,6 +20,7 @@ from orchestrator.cli import main  # noqa: E402
 from orchestrator.config import validate  # noqa: E402
 from tests.jobs import tiny_job  # noqa: E402
 from tests.rayauth import token_auth  # noqa: E402
+from tests.rayfixtures import local_ray  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -29,10 +30,9 @@ def gpu_ray(tmp_path_factory):
     import ray
 
     auth = token_auth(tmp_path_factory.mktemp("ray-auth"))
-    ray.init(num_cpus=4, include_dashboard=False)
-    assert ray.cluster_resources().get("GPU", 0) >= 1
-    yield
-    ray.shutdown()
+    with local_ray(num_cpus=4):
+        assert ray.cluster_resources().get("GPU", 0) >= 1
+        yield
     auth.restore()
 
 

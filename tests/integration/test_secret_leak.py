@@ -28,6 +28,7 @@ from orchestrator.core.logs import setup_logging
 from tests.jobs import tiny_job
 from tests.mlflowfixtures import mlflow_server  # noqa: F401  (fixture)
 from tests.rayauth import token_auth
+from tests.rayfixtures import local_ray
 from tests.s3fixtures import SECRET
 
 pytestmark = pytest.mark.integration
@@ -43,10 +44,8 @@ def ray_with_secrets(monkeypatch, aws_env, tmp_path):
 
     monkeypatch.setenv("SERVICE_TOKEN", TOKEN)
     auth = token_auth(tmp_path)
-    ray.init(num_cpus=2, include_dashboard=False)
-    session = Path(ray._private.worker._global_node.get_session_dir_path())
-    yield session
-    ray.shutdown()
+    with local_ray(num_cpus=2):
+        yield Path(ray._private.worker._global_node.get_session_dir_path())
     auth.restore()
 
 

@@ -23,6 +23,7 @@ from orchestrator.config import validate
 from orchestrator.data.stream import ShardStream
 from tests.jobs import tiny_job, write_job
 from tests.rayauth import token_auth
+from tests.rayfixtures import local_ray as start_local_ray
 
 pytestmark = pytest.mark.integration
 
@@ -36,12 +37,10 @@ def job(tmp_path: Path, **train) -> dict:
 
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory):
-    import ray
 
     auth = token_auth(tmp_path_factory.mktemp("ray-auth"))
-    ray.init(num_cpus=3, include_dashboard=False)
-    yield
-    ray.shutdown()
+    with start_local_ray(num_cpus=3):
+        yield
     auth.restore()
 
 
