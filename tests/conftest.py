@@ -36,6 +36,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+from tests.mlflowfixtures import mlflow_server  # noqa: E402,F401  (fixtures)
 from tests.s3fixtures import aws_env, s3, s3_endpoint  # noqa: E402,F401  (fixtures)
 
 

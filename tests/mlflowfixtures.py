@@ -23,7 +23,7 @@ class MlflowServer:
     s3_endpoint: str
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mlflow_server(s3_endpoint, tmp_path_factory):
     import boto3
 

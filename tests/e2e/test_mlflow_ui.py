@@ -22,7 +22,7 @@ import pytest
 from orchestrator import tracking
 from tests.browser import render, text_has
 from tests.jobs import tiny_job, write_job
-from tests.mlflowfixtures import image_steps, mlflow_server, run_train  # noqa: F401  (fixture)
+from tests.mlflowfixtures import image_steps, run_train
 
 pytestmark = pytest.mark.e2e
 

@@ -126,7 +126,7 @@ def test_metrics_wait_in_a_bounded_queue_while_the_server_is_down_and_are_flushe
     small = MetricBuffer(tracking.client_for(up.uri), small_run, max_points=10, first_backoff_s=0.2)
     for step in range(25):
         small.metrics({"loss": float(step)}, step)
-    small.call("params", lambda: tracking.RunLogger(up.uri, small_run)._send_params({"kept": "yes"}))
+    small.call("params", lambda: tracking.RunLogger(up.uri, small_run)._send_missing("params", {"kept": "yes"}))
     assert small.dropped >= 14  # 25 points, 10 queued, at most one in flight
     time.sleep(1.0)  # the background threads have met the outage by now
     assert logger._buffer is not None and logger._buffer.pending() >= 40

@@ -40,7 +40,6 @@ from orchestrator.evaluation.evaluate import per_image_bpd
 from orchestrator.tracking import ModelNotFoundError, TrackingUnavailableError
 from orchestrator.tracking.registry import ModelRegistry
 from tests.integration.test_tracking import _no_pickle
-from tests.mlflowfixtures import mlflow_server  # noqa: F401  (fixture)
 from tests.s3fixtures import ACCESS_KEY, SECRET, FaultProxy
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,6 @@ import pytest
 
 from orchestrator import tracking
 from tests.jobs import tiny_job, write_job
-from tests.mlflowfixtures import mlflow_server  # noqa: F401  (fixture)
 from tests.s3fixtures import FaultProxy
 
 pytestmark = pytest.mark.integration

@@ -26,7 +26,6 @@ import yaml
 from orchestrator.config import load_job
 from orchestrator.core.logs import setup_logging
 from tests.jobs import tiny_job
-from tests.mlflowfixtures import mlflow_server  # noqa: F401  (fixture)
 from tests.rayauth import token_auth
 from tests.rayfixtures import local_ray
 from tests.s3fixtures import SECRET

@@ -18,7 +18,7 @@ from orchestrator.config import MlflowSpec
 from tests.helpers import initialized_model, random_images, tiny_config
 from tests.integration.test_mlflow_faults import Server
 from tests.jobs import tiny_job, write_job
-from tests.mlflowfixtures import image_steps, mlflow_server, run_train  # noqa: F401  (fixture)
+from tests.mlflowfixtures import image_steps, run_train
 from tests.s3fixtures import free_port
 
 pytestmark = pytest.mark.integration
