@@ -128,11 +128,11 @@ def test_killed_worker_restarts_from_the_last_checkpoint_without_skipping_data(t
 def test_nonfinite_losses_are_skipped_then_stop_the_run_keeping_the_checkpoint(tmp_path, local_ray):
     from orchestrator.driver.launch import TrainingFailed, run_training
 
-    # lr ramps by 0.01 per step: fine for the first steps, then the loss blows up
+    # lr ramps by 0.025 per step: fine for the first steps (checkpoints at 4 and 8), then the loss blows up (~step 7)
     spec = validate(
         job(
             tmp_path,
-            lr=10.0,
+            lr=25.0,
             warmup_steps=1000,
             max_steps=1000,
             checkpoint_every=4,
