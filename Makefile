@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 LOCK := requirements/constraints.txt
 LOCK_PYTHON := 3.11
 
-.PHONY: setup test coverage unit lint bench demo demo-long down clean lock
+.PHONY: setup test test-fast coverage unit lint bench demo demo-long down clean lock
 
 # [test] holds everything: the core, [server] (the MLflow server of the local stack), [demo]
 # (scikit-image for `flowpp prepare demo`), moto and boto3 (the local S3), pytest, ruff and mypy.
@@ -26,6 +26,11 @@ setup: $(BIN)/.installed
 PYTEST_ARGS ?=
 test: setup
 	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
+
+# The inner loop (at most 3 minutes on 2 cores): unit, infra and integration tests, less those marked
+# slow (3 s or more) and the e2e tier. CI runs everything (`make test`).
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow and not e2e" --durations=10 $(PYTEST_ARGS)
 
 # Line coverage of flowpp/ and orchestrator/ over the whole suite (the pytest process; Ray workers and
 # subprocesses are not traced), the same tests as `make test`.

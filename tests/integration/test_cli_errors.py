@@ -46,6 +46,7 @@ def test_a_missing_manifest_names_the_url(tmp_path, capsys):
     assert err.strip() == f"flowpp train: data.train: no manifest at {url} (run `flowpp prepare` first)"
 
 
+@pytest.mark.slow
 def test_an_unreachable_endpoint_is_a_runtime_failure_naming_the_url(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
@@ -82,6 +83,7 @@ def test_debug_shows_the_traceback_and_the_process_exit_code(tmp_path):
     assert debug.returncode == 2 and "Traceback" in debug.stderr and "JobSpecError" in debug.stderr
 
 
+@pytest.mark.slow
 def test_a_registered_model_whose_artifacts_vanished_is_one_clear_line(tmp_path, capsys):
     import shutil
 

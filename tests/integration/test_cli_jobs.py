@@ -87,6 +87,7 @@ def _wait_until(check, timeout_s: float = 60, what: str = "") -> None:
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_status_logs_and_stop_of_a_running_job(ray_head, capsys):
     from ray.job_submission import JobSubmissionClient
 
@@ -116,6 +117,7 @@ def test_status_logs_and_stop_of_a_running_job(ray_head, capsys):
     assert capsys.readouterr().out == f"job {job_id}: already STOPPED; nothing to stop\n"
 
 
+@pytest.mark.slow
 def test_logs_follow_a_job_to_its_end_with_the_address_from_ray_address(ray_head, capsys, monkeypatch):
     from ray.job_submission import JobSubmissionClient
 
@@ -133,6 +135,7 @@ def test_an_unknown_job_id_is_one_line_naming_it(ray_head, command, capsys):
     assert out == "" and err == f"flowpp {command}: no job raysubmit_nosuchjob on the Ray cluster at {ray_head}\n"
 
 
+@pytest.mark.slow
 def test_an_unreachable_address_is_one_line_naming_it(capsys):
     address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     assert main(["status", "raysubmit_x", "--address", address]) == 1

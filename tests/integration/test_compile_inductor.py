@@ -11,6 +11,7 @@ from tests.unit.test_compile import _loss_and_grads, _pair
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow
 def test_inductor_kernels_match_eager(fresh_dynamo):
     """The generated kernels (fused mixture maths, convolutions) within float32 tolerance."""
     eager, twin, x, classes = _pair("inductor", image_size=8)

@@ -28,6 +28,7 @@ def _listening(root) -> list[tuple[str, str, int]]:
     return found
 
 
+@pytest.mark.slow
 def test_embedded_ray_listens_on_loopback_only_with_token_auth(tmp_path, monkeypatch):
     import psutil
     import ray

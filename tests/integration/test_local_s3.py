@@ -42,6 +42,7 @@ def _wait_for_snapshot(state: Path, key: str, timeout: float = 30.0) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_objects_survive_a_stop_and_a_crash_after_a_snapshot(tmp_path):
     state, port = tmp_path / "s3", free_port()
     proc = _start(state, port, snapshot_s=3600)

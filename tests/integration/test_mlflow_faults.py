@@ -97,6 +97,7 @@ def test_an_unreachable_tracking_server_fails_the_job_before_any_work(tmp_path, 
     assert not ray.is_initialized()
 
 
+@pytest.mark.slow
 def test_metrics_wait_in_a_bounded_queue_while_the_server_is_down_and_are_flushed_at_the_end(up, caplog, tmp_path):
     from orchestrator.tracking.buffer import MetricBuffer
 
@@ -144,6 +145,7 @@ def test_metrics_wait_in_a_bounded_queue_while_the_server_is_down_and_are_flushe
     assert "dropping the oldest" in caplog.text
 
 
+@pytest.mark.slow
 def test_registration_is_retried_until_the_server_returns(up):
     run_id = tracking.ensure_run(up.uri, "faults", "register-later")
     model = initialized_model(tiny_config(image_size=8)).float()
@@ -164,6 +166,7 @@ def test_registration_is_retried_until_the_server_returns(up):
     assert len(tracking.client_for(up.uri).search_model_versions("name = 'faulty'")) == 1
 
 
+@pytest.mark.slow
 def test_registration_gives_up_after_its_budget_with_a_resumable_message(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     uri = f"http://127.0.0.1:{free_port()}"  # the server is gone
@@ -208,6 +211,7 @@ def test_a_closed_port_while_marking_the_run_never_hides_the_jobs_error(caplog):
     assert "could not be marked FAILED" in caplog.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rollback", [False, True])
 def test_promote_against_a_server_that_is_down_is_one_line_at_once(capsys, rollback):
     port = free_port()  # nothing listens there

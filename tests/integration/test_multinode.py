@@ -10,6 +10,7 @@ from tests.rayfixtures import LOOPBACK, loopback
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow
 def test_two_nodes_strict_spread_end_with_identical_parameters(tmp_path):
     import ray
     from ray.cluster_utils import Cluster

@@ -125,6 +125,7 @@ def reg(world, aws_env, monkeypatch):
     return Reg()
 
 
+@pytest.mark.slow
 def test_first_candidate_is_promoted_then_a_worse_one_is_refused(reg):
     v1 = reg.add("good")
     first = reg.promote(v1)
@@ -143,6 +144,7 @@ def test_first_candidate_is_promoted_then_a_worse_one_is_refused(reg):
     assert cand["promotion.data"] == champ["promotion.data"]
 
 
+@pytest.mark.slow
 def test_a_better_candidate_is_promoted_and_rollback_restores_the_previous(reg):
     v1, v2 = reg.add("weak"), reg.add("best")
     reg.promote(v1)
@@ -156,6 +158,7 @@ def test_a_better_candidate_is_promoted_and_rollback_restores_the_previous(reg):
         rollback(reg.uri, reg.name, log=lambda *_: None)
 
 
+@pytest.mark.slow
 def test_a_tie_within_the_margin_is_refused(reg):
     v1, v2 = reg.add("good"), reg.add("good")  # the same weights: a difference of exactly 0
     reg.promote(v1)
@@ -168,6 +171,7 @@ def test_a_tie_within_the_margin_is_refused(reg):
     assert not wide.promote and 0 < wide.gain < 50.0 and reg.alias(CHAMPION) == v1
 
 
+@pytest.mark.slow  # its fixture trains and logs four models (~50 s)
 def test_missing_metric_and_missing_version_are_clear_errors(reg):
     v1 = reg.add("no_metric")
     with pytest.raises(PromotionError, match=rf"version {v1} has no val_bpd"):
@@ -179,6 +183,7 @@ def test_missing_metric_and_missing_version_are_clear_errors(reg):
     assert reg.alias(CHAMPION) is None
 
 
+@pytest.mark.slow  # its fixture trains and logs four models (~50 s)
 def test_dry_run_changes_nothing(reg, capsys):
     v1 = reg.add("good")
     assert cli(["promote", "--model", reg.name, "--version", v1, "--dry-run", "--tracking-uri", reg.uri]) == 0
@@ -186,6 +191,7 @@ def test_dry_run_changes_nothing(reg, capsys):
     assert reg.alias(CHAMPION) is None and "promotion.decision" not in reg.tags(v1)
 
 
+@pytest.mark.slow
 def test_concurrent_promotions_leave_consistent_aliases(reg):
     v1, v2, v3 = reg.add("weak"), reg.add("good"), reg.add("best")
     reg.promote(v1)
@@ -212,6 +218,7 @@ def test_concurrent_promotions_leave_consistent_aliases(reg):
     assert LOCK_TAG not in reg.client.get_registered_model(reg.name).tags
 
 
+@pytest.mark.slow
 def test_sample_and_evaluate_load_the_registered_model_without_pickle(reg, world, tmp_path, capsys, monkeypatch):
     reg.promote(reg.add("best"))
     model = f"models:/{reg.name}@champion"
@@ -230,6 +237,7 @@ def test_sample_and_evaluate_load_the_registered_model_without_pickle(reg, world
     assert 0 < iw <= elbo + 0.05  # the tighter bound, up to the noise of 3 samples
 
 
+@pytest.mark.slow
 def test_an_mlflow_error_is_never_taken_for_no_champion(reg, world, monkeypatch):
     """The alias lookup fails (503 through a proxy) while the rest of MLflow answers: no promotion."""
     v1, v2 = reg.add("good"), reg.add("best")
@@ -249,6 +257,7 @@ def test_an_mlflow_error_is_never_taken_for_no_champion(reg, world, monkeypatch)
     assert ModelRegistry(reg.uri, reg.name).alias("never-set") is None
 
 
+@pytest.mark.slow
 def test_promoting_a_version_whose_artifacts_are_gone_from_s3_is_one_clear_line(mlflow_server, capsys):  # noqa: F811
     import boto3
 
@@ -282,6 +291,7 @@ def bare_registry(mlflow_server):  # noqa: F811
     return ModelRegistry(mlflow_server.uri, name)
 
 
+@pytest.mark.slow
 def test_the_lock_is_renewed_while_its_holder_outlasts_the_lease(bare_registry):
     reg = bare_registry
     with promotion_lock(reg, lease_s=1.5, settle_s=0.1) as lease:
@@ -298,6 +308,7 @@ def test_the_lock_is_renewed_while_its_holder_outlasts_the_lease(bare_registry):
     assert LOCK_TAG not in reg.tags()
 
 
+@pytest.mark.slow
 def test_only_the_owner_token_releases_the_lock(bare_registry):
     reg = bare_registry
     intruder = f"{uuid.uuid4().hex}:{time.time() + 600:.3f}"

@@ -31,6 +31,7 @@ def _steps_trained(tmp_path: Path) -> int:
     return sum(1 for line in lines if "step" in json.loads(line) and "keys" in json.loads(line))
 
 
+@pytest.mark.slow
 def test_a_failed_registration_is_done_by_resubmitting_without_training_again(mlflow_server, tmp_path):  # noqa: F811
     name = "resume-" + uuid.uuid4().hex[:6]
     proxy = FaultProxy(mlflow_server.uri, match="model-versions/create", failures=10**6, mode="503",

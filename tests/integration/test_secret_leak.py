@@ -113,6 +113,7 @@ def _mlflow_texts(uri: str, experiment: str, model: str, dst: Path) -> dict[str,
     return out
 
 
+@pytest.mark.slow
 def test_a_fake_secret_reaches_no_log_param_tag_or_artifact(
     tmp_path,
     tmp_path_factory,

@@ -37,6 +37,7 @@ def _keys(s3, opts) -> list[str]:
     return [k for b in stream for k in b["keys"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("mode", "retry_mode"), [("503", "standard"), ("500", "adaptive"), ("reset", "standard")])
 def test_botocore_retries_a_transient_error_itself(shards_on_s3, mode, retry_mode, caplog):
     """No budget left to this module: only botocore's own retry (standard or adaptive) can absorb the faults."""

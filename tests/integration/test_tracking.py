@@ -44,6 +44,7 @@ def _no_pickle(monkeypatch):
         pass
 
 
+@pytest.mark.slow
 def test_logged_model_loads_as_a_flow_without_pickle(store, monkeypatch):
     import mlflow
 
@@ -140,6 +141,7 @@ def _png(path, value: int):
     return path
 
 
+@pytest.mark.slow
 def test_sample_grids_are_images_by_step_and_wait_for_a_server_that_is_away(server, tmp_path):
     run_id = tracking.ensure_run(server.uri, "images", "grids")
     logger = tracking.RunLogger(server.uri, run_id)
@@ -167,6 +169,7 @@ def test_sample_grids_are_images_by_step_and_wait_for_a_server_that_is_away(serv
     assert np.asarray(Image.open(local))[0, 0].tolist() == [200, 200, 200]  # the image queued, not a later one
 
 
+@pytest.mark.slow
 def test_system_metrics_sample_cpu_and_memory_into_the_run_until_it_finishes(store):
     run_id = tracking.ensure_run(store, "system", "job")
     logger = tracking.RunLogger(store, run_id)
@@ -205,6 +208,7 @@ def test_system_metrics_never_hold_up_a_run_whose_server_is_down(monkeypatch):
 
 
 # -- a short real run ---------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_short_run_logs_its_grids_by_step_system_metrics_and_its_resolved_spec(mlflow_server, tmp_path):  # noqa: F811
     experiment = "short-" + uuid.uuid4().hex[:8]
     password = "pw-" + uuid.uuid4().hex

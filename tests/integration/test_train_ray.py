@@ -83,6 +83,7 @@ def ray_train_workers() -> list[psutil.Process]:
     return [p for p in me.children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
 
 
+@pytest.mark.slow
 def test_killed_worker_restarts_from_the_last_checkpoint_without_skipping_data(tmp_path, local_ray):
     from orchestrator.driver.launch import run_training
 
@@ -125,6 +126,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint_without_skipping_data(t
         assert [final[s] for s in range(40)] == expected_keys(spec, rank, 40)
 
 
+@pytest.mark.slow
 def test_nonfinite_losses_are_skipped_then_stop_the_run_keeping_the_checkpoint(tmp_path, local_ray):
     from orchestrator.driver.launch import TrainingFailed, run_training
 
@@ -157,6 +159,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run_keeping_the_checkpoint(t
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_killed_driver_then_resubmitted_job_resumes(tmp_path):
     tree = job(tmp_path, max_steps=40)
     tree["scaling"]["peak_tflops"] = 0.05  # an MFU on a CPU too

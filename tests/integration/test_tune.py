@@ -77,6 +77,7 @@ def mlflow_view(tmp_path: Path, search: str):
     return client, parent, children
 
 
+@pytest.mark.slow
 def test_search_stops_laggards_and_registers_the_best_trial(tmp_path):
     space = {"model.num_components": {"grid": [2, 4]}, "train.lr": {"grid": [3e-3, 1e-6]}}
     job = search_job(tmp_path, "asha", space, max_steps=30)
@@ -145,6 +146,7 @@ def _recorded_checkpoints(tmp_path: Path, search: str) -> dict[str, int]:
     return steps
 
 
+@pytest.mark.slow
 def test_killed_search_resumes_unfinished_trials_from_their_checkpoints(tmp_path):
     job = search_job(tmp_path, "resume", {"model.num_components": {"grid": [2, 4]}}, max_steps=40)
     family: list[psutil.Process] = []

@@ -46,6 +46,7 @@ def test_shape_classes_of_the_debug_model():
     assert shape_classes(model) == 5
 
 
+@pytest.mark.slow
 def test_no_graph_breaks_and_one_compile_per_shape_class(fresh_dynamo):
     eager, twin, x, classes = _pair("aot_eager")
     twin.train()
@@ -58,6 +59,7 @@ def test_no_graph_breaks_and_one_compile_per_shape_class(fresh_dynamo):
     assert dict(fresh_dynamo["graph_break"]) == {}
 
 
+@pytest.mark.slow
 def test_compiled_loss_and_gradients_match_eager(fresh_dynamo):
     eager, twin, x, _ = _pair("aot_eager")
     loss_e, grads_e = _loss_and_grads(eager, x)

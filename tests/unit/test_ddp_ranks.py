@@ -84,6 +84,7 @@ def _steps_and_resume(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_parameters_buffers_and_ema_stay_equal_across_steps_and_a_resume(tmp_path):
     mp.spawn(_steps_and_resume, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     load = lambda name: torch.load(tmp_path / name, weights_only=True)  # noqa: E731
@@ -119,6 +120,7 @@ def _compiled_steps(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_a_compiled_model_traces_alike_on_every_rank(tmp_path):
     mp.spawn(_compiled_steps, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"compiled-rank{r}.pt", weights_only=True) for r in (0, 1))

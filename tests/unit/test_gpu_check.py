@@ -64,6 +64,7 @@ def test_the_dry_run_of_call_1_prices_every_step_compile_included_and_fits_its_b
     assert int(inside.group(1)) <= 250 and int(total.group(1)) <= 300
 
 
+@pytest.mark.slow
 def test_a_plan_over_its_budget_fails_the_dry_run():
     proc = dry_run("--no-flops", "--budget-s", "120")
     assert proc.returncode == 1
@@ -72,6 +73,7 @@ def test_a_plan_over_its_budget_fails_the_dry_run():
     assert proc.returncode == 1 and "against --call-s 300: OVER" in proc.stdout
 
 
+@pytest.mark.slow
 def test_the_dry_run_counts_flops_unless_told_not_to():
     proc = dry_run("--preset", "debug")
     assert proc.returncode == 0, proc.stderr
@@ -136,6 +138,7 @@ def cpu_args(*argv: str):
     return gpu_bench.parse_args([*fixed, "--precisions", "fp32", "--modes", "none", "--no-sample", "--no-ema", *argv])
 
 
+@pytest.mark.slow
 def test_cpu_run_of_the_real_train_step_writes_the_table_sample_and_ema(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_bench, "train_flops_per_image", lambda config, device: 1e9)  # the real one: dry run
     out = tmp_path / "gpu_check.md"
@@ -160,6 +163,7 @@ def test_cpu_run_of_the_real_train_step_writes_the_table_sample_and_ema(tmp_path
     assert ema and float(ema.group(1)) > 0 and float(ema.group(2)) > 0, text
 
 
+@pytest.mark.slow
 def test_oom_is_a_row_an_error_fails_the_run_and_the_rest_go_on(capsys):
     def step(model, opt, x, *, lr, grad_clip):
         if x.shape[0] == 3:
@@ -182,6 +186,7 @@ def test_a_spent_budget_skips_rows(capsys):
     assert capsys.readouterr().out.count("skipped: budget (0 s left") == 2 * 2  # progress lines and the table
 
 
+@pytest.mark.slow
 def test_goal_rows_compile_at_once_in_children_then_are_timed_with_the_ema_step(tmp_path):
     """The whole call-1 order on the CPU: goal rows (aot_eager: traced, no kernels) in child
     processes while the eager rows run here, then timed; the goal batch's child times the EMA step."""

@@ -22,6 +22,7 @@ FILES = {
 }
 
 
+@pytest.mark.slow
 def test_each_file_runs_alone_so_a_hang_or_an_import_error_loses_no_other_results(tmp_path):
     for name, text in FILES.items():
         (tmp_path / name).write_text(text)

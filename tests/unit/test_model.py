@@ -22,6 +22,7 @@ def test_untrained_bits_per_dim_is_finite_on_random_bytes():
     assert 4.0 < bpd.mean() < 20.0  # an untrained flow is in the vicinity of 8 bits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["variational", "uniform"])
 def test_constant_images_never_go_below_zero_bits(kind):
     """P(x) <= 1 for discrete x, so the bound is never negative, even when the model

@@ -16,6 +16,7 @@ def test_parameter_counts_within_two_percent_of_official(name):
     assert abs(n - official) <= 0.02 * official, (n, official)
 
 
+@pytest.mark.slow
 @pytest.mark.unit
 def test_exact_counts_where_the_official_code_has_no_dead_variables():
     # CIFAR-10 and ImageNet 32x32 match to the parameter. The official ImageNet 64x64
@@ -63,6 +64,7 @@ def test_debug_preset_forward_backward_sample():
     _forward_backward_sample(get_preset("debug"))
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.parametrize("name", ["cifar10", "imagenet32", "imagenet64", "imagenet64_5bit"])
 def test_full_preset_forward_backward_sample(name):

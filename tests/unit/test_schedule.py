@@ -72,6 +72,7 @@ def _check_boundaries(train, expected):
     assert all(math.isfinite(r) and 0 < r <= 4e-4 for r in rates)
 
 
+@pytest.mark.slow
 def test_official_imagenet64_schedule():
     train = load_job(JOBS / "imagenet64.yaml").train
     n = _geometric_steps(4e-4, 3e-4, 0.99995)

@@ -35,6 +35,7 @@ def test_one_step_lowers_the_loss():
     assert after < before
 
 
+@pytest.mark.slow
 def test_200_steps_on_a_fixed_batch_cut_bits_per_dim_by_30_percent():
     model, x = _model_and_batch(16)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
