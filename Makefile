@@ -22,23 +22,39 @@ $(BIN)/.installed: pyproject.toml $(LOCK)
 
 setup: $(BIN)/.installed
 
-# The slowest tests are printed every run, so that drift shows; PYTEST_ARGS adds more (e.g. a -k filter).
+# Two phases, both always run: the unit tier on both cores (pytest-xdist, one torch thread a process:
+# two thread pools of two on 2 cores spin against each other), then every other tier one test at a
+# time (Ray, the services, the local stack). The slowest tests are printed every run, so that drift
+# shows. PYTEST_ARGS adds options to both; a phase it leaves empty (pytest's exit 5) is not a failure.
 PYTEST_ARGS ?=
+PYTEST := $(BIN)/python -m pytest
+UNIT_PHASE := OMP_NUM_THREADS=1 $(PYTEST) -n 2
+ok_or_empty = || { s=$$?; [ $$s -eq 5 ] || rc=$$s; }
 test: setup
-	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
+	rc=0; \
+	$(UNIT_PHASE) -m unit --durations=10 $(PYTEST_ARGS) $(ok_or_empty); \
+	$(PYTEST) -m "not unit" --durations=25 $(PYTEST_ARGS) $(ok_or_empty); \
+	exit $$rc
 
 # The inner loop (at most 3 minutes on 2 cores): unit, infra and integration tests, less those marked
 # slow (3 s or more) and the e2e tier. CI runs everything (`make test`).
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow and not e2e" --durations=10 $(PYTEST_ARGS)
+	rc=0; \
+	$(UNIT_PHASE) -m "unit and not slow" --durations=5 $(PYTEST_ARGS) $(ok_or_empty); \
+	$(PYTEST) -m "not unit and not slow and not e2e" --durations=5 $(PYTEST_ARGS) $(ok_or_empty); \
+	exit $$rc
 
-# Line coverage of flowpp/ and orchestrator/ over the whole suite (the pytest process; Ray workers and
-# subprocesses are not traced), the same tests as `make test`.
+# Line coverage of flowpp/ and orchestrator/ over the same tests as `make test` (the pytest processes;
+# Ray workers and subprocesses are not traced).
+COV := --cov=flowpp --cov=orchestrator
 coverage: setup
-	$(BIN)/python -m pytest --durations=25 --cov=flowpp --cov=orchestrator --cov-report=term $(PYTEST_ARGS)
+	rc=0; \
+	$(UNIT_PHASE) -m unit $(COV) --cov-report= $(PYTEST_ARGS) $(ok_or_empty); \
+	$(PYTEST) -m "not unit" --durations=25 $(COV) --cov-append --cov-report=term $(PYTEST_ARGS) $(ok_or_empty); \
+	exit $$rc
 
 unit: setup
-	$(BIN)/python -m pytest -m unit
+	$(UNIT_PHASE) -m unit
 
 lint: setup
 	$(BIN)/ruff check .

@@ -11,6 +11,8 @@ import pytest
 
 from orchestrator.core import lease
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def store(tmp_path):
