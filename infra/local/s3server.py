@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -108,11 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     from moto.server import ThreadedMotoServer
 
     # Restore through a server on a port of its own: moto's backends are this process's, so the
-    # real port opens with the data already in place (infra/local/up waits for that port).
-    loader = ThreadedMotoServer(ip_address=HOST, port=0, verbose=False)
-    loader.start()
-    restored = restore(args.dir, loader.get_host_and_port()[1])
-    loader.stop()
+    # real port opens with the data already in place (infra/local/up waits for that port). The real
+    # port is held (bound, not listening) meanwhile: else the kernel may hand that very port to the
+    # loader, and a client waiting for it would talk to a half-restored store.
+    with socket.socket() as hold:
+        hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server itself will
+        hold.bind((HOST, args.port))
+        loader = ThreadedMotoServer(ip_address=HOST, port=0, verbose=False)
+        loader.start()
+        restored = restore(args.dir, loader.get_host_and_port()[1])
+        loader.stop()
     server = ThreadedMotoServer(ip_address=HOST, port=args.port, verbose=False)
     server.start()
     print(f"s3: http://{HOST}:{args.port}, {restored} objects restored from {args.dir}", flush=True)
