@@ -17,19 +17,12 @@ def pytest_sessionstart(session):
 def pytest_sessionfinish(session, exitstatus):
     """The session fails if a Ray process it started listened anywhere but on loopback."""
     watch = session.config.stash.get(_WATCH, None)
-    found = watch.stop() if watch is not None else []
-    # Known and still open (issue 28): torch's TCPStore of rank 0 in each Ray Train run listens on every
-    # interface; reported here, not failed on, until the job hosts the store on the master address
-    store = [o for o in found if o.torch_distributed]
-    offenders = [o for o in found if not o.torch_distributed]
+    offenders = watch.stop() if watch is not None else []
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
 
     def say(line: str, **markup) -> None:
         reporter.write_line(line, **markup) if reporter else print(line, file=sys.stderr)
 
-    if store:
-        say(f"known, open: torch.distributed's store in {len(store)} Ray Train worker(s) listened on every "
-            f"interface (first: {store[0]})", yellow=True)  # fmt: skip
     if offenders:
         say(f"Ray listened off loopback ({len(offenders)} socket(s)); a Ray a test starts binds 127.0.0.1:", red=True)
         for o in offenders:

@@ -34,13 +34,6 @@ class Listener:
     def __str__(self) -> str:
         return f"{self.address}:{self.port} (pid {self.pid}: {self.command[:160]})"
 
-    @property
-    def torch_distributed(self) -> bool:
-        """A Ray Train worker listening on every interface: torch.distributed's rendezvous store
-        (rank 0's TCPStore binds the unspecified address whatever the master address is)."""
-        unspecified = self.address in ("::", "0.0.0.0")
-        return unspecified and ("RayTrainWorker" in self.command or "_setup_torch_process_group" in self.command)
-
 
 def _address(hex_ip: str) -> str:
     raw = bytes.fromhex(hex_ip)

@@ -145,9 +145,10 @@ def process_group_backend(scaling) -> str:
 
 def make_trainer(spec: JobSpec, run_id: str | None, callbacks: list | None = None, run_name: str | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from orchestrator.training.loop import train_loop  # lazy: torch, for the workers
+    from orchestrator.training.rendezvous import StoreOnMasterConfig  # lazy: torch
 
     fs, path = storage.pyarrow_filesystem(spec.storage.path, spec.storage.options())
     resources = {"CPU": spec.scaling.cpus_per_worker}
@@ -160,7 +161,7 @@ def make_trainer(spec: JobSpec, run_id: str | None, callbacks: list | None = Non
             "mlflow_run_id": run_id,
             "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel()),
         },
-        torch_config=TorchConfig(backend=process_group_backend(spec.scaling)),
+        torch_config=StoreOnMasterConfig(backend=process_group_backend(spec.scaling)),
         scaling_config=ScalingConfig(
             num_workers=spec.scaling.num_workers,
             use_gpu=spec.scaling.use_gpu,

@@ -47,10 +47,3 @@ def test_the_watch_reports_a_ray_process_listening_off_loopback_and_nothing_else
     assert found[0].command.endswith("fake-raylet") and f"127.0.0.2:{port} (pid {offender.pid}" in str(found[0])
     assert sockets.is_loopback("127.0.0.1") and sockets.is_loopback("::1") and sockets.is_loopback("::ffff:127.0.0.1")
     assert not sockets.is_loopback("192.0.2.7") and not sockets.is_loopback("0.0.0.0")
-
-
-def test_torch_distributed_stores_of_ray_train_workers_are_told_apart():
-    store = sockets.Listener("::", 40697, 1, "ray::execute._setup_torch_process_group")
-    assert store.torch_distributed and sockets.Listener("0.0.0.0", 1, 1, "ray::RayTrainWorker").torch_distributed
-    assert not sockets.Listener("192.0.2.7", 1, 1, "ray::RayTrainWorker").torch_distributed  # a given address
-    assert not sockets.Listener("::", 1, 1, "/x/ray/raylet/raylet --raylet_socket_name=...").torch_distributed
