@@ -44,7 +44,10 @@ def ray_head(tmp_path_factory):
     temp_dir = tempfile.mkdtemp(prefix="fpj-")  # short: Ray's socket paths must fit 107 bytes
     dash = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", rayauth.TOKEN_VAR)}
-    env.update(rayauth.token_auth_env(token), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    # a one-node head has nothing to drain on SIGTERM (30 s by default, against a GCS already stopping)
+    env.update(
+        rayauth.token_auth_env(token), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0"
+    )
     ray = str(Path(sys.executable).parent / "ray")
     cmd = [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={temp_dir}",

@@ -148,7 +148,7 @@ def _recorded_checkpoints(tmp_path: Path, search: str) -> dict[str, int]:
 
 @pytest.mark.slow
 def test_killed_search_resumes_unfinished_trials_from_their_checkpoints(tmp_path):
-    job = search_job(tmp_path, "resume", {"model.num_components": {"grid": [2, 4]}}, max_steps=40)
+    job = search_job(tmp_path, "resume", {"model.num_components": {"grid": [2, 4]}}, max_steps=30)
     family: list[psutil.Process] = []
     driver = subprocess.Popen(
         tune_cmd(job),
@@ -171,7 +171,7 @@ def test_killed_search_resumes_unfinished_trials_from_their_checkpoints(tmp_path
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
     checkpointed = _recorded_checkpoints(tmp_path, "resume")
-    assert checkpointed and all(step < 40 for step in checkpointed.values())
+    assert checkpointed and all(step < 30 for step in checkpointed.values())
 
     again = subprocess.run(tune_cmd(job), cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "--resume" in again.stderr  # no silent restart from scratch
