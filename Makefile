@@ -23,9 +23,10 @@ $(BIN)/.installed: pyproject.toml $(LOCK)
 setup: $(BIN)/.installed
 
 # Two phases, both always run: the unit tier on both cores (pytest-xdist, one torch thread a process:
-# two thread pools of two on 2 cores spin against each other), then every other tier one test at a
-# time (Ray, the services, the local stack). The slowest tests are printed every run, so that drift
-# shows. PYTEST_ARGS adds options to both; a phase it leaves empty (pytest's exit 5) is not a failure.
+# two thread pools of two on 2 cores spin against each other), then every other tier (Ray, the
+# services, the local stack) in two lanes at once, a test at a time in each (tests/lanes.py says
+# which lane takes what). The slowest tests are printed every run, so that drift shows. PYTEST_ARGS
+# adds options to both phases; a phase it leaves empty (pytest's exit 5) is not a failure.
 PYTEST_ARGS ?=
 PYTEST := $(BIN)/python -m pytest
 UNIT_PHASE := OMP_NUM_THREADS=1 $(PYTEST) -n 2
@@ -33,7 +34,7 @@ ok_or_empty = || { s=$$?; [ $$s -eq 5 ] || rc=$$s; }
 test: setup
 	rc=0; \
 	$(UNIT_PHASE) -m unit --durations=10 $(PYTEST_ARGS) $(ok_or_empty); \
-	$(PYTEST) -m "not unit" --durations=25 $(PYTEST_ARGS) $(ok_or_empty); \
+	$(BIN)/python -m tests.lanes $(PYTEST_ARGS) $(ok_or_empty); \
 	exit $$rc
 
 # The inner loop (at most 3 minutes on 2 cores): unit, infra and integration tests, less those marked

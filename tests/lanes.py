@@ -1,0 +1,98 @@
+"""``make test``'s second phase: every tier but unit, as two pytest processes at once.
+
+One test at a time, that phase keeps the 2 cores 63% busy: Ray and the services start, workers
+import torch, subprocesses wait on each other. A second process fills the gaps. The ``stack`` lane
+takes the e2e tier (the local stack and its Ray head, which it starts once) and the Tune searches;
+the ``services`` lane takes everything else, so a new test file lands there. Each lane is its own
+pytest session with its own fixtures (its own S3 endpoint and MLflow server, its own loopback
+watch), so nothing is shared between them but the machine.
+
+The ``services`` lane writes to the terminal as it goes; the ``stack`` lane's output is kept and
+printed when both are done. Then the 10 slowest tests of the two (setup, call and teardown together,
+from each lane's JUnit XML), so that drift shows in every CI log.
+
+    python -m tests.lanes [PYTEST OPTIONS...]
+
+Options go to both lanes (``--junitxml=P`` becomes ``P`` with the lane's name before the suffix).
+The exit status is the first failing lane's; a lane that selects nothing (pytest's 5) is not a
+failure, and nor are both.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+STACK = ("tests/e2e", "tests/integration/test_tune.py", "tests/integration/test_registration_resume.py")
+"""The ``stack`` lane's paths; the ``services`` lane runs the rest of ``tests``."""
+
+EMPTY = 5  # pytest: no test was selected
+
+
+LANES = {
+    "services": ["tests", *(f"--ignore={p}" for p in STACK)],
+    "stack": list(STACK),
+}
+"""Each lane's paths, in the order they start; the first writes to the terminal as it goes."""
+
+
+def lane_args(name: str, args: list[str], default_xml: Path) -> tuple[list[str], Path]:
+    """``args`` for lane ``name``, its JUnit file renamed for the lane (or ``default_xml``); and that file."""
+    out, xml = [], None
+    for a in args:
+        if a.startswith(("--junitxml=", "--junit-xml=")):
+            p = Path(a.split("=", 1)[1])
+            xml = p.with_name(f"{p.stem}-{name}{p.suffix}")
+            a = f"--junitxml={xml}"
+        out.append(a)
+    if xml is None:
+        xml = default_xml
+        out.append(f"--junitxml={xml}")
+    return out, xml
+
+
+def slowest(xmls: list[Path], n: int = 10) -> list[tuple[float, str]]:
+    """(seconds, nodeid-like name) of the ``n`` slowest test cases in these JUnit files."""
+    cases = []
+    for x in xmls:
+        if not x.exists():
+            continue
+        for case in ET.parse(x).iter("testcase"):
+            name = f"{case.get('classname', '').replace('.', '/')}.py::{case.get('name')}"
+            cases.append((float(case.get("time") or 0), name))
+    return sorted(cases, reverse=True)[:n]
+
+
+def main(argv: list[str]) -> int:
+    root = Path(__file__).resolve().parents[1]
+    work = Path(tempfile.mkdtemp(prefix="flowpp-lanes-"))
+    base = [sys.executable, "-m", "pytest", "-m", "not unit", "--durations=25"]
+    procs: dict[str, tuple[subprocess.Popen, Path | None, Path]] = {}
+    for i, (name, paths) in enumerate(LANES.items()):
+        args, xml = lane_args(name, argv, work / f"{name}.xml")
+        log = None if i == 0 else work / f"{name}.log"
+        out = None if log is None else open(log, "wb")  # noqa: SIM115  (closed after the wait)
+        proc = subprocess.Popen([*base, *paths, *args], cwd=root, stdout=out, stderr=subprocess.STDOUT if out else None)
+        procs[name] = (proc, log, xml)
+        if out is not None:
+            out.close()
+    rc = 0
+    for name, (proc, log, _) in procs.items():
+        status = proc.wait()
+        if log is not None:
+            print(f"\n{'=' * 30} lane {name} {'=' * 30}", flush=True)
+            sys.stdout.write(log.read_text(errors="replace"))
+        print(f"lane {name}: exit {status}", flush=True)
+        if status not in (0, EMPTY) and rc == 0:
+            rc = status
+    print(f"\n{'=' * 20} 10 slowest tests of both lanes (setup + call + teardown) {'=' * 20}")
+    for seconds, test in slowest([xml for _, _, xml in procs.values()]):
+        print(f"{seconds:8.2f}s {test}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
