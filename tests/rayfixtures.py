@@ -3,7 +3,8 @@
 Ray swaps 127.0.0.1 for the machine's routable address (and its servers then listen on every
 interface) unless it believes it is a one-machine cluster: ``loopback()`` makes it believe so,
 for this process (the constant Ray read at import) and for the processes it spawns (the
-variable), and puts both back afterwards. ``init_local`` starts a one-node Ray inside it;
+variable), and puts both back afterwards. ``local_ray`` starts a one-node Ray inside it, its
+GCS port chosen and named to its workers (``orchestrator.driver.launch.own_address``);
 ``tests/integration/test_multinode.py`` builds its two-node ``Cluster`` inside it.
 """
 
@@ -40,10 +41,12 @@ def local_ray(num_cpus: int, **init) -> Iterator[None]:
     Token authentication must be on already (tests.rayauth.token_auth)."""
     import ray
 
+    from orchestrator.driver.launch import own_address
+
     assert os.environ.get("RAY_AUTH_MODE") == "token", "start Ray in tests with token auth (tests.rayauth)"
-    with loopback():
+    with loopback(), own_address(LOOPBACK) as runtime_env:  # its workers find it, not another lane's Ray
         ray.init(_node_ip_address=LOOPBACK, num_cpus=num_cpus, include_dashboard=init.pop("include_dashboard", False),
-                 **init)  # fmt: skip
+                 runtime_env=runtime_env, **init)  # fmt: skip
         try:
             yield
         finally:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from orchestrator import tracking
 from orchestrator.config import JobSpec
@@ -110,6 +113,34 @@ def _check_prepared_alike(prepare_opts, split: str, url: str, opts) -> None:
     log.info("data.%s: %s holds the data this job would prepare; using it", split, url)
 
 
+GCS_PORT_VAR = "RAY_GCS_SERVER_PORT"
+"""Read by a Ray head as it starts: the port of its GCS (0 or unset: one of Ray's choosing)."""
+
+
+@contextmanager
+def own_address(host: str = "127.0.0.1") -> Iterator[dict]:
+    """For a Ray started in this process: its GCS port chosen here, and the job ``runtime_env`` that
+    names that address (``RAY_ADDRESS``) in every process of the job.
+
+    Ray's own code in a worker that reaches the State API without an address (Ray Train's
+    placement-group cleaner, which frees the resources of a run whose controller died) otherwise
+    connects to the newest Ray on the machine. Beside another Ray (a second run, the local stack)
+    that is the other one: its token check fails, the cleaner's thread dies, a Tune trial that ASHA
+    stopped keeps its workers' CPUs reserved, and the search waits for them forever."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    saved = os.environ.get(GCS_PORT_VAR)
+    os.environ[GCS_PORT_VAR] = str(port)
+    try:
+        yield {"env_vars": {"RAY_ADDRESS": f"{host}:{port}"}}
+    finally:
+        if saved is None:
+            os.environ.pop(GCS_PORT_VAR, None)
+        else:
+            os.environ[GCS_PORT_VAR] = saved
+
+
 def init_ray(spec: JobSpec) -> None:
     import ray
 
@@ -125,14 +156,16 @@ def init_ray(spec: JobSpec) -> None:
         # the processes it spawns read this variable, this one's constant was read at import
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
-        ray.init(
-            _node_ip_address="127.0.0.1",
-            # the dashboard serves the State API, which Ray Train's placement-group cleaner needs
-            # to free the resources of a run whose driver was killed (a trial ASHA stopped)
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            num_cpus=max(2, os.cpu_count() or 2),
-        )
+        with own_address() as runtime_env:
+            ray.init(
+                _node_ip_address="127.0.0.1",
+                # the dashboard serves the State API, which Ray Train's placement-group cleaner needs
+                # to free the resources of a run whose driver was killed (a trial ASHA stopped)
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                num_cpus=max(2, os.cpu_count() or 2),
+                runtime_env=runtime_env,
+            )
     else:
         ray.init()
 

@@ -28,6 +28,13 @@ def _listening(root) -> list[tuple[str, str, int]]:
     return found
 
 
+def _addresses() -> tuple[str, str]:
+    """In a worker: RAY_ADDRESS, and the State API's URL as Ray's code finds it without an address."""
+    from ray.dashboard.utils import get_address_for_submission_client
+
+    return os.environ.get("RAY_ADDRESS", ""), get_address_for_submission_client(None)
+
+
 @pytest.mark.slow
 def test_embedded_ray_listens_on_loopback_only_with_token_auth(tmp_path, monkeypatch):
     import psutil
@@ -45,6 +52,13 @@ def test_embedded_ray_listens_on_loopback_only_with_token_auth(tmp_path, monkeyp
         assert os.environ["RAY_AUTH_MODE"] == "token"
         assert len(sockets) >= 5, sockets  # GCS, raylet, agents, workers: found, so the check can fail
         assert [s for s in sockets if s[1] not in LOOPBACK] == []
+        # its workers name it when they reach the State API without an address, as Ray Train's
+        # placement-group cleaner does: not the newest of the machine's Rays (the other lane's)
+        own = ray.get_runtime_context().gcs_address
+        assert ray.get(ray.remote(num_cpus=0)(_addresses).remote()) == (
+            own,
+            f"http://{ray._private.worker.get_dashboard_url()}",
+        )
     finally:
         ray.shutdown()
         ray._private.ray_constants.ENABLE_RAY_CLUSTER = saved

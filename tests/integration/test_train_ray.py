@@ -159,6 +159,43 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run_keeping_the_checkpoint(t
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+def _group_state() -> tuple[int, int, float, str, bool]:
+    """On a worker: its rank and world size, an all-reduce of rank + 1, the master address, and
+    whether the process group is up."""
+    import torch
+    import torch.distributed as dist
+
+    x = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(x)
+    return dist.get_rank(), dist.get_world_size(), x.item(), os.environ["MASTER_ADDR"], dist.is_initialized()
+
+
+def _group_is_up() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_initialized()
+
+
+def test_the_backend_serves_the_store_from_rank_zero_and_every_rank_joins(local_ray):
+    """training/rendezvous's backend, as Ray Train's controller drives it, here in the test's own
+    process: a real group of two Ray Train worker actors, started, used and shut down."""
+    from ray.train._internal.worker_group import WorkerGroup
+
+    from orchestrator.training.rendezvous import StoreOnMasterConfig
+
+    config = StoreOnMasterConfig(backend="gloo", timeout_s=60)
+    backend = config.backend_cls()
+    group = WorkerGroup(num_workers=2, resources_per_worker={"CPU": 1})
+    try:
+        backend.on_start(group, config)
+        states = sorted(group.execute(_group_state))
+        assert states == [(0, 2, 3.0, "127.0.0.1", True), (1, 2, 3.0, "127.0.0.1", True)]
+        backend.on_shutdown(group, config)
+        assert group.execute(_group_is_up) == [False, False]
+    finally:
+        group.shutdown()
+
+
 @pytest.mark.slow
 def test_killed_driver_then_resubmitted_job_resumes(tmp_path):
     tree = job(tmp_path, max_steps=40)

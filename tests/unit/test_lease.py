@@ -69,3 +69,59 @@ def test_a_record_without_expiry_expires_a_ttl_after_its_heartbeat(store, tmp_pa
     assert store.read().owner == "old:1:z" and not store.read().live()
     (tmp_path / "lock.json").write_text("{half a rec")
     assert store.read() is None
+
+
+class FaultyStore(lease.JsonStore):
+    """The JSON store with faults injected: the next ``fail_writes`` writes and every delete while
+    ``fail_deletes`` raise; a ``racer`` record, when set, lands right after each write of another owner
+    (a taker that read "free" at the same moment, and wrote last)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fail_writes, self.fail_deletes, self.racer = 0, False, None
+
+    def write(self, holder):
+        if self.fail_writes:
+            self.fail_writes -= 1
+            raise OSError("injected: the store did not answer")
+        super().write(holder)
+        if self.racer is not None and holder.owner != self.racer.owner:
+            super().write(self.racer)
+
+    def delete(self):
+        if self.fail_deletes:
+            raise OSError("injected: the store did not answer")
+        super().delete()
+
+
+@pytest.fixture
+def faulty(tmp_path):
+    return FaultyStore(str(tmp_path / "lock.json"), None, ttl_s=2.0)
+
+
+def test_a_failed_renewal_is_retried_at_the_next_beat(faulty, caplog):
+    with lease.acquire(faulty, 0.9, settle_s=0.05) as held:
+        first = faulty.read()
+        faulty.fail_writes = 1  # the next renewal fails
+        time.sleep(1.2)  # four beats: one fails, the others renew
+        assert "lease renewal failed, retrying: OSError: injected: the store did not answer" in caplog.text
+        now = faulty.read()
+        assert now.owner == held.owner and now.expires > first.expires and not held.lost.is_set()
+
+
+def test_a_release_the_store_refuses_is_a_warning_and_the_record_expires(faulty, caplog):
+    held = lease.acquire(faulty, 0.6, settle_s=0.05)
+    faulty.fail_deletes = True
+    held.release()  # no exception: release runs on the way out of a body that may have failed
+    assert "lease not released (it expires in time): OSError: injected" in caplog.text
+    left = faulty.read()
+    assert left.owner == held.owner
+    time.sleep(0.7)
+    assert not faulty.read().live()  # no heartbeat since the release
+
+
+def test_a_taker_that_wrote_last_during_the_settle_wins_the_race(faulty):
+    faulty.racer = lease.Holder("elsewhere:3:z", time.time() + 600, time.time())
+    with pytest.raises(lease.LeaseHeld) as refused:
+        lease.acquire(faulty, 2.0, settle_s=0.05)
+    assert refused.value.holder.owner == "elsewhere:3:z" and faulty.read().owner == "elsewhere:3:z"
