@@ -2,7 +2,8 @@
 
 One test at a time, that phase keeps the 2 cores 63% busy: Ray and the services start, workers
 import torch, subprocesses wait on each other. A second process fills the gaps. The ``stack`` lane
-takes the e2e tier (the local stack and its Ray head, which it starts once) and the Tune searches;
+takes the e2e tier (the local stack and its Ray head, which it starts once), the Tune searches, the
+two-node cluster and the registration resume (about as long as the rest, measured);
 the ``services`` lane takes everything else, so a new test file lands there. Each lane is its own
 pytest session with its own fixtures (its own S3 endpoint and MLflow server, its own loopback
 watch), so nothing is shared between them but the machine.
@@ -26,7 +27,12 @@ import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-STACK = ("tests/e2e", "tests/integration/test_tune.py", "tests/integration/test_registration_resume.py")
+STACK = (
+    "tests/e2e",
+    "tests/integration/test_tune.py",
+    "tests/integration/test_registration_resume.py",
+    "tests/integration/test_multinode.py",
+)
 """The ``stack`` lane's paths; the ``services`` lane runs the rest of ``tests``."""
 
 EMPTY = 5  # pytest: no test was selected
