@@ -45,13 +45,14 @@ test-fast: setup
 	$(PYTEST) -m "not unit and not slow and not e2e" --durations=5 $(PYTEST_ARGS) $(ok_or_empty); \
 	exit $$rc
 
-# Line coverage of flowpp/ and orchestrator/ over the same tests as `make test` (the pytest processes;
-# Ray workers and subprocesses are not traced).
-COV := --cov=flowpp --cov=orchestrator
+# Line coverage of flowpp/ and orchestrator/ over the same tests as `make test`, in the same two
+# phases and lanes, combined (the pytest processes; Ray workers and subprocesses are not traced).
+COV := --cov=flowpp --cov=orchestrator --cov-report=
 coverage: setup
-	rc=0; \
-	$(UNIT_PHASE) -m unit $(COV) --cov-report= $(PYTEST_ARGS) $(ok_or_empty); \
-	$(PYTEST) -m "not unit" --durations=25 $(COV) --cov-append --cov-report=term $(PYTEST_ARGS) $(ok_or_empty); \
+	rc=0; rm -f .coverage .coverage.lanes.*; \
+	$(UNIT_PHASE) -m unit $(COV) $(PYTEST_ARGS) $(ok_or_empty); \
+	COVERAGE_FILE=.coverage.lanes $(BIN)/python -m tests.lanes $(COV) $(PYTEST_ARGS) $(ok_or_empty); \
+	$(BIN)/python -m coverage combine --append .coverage.lanes.* && $(BIN)/python -m coverage report; \
 	exit $$rc
 
 unit: setup

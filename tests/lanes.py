@@ -3,7 +3,8 @@
 One test at a time, that phase keeps the 2 cores 63% busy: Ray and the services start, workers
 import torch, subprocesses wait on each other. A second process fills the gaps. The ``stack`` lane
 takes the e2e tier (the local stack and its Ray head, which it starts once), the Tune searches, the
-two-node cluster and the registration resume (about as long as the rest, measured);
+two-node cluster, the registration resume and the tracking runs (about as long as the rest,
+measured);
 the ``services`` lane takes everything else, so a new test file lands there. Each lane is its own
 pytest session with its own fixtures (its own S3 endpoint and MLflow server, its own loopback
 watch), so nothing is shared between them but the machine.
@@ -14,13 +15,15 @@ from each lane's JUnit XML), so that drift shows in every CI log.
 
     python -m tests.lanes [PYTEST OPTIONS...]
 
-Options go to both lanes (``--junitxml=P`` becomes ``P`` with the lane's name before the suffix).
+Options go to both lanes (``--junitxml=P`` becomes ``P`` with the lane's name before the suffix;
+with ``COVERAGE_FILE=F`` set, each lane's coverage goes to ``F.<lane>``, for ``coverage combine``).
 The exit status is the first failing lane's; a lane that selects nothing (pytest's 5) is not a
 failure, and nor are both.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -32,6 +35,7 @@ STACK = (
     "tests/integration/test_tune.py",
     "tests/integration/test_registration_resume.py",
     "tests/integration/test_multinode.py",
+    "tests/integration/test_tracking.py",
 )
 """The ``stack`` lane's paths; the ``services`` lane runs the rest of ``tests``."""
 
@@ -81,7 +85,11 @@ def main(argv: list[str]) -> int:
         args, xml = lane_args(name, argv, work / f"{name}.xml")
         log = None if i == 0 else work / f"{name}.log"
         out = None if log is None else open(log, "wb")  # noqa: SIM115  (closed after the wait)
-        proc = subprocess.Popen([*base, *paths, *args], cwd=root, stdout=out, stderr=subprocess.STDOUT if out else None)
+        env = dict(os.environ)
+        if "COVERAGE_FILE" in env:
+            env["COVERAGE_FILE"] = f"{env['COVERAGE_FILE']}.{name}"
+        proc = subprocess.Popen([*base, *paths, *args], cwd=root, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                env=env)  # fmt: skip
         procs[name] = (proc, log, xml)
         if out is not None:
             out.close()
