@@ -102,10 +102,13 @@ def s3(s3_endpoint, aws_env):
 
 class FaultProxy:
     """Forwards HTTP to ``target``; the first ``failures`` requests (GETs, or ``methods``) whose path
-    contains ``match`` get ``mode``: ``503`` (SlowDown), ``500``, or ``reset`` (connection dropped)."""
+    contains ``match`` get ``mode``: ``503`` (SlowDown), ``500``, or ``reset`` (connection dropped).
+    With ``strip_conditions`` it drops the conditional headers of every request it forwards."""
 
-    def __init__(self, target: str, match: str, failures: int, mode: str = "503", methods: tuple = ("GET",)):
+    def __init__(self, target: str, match: str, failures: int, mode: str = "503", methods: tuple = ("GET",),
+                 strip_conditions: bool = False):  # fmt: skip
         self.target = target.split("://", 1)[1]
+        self.strip_conditions = strip_conditions  # a store that ignores If-Match and If-None-Match
         self.methods = methods
         self.match, self.remaining, self.mode = match, failures, mode
         self.injected = 0
@@ -123,7 +126,10 @@ class FaultProxy:
                 if self.command in proxy.methods and proxy.match in self.path and proxy._take():
                     return self._fail()
                 conn = http.client.HTTPConnection(proxy.target, timeout=30)
-                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+                headers = dict(self.headers)
+                if proxy.strip_conditions:
+                    headers = {k: v for k, v in headers.items() if k.lower() not in ("if-match", "if-none-match")}
+                conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
                 self.send_response(resp.status)

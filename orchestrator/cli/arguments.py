@@ -41,7 +41,7 @@ def _tracking_arg(p) -> None:
 
 def _model_args(p, required: bool = True, also: str = "") -> None:
     p.add_argument("--model", required=required, help=f"models:/NAME@champion, models:/NAME/3 or runs:/ID/model{also}")
-    p.add_argument("--seed", type=int, default=0, help="seed of the dequantization noise or the samples")
+    p.add_argument("--seed", type=_SEED, default=0, help="seed of the dequantization noise or the samples")
     _tracking_arg(p)
     _device_arg(p)
 
@@ -88,9 +88,9 @@ def add_presets_smoke(sub) -> None:
     p.set_defaults(func=commands.cmd_presets)
     p = add_parser(sub, "smoke", "train a preset on a fixed synthetic batch in this process")
     p.add_argument("--preset", default="debug", help="model preset (see `flowpp presets`)")
-    p.add_argument("--steps", type=int, default=100, help="training steps")
+    p.add_argument("--steps", type=_POSITIVE_INT, default=100, help="training steps")
     p.add_argument("--lr", type=float, default=2e-3, help="learning rate")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch")
+    p.add_argument("--seed", type=_SEED, default=0, help="seed of the weights and the batch")
     p.set_defaults(func=commands.cmd_smoke)
 
 
@@ -104,6 +104,12 @@ def add_train_tune_submit(sub) -> None:
     p = add_parser(sub, "train", "run a job spec with Ray Train (inside `ray job submit`, or embedded)")
     _job_args(p, "train.lr=3e-4")
     _new_run_arg(p)
+    p.add_argument(
+        "--no-lock",
+        action="store_true",
+        help="run without the job's lock (for a store that ignores conditional writes); nothing then keeps a "
+        "second driver of the same job out",
+    )
     _dry_run_arg(p)
     p.set_defaults(func=commands.cmd_train)
 
@@ -149,14 +155,17 @@ def add_promote(sub) -> None:
     p = add_parser(sub, "promote", "move @champion to a registered version if it beats the champion")
     p.add_argument("--model", required=True, metavar="NAME", help="registered model name")
     p.add_argument("--version", default=None, help="candidate version (default: the latest)")
-    p.add_argument("--data", default=None, help="held-out manifest URL (default: the candidate run's data.valid)")
+    p.add_argument("--data", default=None, help="held-out manifest URL (default: the set the champion won on, else its "
+                   "run's data.valid; the candidate's only when there is no champion)")  # fmt: skip
     p.add_argument("--margin", type=float, default=None, help="fixed margin in bits/dim (default: z x s.e.)")
     p.add_argument("--z", type=float, default=2.0, help="standard errors of the paired difference to beat")
-    p.add_argument("--seed", type=int, default=0, help="seed of the dequantization noise (the same for both)")
-    p.add_argument("--samples", type=int, default=1, help="dequantization samples per image (>1: IW bound)")
-    p.add_argument("--max-images", type=int, default=0, help="score only the first N images (0: all)")
+    p.add_argument("--seed", type=_SEED, default=0, help="seed of the dequantization noise (the same for both)")
+    p.add_argument("--samples", type=_POSITIVE_INT, default=1, help="dequantization samples per image (>1: IW bound)")
+    p.add_argument("--max-images", type=_COUNT, default=0, help="score only the first N images (0: all)")
     p.add_argument("--dry-run", action="store_true", help="print the decision only")
     p.add_argument("--rollback", action="store_true", help="move @champion back to @previous")
+    p.add_argument("--break-lock", action="store_true",
+                   help="first delete the promotion lock whoever holds it (recorded on the model)")  # fmt: skip
     _tracking_arg(p)
     _device_arg(p)
     _storage_args(p)
@@ -166,7 +175,7 @@ def add_promote(sub) -> None:
 def add_sample_evaluate(sub) -> None:
     p = add_parser(sub, "sample", "a PNG grid of samples from a registered model")
     _model_args(p)
-    p.add_argument("-n", type=int, default=64, help="number of samples")
+    p.add_argument("-n", type=_POSITIVE_INT, default=64, help="number of samples")
     p.add_argument("--out", default="samples.png", help="PNG file to write")
     p.add_argument("--temperature", type=float, default=1.0, help="scale of the latent noise")
     p.set_defaults(func=commands.cmd_sample)
@@ -176,13 +185,13 @@ def add_sample_evaluate(sub) -> None:
     p.add_argument("--data", required=True, help="manifest URL of the split to score")
     p.add_argument(
         "--iw-samples",
-        type=int,
+        type=_POSITIVE_INT,
         default=16,
         help="also the importance-weighted bound with this many samples an image, as a run's final "
         "evaluation (train.final_eval_samples) gives it (default: 16; 1: the one-sample bound only)",
     )
-    p.add_argument("--max-images", type=int, default=0, help="score only the first N images (0: all)")
-    p.add_argument("--batch-size", type=int, default=32, help="images scored at a time")
+    p.add_argument("--max-images", type=_COUNT, default=0, help="score only the first N images (0: all)")
+    p.add_argument("--batch-size", type=_POSITIVE_INT, default=32, help="images scored at a time")
     p.add_argument(
         "--baseline",
         metavar="CODECS",
@@ -195,15 +204,15 @@ def add_sample_evaluate(sub) -> None:
     p.set_defaults(func=commands.cmd_evaluate)
 
 
-def _number(parse, *, minimum: float, what: str):
-    """An argparse type: ``parse`` of the text, at least ``minimum`` (argparse names the flag)."""
+def _number(parse, *, minimum: float, what: str, maximum: float = float("inf")):
+    """An argparse type: ``parse`` of the text, from ``minimum`` to ``maximum`` (argparse names the flag)."""
 
     def convert(text: str):
         try:
             value = parse(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not value >= minimum:
+        if not minimum <= value <= maximum:
             raise argparse.ArgumentTypeError(f"{text!r}: must be {what}")
         return value
 
@@ -212,6 +221,7 @@ def _number(parse, *, minimum: float, what: str):
 
 _POSITIVE_INT = _number(int, minimum=1, what="a positive integer")
 _COUNT = _number(int, minimum=0, what="an integer >= 0")
+_SEED = _number(int, minimum=0, maximum=2**31 - 1, what="a seed from 0 to 2147483647")
 
 
 def _positive_float(text: str) -> float:
@@ -260,7 +270,7 @@ def add_prepare(sub) -> None:
         choices=["raise", "skip"],
         help="an unreadable input image: stop naming the file, or skip it and count it",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle (and of the demo's patches)")
+    p.add_argument("--seed", type=_SEED, default=0, help="seed of the shuffle (and of the demo's patches)")
     p.add_argument("--count", type=_COUNT, default=0, help="demo: train images (0: 4096)")
     p.add_argument("--valid-count", type=_COUNT, default=0, help="demo: validation images (0: 512)")
     p.add_argument("--flip", action="store_true", help="demo: mirror half of the training patches left to right")

@@ -138,7 +138,7 @@ def cmd_train(args) -> int:
         return dry_run(spec, "train", args)
     from orchestrator.driver.launch import run_training  # lazy: flowpp --help loads only what it shows
 
-    result = run_training(spec, new_run=args.new_run)
+    result = run_training(spec, new_run=args.new_run, lock=not args.no_lock)
     if result is None:
         print(f"{spec.name}: already finished (train.max_steps {spec.train.max_steps}); nothing to do. "
               "Pass --new-run for a fresh run, or raise train.max_steps to continue it.")  # fmt: skip
@@ -170,9 +170,11 @@ def _tracking_uri(args) -> str:
 
 def cmd_promote(args) -> int:
     # lazy: flowpp --help loads only what it shows
-    from orchestrator.driver.promote import AlreadyChampionError, EvalSettings, promote, rollback
+    from orchestrator.driver.promote import AlreadyChampionError, EvalSettings, break_lock, promote, rollback
 
     uri = _tracking_uri(args)
+    if args.break_lock:
+        break_lock(uri, args.model)
     if args.rollback:
         rollback(uri, args.model)
         return 0

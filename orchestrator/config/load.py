@@ -104,6 +104,10 @@ def semantic_problems(spec: JobSpec) -> list[str]:
         url = getattr(spec.data, field)
         if not url.endswith(".json"):
             problems.append(f"data.{field}: {url!r} should point at a manifest .json file")
+    lock = spec.storage.lock
+    if lock.stale_s <= 2 * lock.heartbeat_s:
+        problems.append(f"storage.lock.stale_s: {lock.stale_s:g} s must exceed twice storage.lock.heartbeat_s "
+                        f"({lock.heartbeat_s:g} s), or one late renewal loses the lock")  # fmt: skip
     if spec.storage.path.startswith(("http://", "https://")):
         problems.append(f"storage.path: {spec.storage.path!r} is not a filesystem URL (use s3://, file:// or a path)")
     problems += schedule_problems(spec.train.rates())  # and warmup_steps <= max_steps
@@ -226,13 +230,13 @@ def load_job(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
 
 
 def _expanded_tree(source: str, text: str) -> tuple[Any, list[str]]:
-    """The document with ``${...}`` expanded (jobenv), and the reference problems."""
+    """The document with ``${...}`` expanded scalar by scalar (jobenv), and the reference problems."""
     try:
-        shape = jobenv.placeholders(text)
-        allow, problems = jobenv.allowed_names(parse_yaml(shape))
-        expanded, env_problems = jobenv.expand(text, allow, jobenv.scalar_spans(shape, _JobLoader))
-        if problems or env_problems:
-            raise JobSpecError(source, problems + env_problems)
-        return parse_yaml(expanded) or {}, []
+        tree, problems = jobenv.expand_tree(text, _JobLoader)
     except yaml.YAMLError as exc:
         raise JobSpecError(source, [_yaml_problem(exc)]) from None
+    except RecursionError:  # PyYAML composes nested nodes recursively
+        raise JobSpecError(source, ["YAML nested too deeply to read (a job spec is a few levels deep)"]) from None
+    if problems:
+        raise JobSpecError(source, problems)
+    return tree or {}, []

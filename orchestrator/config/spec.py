@@ -14,6 +14,9 @@ from pydantic import Field
 from orchestrator.config.schedule import Rates, ScheduleSpec
 from orchestrator.core.strict import SpecModel
 
+MAX_SEED = 4_000_000
+"""The largest ``train.seed``: rank r seeds numpy with ``seed * 1000 + r``, below 2**32."""
+
 
 class ModelSpec(SpecModel):
     preset: str = "debug"
@@ -70,6 +73,9 @@ class DataSpec(SpecModel):
     shuffle_buffer: int = Field(1000, ge=1)
     verify: bool = False
     """Check every shard's sha256 against the manifest as it is read."""
+    allow_external_shards: bool = False
+    """Let the manifests' shard URLs lie outside their folders, on s3:// or file:// only (a manifest
+    cannot allow that itself)."""
     prepare: Literal["demo"] | None = None
     """Write this dataset to ``train``/``valid`` first if their manifests are missing."""
     prepare_count: int = Field(4096, ge=16)
@@ -94,7 +100,8 @@ class TrainSpec(SpecModel):
     fused_adam: bool = False
     """Adam's fused implementation: one kernel for every parameter instead of a few per tensor."""
     ema_decay: float = Field(0.999, ge=0, lt=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    """0 to 4,000,000: rank r seeds numpy with ``seed * 1000 + r``, which must stay below 2**32."""
     log_every: int = Field(100, ge=1)
     checkpoint_every: int = Field(1000, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
@@ -138,6 +145,20 @@ class ScalingSpec(SpecModel):
     the GPU's name (H100, H200, A100; orchestrator/training/mfu.py), else FLOWPP_PEAK_TFLOPS; no MFU on a CPU."""
 
 
+class LockSpec(SpecModel):
+    """The job's lock (``<storage.path>/.flowpp/<name>/lock.json``): one driver per job."""
+
+    heartbeat_s: float = Field(10.0, gt=0)
+    """How often the driver renews it."""
+    stale_s: float = Field(45.0, gt=0)
+    """A lock not renewed for this long is taken over by the next driver; its old holder, if it
+    comes back, finds the lock changed and stops."""
+    without_conditions: Literal["refuse", "settle"] = "refuse"
+    """A store that ignores conditional writes (S3's If-None-Match and If-Match; found by a probe
+    at the start) cannot keep two drivers apart: ``refuse`` to run (``--no-lock`` runs without
+    the lock), or ``settle``: write, wait, read back, as before conditional writes, with a warning."""
+
+
 class StorageSpec(SpecModel):
     path: str = "file://./runs"
     """Ray's storage_path for checkpoints: local, file:// or s3://."""
@@ -148,6 +169,7 @@ class StorageSpec(SpecModel):
     """botocore's retry mode for each S3 request (both back off exponentially with jitter)."""
     retry_budget_s: float = Field(60.0, gt=0)
     """How long a read or write keeps being retried on transient errors (5xx, throttling, resets)."""
+    lock: LockSpec = Field(default_factory=LockSpec)
 
     def options(self):
         """The ``storage.StorageOptions`` every reader and writer of this job uses."""
@@ -164,7 +186,8 @@ class StorageSpec(SpecModel):
 class MlflowSpec(SpecModel):
     tracking_uri: str = "sqlite:///runs/mlflow.db"
     experiment: str = "flowpp"
-    registered_model: str = "flowpp"
+    registered_model: str = Field("flowpp", pattern=r"^[^/:]*[^/:\s][^/:]*$")
+    """The MLflow registry's name rules, checked before training: not empty, no ``/`` or ``:``."""
     enabled: bool = True
     register_model: bool = True
     """Log the final EMA model and register a new version (Tune trials leave that to the search)."""
@@ -173,7 +196,7 @@ class MlflowSpec(SpecModel):
     fails, keeping its final checkpoint, and re-submitting it registers without training again."""
     system_metrics: bool = True
     """MLflow's system metrics (CPU, memory, disk, network, GPUs) of rank 0's machine, in the run."""
-    system_metrics_interval_s: float = Field(10.0, gt=0)
+    system_metrics_interval_s: float = Field(10.0, ge=0.5)
     """Seconds between two system-metrics samples."""
 
 

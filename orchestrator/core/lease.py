@@ -2,14 +2,22 @@
 
 A lease is a record naming its owner and when it expires. The holder renews it from a
 heartbeat thread; a record past its expiry (or one a ``stale`` test rejects, such as a
-killed process of this machine) is taken over by the next taker. Renewal and release
-compare the owner first, so a holder that lost its lease never extends or deletes the
-record of the one that took over; it sets ``lost`` and calls ``on_lost`` instead.
+killed process of this machine) is taken over by the next taker.
 
-The stores here have no atomic create-if-absent, so a taker writes, waits ``settle_s`` and
-reads back: of two takers that wrote at once, the one whose record stayed wins. The job
-lock keeps its record in a JSON object (``JsonStore``); the promotion lock in a tag of the
-registered model (``orchestrator.driver.promote``).
+Every change is conditional on the version the changer last read: a taker creates the record
+only if there is none, takes over a stale one only if it is still the version it judged stale,
+and each renewal and the release apply only to the version the holder wrote last. So of two
+takers exactly one wins, and a holder that was cut off for longer than its lease finds, on its
+next renewal, that the record changed: it never extends or deletes the record of the one that
+took over; it sets ``lost`` and calls ``on_lost`` instead. A condition that fails after a retry
+of a change that did land (its reply was lost) is told apart by the owner: only this holder
+writes its own owner id.
+
+A store whose changes are not atomic (``atomic = False``: a store that ignores conditions, or
+the registered model's tags of the promotion lock) gets the same checks by reading first, and a
+taker then writes, waits ``settle_s`` and reads back: of two takers that wrote at once, the one
+whose record stayed wins. The job lock keeps its record in a JSON object (``JsonStore``), the
+promotion lock in a tag of the registered model (``orchestrator.driver.promote``).
 """
 
 from __future__ import annotations
@@ -49,15 +57,23 @@ class Holder:
 
 
 class LeaseStore(Protocol):
-    """Where one lease record lives. ``where`` names it in messages."""
+    """Where one lease record lives, with a version per write. ``where`` names it in messages;
+    ``atomic``: whether ``create``, ``replace`` and ``delete`` are enforced by the store itself."""
 
     where: str
+    atomic: bool
 
-    def read(self) -> Holder | None: ...
+    def read(self) -> tuple[Holder, str] | None:
+        """The record and its version, or None if there is none."""
 
-    def write(self, holder: Holder) -> None: ...
+    def create(self, holder: Holder) -> str:
+        """Write a first record; ``storage.PreconditionFailed`` if one exists. Its version."""
 
-    def delete(self) -> None: ...
+    def replace(self, holder: Holder, version: str) -> str:
+        """Overwrite the record if still at ``version``; ``storage.PreconditionFailed`` if not."""
+
+    def delete(self, version: str) -> None:
+        """Delete the record if still at ``version``; ``storage.PreconditionFailed`` if not."""
 
 
 class LeaseHeld(FlowppError):
@@ -78,33 +94,68 @@ def new_owner() -> str:
 
 
 class JsonStore:
-    """A lease record as a JSON object at an fsspec URL: ``{"owner", "heartbeat", "expires", **info}``.
+    """A lease record as a JSON object at an fsspec URL: ``{"owner", "heartbeat", "expires", **info}``,
+    changed by the conditional writes of ``orchestrator.core.storage`` (``atomic=False``: plain
+    writes, for a store that ignores conditions, each checked by a read first).
 
     A record without ``expires`` (written before it existed) expires ``ttl_s`` after its heartbeat.
     """
 
-    def __init__(self, url: str, options: storage.StorageOptions | None, ttl_s: float):
-        self.where, self.options, self.ttl_s = url, options, ttl_s
+    def __init__(self, url: str, options: storage.StorageOptions | None, ttl_s: float, atomic: bool = True):
+        self.where, self.options, self.ttl_s, self.atomic = url, options, ttl_s, atomic
 
-    def read(self) -> Holder | None:
-        if storage.object_size(self.where, self.options) is None:
-            return None
+    def _parse(self, data: bytes) -> Holder | None:
         try:
-            record = json.loads(storage.read_bytes(self.where, self.options))
+            record = json.loads(data)
             beat = float(record.pop("heartbeat", 0))
             expires = float(record.pop("expires", beat + self.ttl_s))
             return Holder(str(record.pop("owner", "")), expires, beat, record)
-        except (ValueError, TypeError, AttributeError, FileNotFoundError):
-            return None  # a half-written or vanished record counts as none
+        except (ValueError, TypeError, AttributeError):
+            return None
 
-    def write(self, holder: Holder) -> None:
+    def read(self) -> tuple[Holder, str] | None:
+        found = storage.read_versioned(self.where, self.options)
+        if found is None:
+            return None
+        holder = self._parse(found[0])
+        # a record that does not parse (half-written by an old driver) is stale: taken over at its version
+        return (holder or Holder("(unreadable record)", 0.0), found[1])
+
+    @staticmethod
+    def _bytes(holder: Holder) -> bytes:
         record = {"owner": holder.owner, "heartbeat": holder.beat, "expires": holder.expires, **holder.info}
-        storage.write_bytes(self.where, json.dumps(record).encode(), self.options)
+        return json.dumps(record).encode()
 
-    def delete(self) -> None:
+    def _check(self, version: str | None) -> None:
+        """Without atomic writes: the condition, checked by a read (a race can still slip past)."""
+        found = storage.read_versioned(self.where, self.options)
+        if (found[1] if found else None) != version:
+            raise storage.PreconditionFailed(f"{self.where}: the lease record changed")
+
+    def create(self, holder: Holder) -> str:
+        if self.atomic:
+            return storage.create_exclusive(self.where, self._bytes(holder), self.options)
+        self._check(None)
+        return self._write(holder)
+
+    def replace(self, holder: Holder, version: str) -> str:
+        if self.atomic:
+            return storage.replace_if(self.where, self._bytes(holder), version, self.options)
+        self._check(version)
+        return self._write(holder)
+
+    def delete(self, version: str) -> None:
+        if self.atomic:
+            return storage.delete_if(self.where, version, self.options)
+        self._check(version)
         fs, path = storage.filesystem(self.where, self.options)
         with contextlib.suppress(FileNotFoundError):
             fs.rm_file(path)
+
+    def _write(self, holder: Holder) -> str:
+        storage.write_bytes(self.where, self._bytes(holder), self.options)
+        found = storage.read_versioned(self.where, self.options)
+        return found[1] if found else ""
 
 
 class Lease:
@@ -121,6 +172,9 @@ class Lease:
     ):
         self.store, self.ttl_s, self.beat_s = store, ttl_s, beat_s or ttl_s / 3
         self.owner, self.info, self.on_lost = new_owner(), dict(info or {}), on_lost
+        self.version = ""
+        """The version of the record this owner wrote last: every change is conditional on it."""
+        self._last_seen: Holder | None = None
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"lease-{store.where}", daemon=True)
@@ -130,8 +184,8 @@ class Lease:
         return Holder(self.owner, now + self.ttl_s, now, self.info)
 
     def held(self) -> bool:
-        holder = self.store.read()
-        return holder is not None and holder.owner == self.owner
+        found = self.store.read()
+        return found is not None and found[0].owner == self.owner
 
     def ensure_held(self) -> None:
         """Raise ``LeaseLost`` unless this owner still holds the lease (checked before acting on it)."""
@@ -139,27 +193,45 @@ class Lease:
             self.lost.set()
             raise LeaseLost(f"{self.store.where}: the lease of {self.owner} was lost (it ran out and was taken over)")
 
+    def _ours(self) -> bool:
+        """After a failed condition: whether the record is this owner's after all (a change that
+        landed, and whose reply was lost, then retried); if so its version is adopted."""
+        found = self.store.read()
+        if found is not None and found[0].owner == self.owner:
+            self.version = found[1]
+            return True
+        self._last_seen = found[0] if found else None
+        return False
+
     def _beat(self) -> None:
         while not self._stop.wait(self.beat_s):
             try:
-                holder = self.store.read()
-                if holder is None or holder.owner != self.owner:  # read, compare, renew: never another's record
-                    self.lost.set()
-                    if self.on_lost is not None:
-                        self.on_lost(holder)
-                    return
-                self.store.write(self.record())
+                try:
+                    self.version = self.store.replace(self.record(), self.version)
+                    continue
+                except storage.PreconditionFailed:
+                    if self._ours():
+                        continue
+                self.lost.set()  # the record changed: taken over (or deleted) while this holder was away
+                if self.on_lost is not None:
+                    self.on_lost(self._last_seen)
+                return
             except Exception as exc:  # noqa: BLE001 - a missed beat is retried; the lease has time left
                 log.warning("%s: lease renewal failed, retrying: %s", self.store.where, first_line(exc))
 
     def release(self) -> None:
-        """Stop renewing, and delete the record if it still names this owner."""
+        """Stop renewing, and delete the record if it is still the one this owner wrote."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=self.beat_s + 5)
+        if self.lost.is_set():
+            return
         try:
-            if self.held():
-                self.store.delete()
+            try:
+                self.store.delete(self.version)
+            except storage.PreconditionFailed:
+                if self._ours():
+                    self.store.delete(self.version)
         except Exception as exc:  # noqa: BLE001 - never hides the body's own error; the record expires
             log.warning("%s: lease not released (it expires in time): %s", self.store.where, first_line(exc))
 
@@ -179,16 +251,25 @@ def acquire(
     **lease: Any,
 ) -> Lease:
     """Take the lease and start its heartbeat, or raise ``LeaseHeld`` if a live owner holds it."""
-    held = store.read()
-    if held is not None and held.live() and not stale(held):
-        raise LeaseHeld(store.where, held)
-    if held is not None:
-        log.warning("%s: taking over a stale lease of %s", store.where, held.owner)
+    found = store.read()
     taken = Lease(store, ttl_s, **lease)
-    store.write(taken.record())
-    time.sleep(settle_s)  # a taker that read "free" at the same time has written by now; the last write wins
-    now = store.read()
-    if now is None or now.owner != taken.owner:
-        raise LeaseHeld(store.where, now)
+    try:
+        if found is None:
+            taken.version = store.create(taken.record())
+        else:
+            held, version = found
+            if held.live() and not stale(held):
+                raise LeaseHeld(store.where, held)
+            log.warning("%s: taking over a stale lease of %s", store.where, held.owner)
+            taken.version = store.replace(taken.record(), version)  # only if nobody else took it meanwhile
+    except storage.PreconditionFailed:
+        if not taken._ours():  # another taker won the race (or a retried write of ours landed)
+            raise LeaseHeld(store.where, taken._last_seen) from None
+    if not store.atomic:
+        time.sleep(settle_s)  # a taker that read "free" at the same time has written by now; the last write wins
+        now = store.read()
+        if now is None or now[0].owner != taken.owner:
+            raise LeaseHeld(store.where, now[0] if now else None)
+        taken.version = now[1]
     taken._thread.start()
     return taken

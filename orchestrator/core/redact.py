@@ -1,11 +1,15 @@
 """The one redaction of the project: what a log line, an MLflow param, tag or artifact, a Ray job's
 metadata or an error message may carry is passed through here first.
 
-Three things are masked as ``***``:
+Four things are masked as ``***``:
 
 - URL user-info: ``https://user:pass@host/x`` becomes ``https://***@host/x``, in any text;
-- the values of credential environment variables present in this process (``SECRET_ENV`` and every
-  variable whose name reads as a credential: ``*_SECRET_*``, ``*_PASSWORD``, ``*_TOKEN``, ``*_KEY``...);
+- a URL query parameter whose name reads as a credential: ``?password=x&access_token=y`` becomes
+  ``?password=***&access_token=***``, in any text;
+- the values of credential environment variables present in this process (``SECRET_ENV``, every
+  variable whose name reads as a credential: ``*_SECRET_*``, ``*_PASSWORD``, ``PGPASSWORD``,
+  ``*_TOKEN``, ``*_KEY``..., and every variable a job spec reads through its ``env_allow``, whatever
+  its name: ``mask_variables``);
 - in a tree (the job spec as plain data), the value of every credential-like key and every value
   under an ``env_vars`` key (a runtime environment's variables, whatever their names).
 
@@ -37,7 +41,13 @@ MIN_SECRET_LEN = 4
 
 # scheme://userinfo@ ; userinfo runs to the last @ before the host's end (/, ?, #, space, quote)
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)[^/?#\s'\"<>]*@")
-_SECRET_WORDS = {"secret", "secrets", "password", "passwd", "passphrase", "token", "credential", "credentials"}
+_SECRET_WORDS = {"secret", "secrets", "password", "passwd", "passphrase", "token", "credential", "credentials",
+                 "signature"}  # fmt: skip
+_GLUED = ("secret", "password", "passwd", "passphrase", "token")
+"""Also at the end of a word: ``PGPASSWORD``, ``APITOKEN``."""
+_QUERY_SECRET = re.compile(r"(?P<lead>[?&;](?P<name>[A-Za-z0-9_.\-]+)=)(?P<value>[^&#;\s'\"<>]*)")
+_MASKED_VARIABLES: set[str] = set()
+"""Variables whose values are masked whatever their names (``mask_variables``)."""
 _KEY_WORDS = {"key", "apikey"}
 _NOT_A_VALUE = {"path", "file", "mode", "dir", "type", "name", "kind", "url", "endpoint", "region"}
 """A name ending in one of these holds where or how a secret is found, not the secret itself
@@ -55,13 +65,19 @@ def is_secret_name(name: str) -> bool:
     words = _words(name)
     if not words or words[-1] in _NOT_A_VALUE:
         return False
-    return any(w in _SECRET_WORDS or w in _KEY_WORDS for w in words)
+    return any(w in _SECRET_WORDS or w in _KEY_WORDS or w.endswith(_GLUED) for w in words)
+
+
+def mask_variables(names: Iterable[str]) -> None:
+    """From now on, mask the values of these environment variables too (a job spec's ``env_allow``:
+    what a spec reads by name may be a secret whatever the name says)."""
+    _MASKED_VARIABLES.update(names)
 
 
 def secret_values(extra: Iterable[str | None] = ()) -> list[str]:
     """The credential values known to this process: ``extra`` and the credential variables' values,
     longest first (so that a secret containing another is masked whole)."""
-    names = set(SECRET_ENV) | {k for k in os.environ if is_secret_name(k)}
+    names = set(SECRET_ENV) | _MASKED_VARIABLES | {k for k in os.environ if is_secret_name(k)}
     values = {v for v in (*extra, *(os.environ.get(k) for k in names)) if v and len(v) >= MIN_SECRET_LEN}
     return sorted(values, key=len, reverse=True)
 
@@ -78,6 +94,7 @@ def strip_userinfo(url: str) -> str:
 def redact(text: str, extra: Iterable[str | None] = ()) -> str:
     """``text`` with URL user-info and every known credential value (``secret_values(extra)``) as ``***``."""
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", str(text))
+    text = _QUERY_SECRET.sub(lambda m: m["lead"] + MASK if is_secret_name(m["name"]) and m["value"] else m[0], text)
     for value in secret_values(extra):
         text = text.replace(value, MASK)
     return text
@@ -159,6 +176,12 @@ def first_line(what: BaseException | str) -> str:
     text = str(what).strip()
     line = text.splitlines()[0] if text else ""
     return redact(f"{type(what).__name__}: {line}" if isinstance(what, BaseException) else line)
+
+
+def printable(name: str) -> str:
+    """A name fit for one log line: as it is when every character prints, else its ``repr`` (a
+    newline in a file name shows as ``\\n`` and cannot forge a line of its own)."""
+    return name if name.isprintable() else repr(name)
 
 
 def carries_secret(text: str) -> bool:

@@ -54,6 +54,11 @@ class StorageUnreachableError(StorageTransientError):
     """The endpoint refused or timed out every connection for the whole retry budget; names it."""
 
 
+class PreconditionFailed(StorageError):
+    """A conditional write or delete found the object other than expected: it exists (a create),
+    or it changed or vanished since it was read (S3's 412 Precondition Failed)."""
+
+
 @dataclass(frozen=True)
 class StorageOptions:
     endpoint_url: str | None = None
@@ -225,7 +230,11 @@ def _with_retries(what: str, url: str, options: StorageOptions, fn):
     try:
         return retry.call(fn, budget_s=options.retry_budget_s, transient=_is_transient,
                           first_backoff_s=options.backoff_s, max_backoff_s=10.0, on_retry=warn)  # fmt: skip
+    except PreconditionFailed:
+        raise
     except Exception as exc:  # noqa: BLE001 - classified below
+        if _precondition_failed(exc):
+            raise PreconditionFailed(f"{what} {url}: the object is not as expected (a condition failed)") from None
         detail = redact(f"{type(exc).__name__}: {exc}", options.secrets())
         if isinstance(exc, FileNotFoundError):
             raise StorageNotFoundError(f"{what} {url}: not found ({detail})") from None
@@ -258,6 +267,220 @@ def write_bytes(url: str, data: bytes, options: StorageOptions | None = None) ->
         fs.pipe_file(path, data)
 
     _with_retries("writing", url, options, put)
+
+
+# -- conditional writes ---------------------------------------------------------------------
+# An object changed only if it is as this process last saw it: S3's conditional requests
+# (If-None-Match: * on a create, If-Match: ETag on a put or delete, 412 when the condition fails);
+# on local files, a create by hard link (it fails if the name exists) and, for a replace or
+# delete, a compare under an exclusive flock of a sidecar file. A version is the ETag on S3 and a
+# hash of the bytes on files.
+
+_CONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    from botocore.exceptions import ClientError
+
+    for cause in _causes(exc):
+        if isinstance(cause, PreconditionFailed):
+            return True
+        if isinstance(cause, ClientError):
+            error = cause.response.get("Error", {})
+            status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return error.get("Code") in _CONDITION_CODES or status == 412
+    return False
+
+
+def _is_s3(url: str) -> bool:
+    return protocol_of(url) in ("s3", "s3a")
+
+
+def _s3_call(fs, method: str, **kwargs):
+    """One S3 request through the filesystem's own client (its loop and credentials); the response."""
+    from fsspec.asyn import sync
+
+    async def call():
+        await fs.set_session()
+        out = await getattr(fs.s3, method)(**kwargs)
+        if "Body" in out:
+            async with out["Body"] as body:
+                out["Body"] = await body.read()
+        return out
+
+    return sync(fs.loop, call)
+
+
+def _local_version(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+class _LocalLock:
+    """An exclusive flock on ``PATH.flock`` for the compare-and-act of a local replace or delete."""
+
+    def __init__(self, path: str):
+        self.path = path + ".flock"
+
+    def __enter__(self):
+        import fcntl
+
+        os.makedirs(posixpath.dirname(self.path) or ".", exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # closing releases the flock
+
+
+def _local_current(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return _local_version(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def _local_write(path: str, data: bytes, *, exclusive: bool) -> None:
+    """The whole file at once: written aside, then linked (exclusive: fails if the name exists)
+    or renamed into place."""
+    import tempfile
+
+    os.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=posixpath.dirname(path) or ".", prefix=".tmp-cond-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if exclusive:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise PreconditionFailed(f"creating {path}: it exists") from None
+        else:
+            os.replace(tmp, path)
+            tmp = ""
+    finally:
+        if tmp:
+            os.unlink(tmp)
+
+
+def read_versioned(url: str, options: StorageOptions | None = None) -> tuple[bytes, str] | None:
+    """The object's bytes and version (its ETag on S3), or None if it does not exist."""
+    options = options or StorageOptions()
+    fs, path = filesystem(url, options)
+
+    def read():
+        if _is_s3(url):
+            bucket, key, _ = fs.split_path(path)
+            try:
+                out = _s3_call(fs, "get_object", Bucket=bucket, Key=key)
+            except Exception as exc:  # noqa: BLE001 - a missing key is an answer
+                if any(getattr(c, "response", {}).get("Error", {}).get("Code") in ("NoSuchKey", "404")
+                       for c in _causes(exc)):  # fmt: skip
+                    return None
+                raise
+            return out["Body"], out["ETag"]
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        return data, _local_version(data)
+
+    return _with_retries("reading", url, options, read)
+
+
+def create_exclusive(url: str, data: bytes, options: StorageOptions | None = None) -> str:
+    """Write a new object; ``PreconditionFailed`` if one exists already. Returns its version."""
+    options = options or StorageOptions()
+    fs, path = filesystem(url, options)
+
+    def create():
+        if _is_s3(url):
+            bucket, key, _ = fs.split_path(path)
+            return _s3_call(fs, "put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")["ETag"]
+        with _LocalLock(path):
+            _local_write(path, data, exclusive=True)
+        return _local_version(data)
+
+    return _with_retries("creating", url, options, create)
+
+
+def replace_if(url: str, data: bytes, version: str, options: StorageOptions | None = None) -> str:
+    """Overwrite the object only if it is still at ``version``; ``PreconditionFailed`` if it
+    changed or vanished. Returns the new version."""
+    options = options or StorageOptions()
+    fs, path = filesystem(url, options)
+
+    def replace():
+        if _is_s3(url):
+            bucket, key, _ = fs.split_path(path)
+            try:
+                return _s3_call(fs, "put_object", Bucket=bucket, Key=key, Body=data, IfMatch=version)["ETag"]
+            except Exception as exc:  # noqa: BLE001 - S3 answers 404 to If-Match on a missing key
+                if any(getattr(c, "response", {}).get("Error", {}).get("Code") in ("NoSuchKey", "404")
+                       for c in _causes(exc)):  # fmt: skip
+                    raise PreconditionFailed(f"replacing {url}: it vanished") from None
+                raise
+        with _LocalLock(path):
+            if _local_current(path) != version:
+                raise PreconditionFailed(f"replacing {url}: it changed")
+            _local_write(path, data, exclusive=False)
+        return _local_version(data)
+
+    return _with_retries("replacing", url, options, replace)
+
+
+def delete_if(url: str, version: str, options: StorageOptions | None = None) -> None:
+    """Delete the object only if it is still at ``version``; ``PreconditionFailed`` if it changed.
+    A missing object is no error (it is gone either way)."""
+    options = options or StorageOptions()
+    fs, path = filesystem(url, options)
+
+    def delete():
+        if _is_s3(url):
+            bucket, key, _ = fs.split_path(path)
+            _s3_call(fs, "delete_object", Bucket=bucket, Key=key, IfMatch=version)
+            return
+        with _LocalLock(path):
+            current = _local_current(path)
+            if current is not None and current != version:
+                raise PreconditionFailed(f"deleting {url}: it changed")
+            if current is not None:
+                os.unlink(path)
+
+    _with_retries("deleting", url, options, delete)
+
+
+def honours_conditions(prefix: str, options: StorageOptions | None = None) -> bool:
+    """Whether the store under ``prefix`` enforces conditional writes: a probe object is created,
+    created again (must fail), replaced at a wrong version (must fail), then deleted."""
+    import uuid
+
+    if protocol_of(prefix) == "file":
+        return True  # local files: a hard link and an flock, always (no probe file left behind)
+    options = options or StorageOptions()
+    probe = join(prefix, f".probe-{uuid.uuid4().hex}")
+    version = create_exclusive(probe, b"probe", options)
+    try:
+        for attempt in (lambda: create_exclusive(probe, b"again", options),
+                        lambda: replace_if(probe, b"again", '"not-its-etag"', options)):  # fmt: skip
+            try:
+                attempt()
+            except PreconditionFailed:
+                continue
+            return False
+        return True
+    finally:
+        try:
+            delete_if(probe, version, options)
+        except PreconditionFailed:  # a store that ignored a condition rewrote it
+            fs, path = filesystem(probe, options)
+            fs.rm_file(path)
 
 
 def object_size(url: str, options: StorageOptions | None = None) -> int | None:

@@ -1,7 +1,9 @@
 """The one strict pydantic base: unknown fields are errors, assignments are validated.
 
 ``Strict`` serves stored records (a manifest); ``SpecModel`` adds what a hand-written YAML spec
-needs, an empty value (``lr:`` with nothing after it) read as unset.
+needs, an empty value (``lr:`` with nothing after it) read as unset. Neither takes an infinite or
+NaN number (``.inf`` in YAML): no field means "forever" by one, and a retry budget of ``.inf`` would
+retry forever.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ __all__ = ["SpecModel", "Strict"]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SpecModel(Strict):

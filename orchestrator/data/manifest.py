@@ -4,8 +4,12 @@ A pydantic model with ``extra="forbid"`` (``orchestrator.core.strict``). Loading
 checks, and reports at once, each problem with the manifest's URL and the field's path:
 
 - every count and size is non-negative, and the totals equal the sum over the shards;
-- every shard URL lies inside the manifest's own folder (no ``..``, no other bucket or scheme),
-  unless the manifest sets ``allow_external: true``;
+- every shard URL lies inside the manifest's own folder (no ``..``, no other bucket or scheme).
+  Only the reader may allow shards elsewhere (``allow_external``: the job spec's
+  ``data.allow_external_shards``), and then only on the storage's own schemes (s3://, file://):
+  never http(s), so a manifest cannot make a reader fetch an arbitrary URL. The manifest's own
+  ``allow_external`` field, from older versions, is read and ignored: a manifest cannot waive
+  its own check;
 - ``version`` is one this code reads (1: written before content-addressed shard names, still
   read; 2: current). Another version is refused with a message to re-run ``flowpp prepare``.
 
@@ -105,7 +109,7 @@ class Manifest(Strict):
     total_bytes: int = Field(ge=0)
     skipped: Skipped = Field(default_factory=Skipped)
     allow_external: bool = False
-    """Let shard URLs point outside the manifest's folder (another prefix, bucket or scheme)."""
+    """Ignored (older manifests set it): only the reader may allow shards outside the folder."""
     shards: list[ShardEntry]
 
 
@@ -124,7 +128,15 @@ def _inside(base: str, shard_url: str) -> bool:
     return "\\" not in rel and all(p not in ("", "..") for p in parts)
 
 
-def _problems(m: Manifest, url: str) -> list[str]:
+EXTERNAL_SCHEMES = ("s3", "s3a", "file")
+"""Where shards outside the manifest's folder may be, when the reader allows it."""
+
+
+def _external_ok(shard_url: str) -> bool:
+    return storage.protocol_of(shard_url) in EXTERNAL_SCHEMES and ".." not in shard_url.split("/")
+
+
+def _problems(m: Manifest, url: str, allow_external: bool = False) -> list[str]:
     out = []
     totals = {
         "num_samples": sum(s.num_samples for s in m.shards),
@@ -137,16 +149,20 @@ def _problems(m: Manifest, url: str) -> list[str]:
     for i, s in enumerate(m.shards):
         if s.index != i:
             out.append(f"shards.{i}.index: {s.index}, expected its position {i}")
-        if not m.allow_external and not _inside(base_of(url), s.url):
-            out.append(
-                f"shards.{i}.url: {s.url!r} lies outside the manifest's folder {base_of(url) or '.'}/ "
-                "(set allow_external: true in the manifest to allow that)"
-            )
+        if _inside(base_of(url), s.url) or (allow_external and _external_ok(s.url)):
+            continue
+        why = (
+            "only s3:// and file:// shards may lie elsewhere"
+            if allow_external
+            else "the job spec's data.allow_external_shards lets shards lie elsewhere; a manifest cannot"
+        )
+        out.append(f"shards.{i}.url: {s.url!r} lies outside the manifest's folder {base_of(url) or '.'}/ ({why})")
     return out
 
 
-def parse_manifest(data: bytes, url: str) -> Manifest:
-    """The manifest in ``data`` (read from ``url``), or a ManifestError listing every problem."""
+def parse_manifest(data: bytes, url: str, allow_external: bool = False) -> Manifest:
+    """The manifest in ``data`` (read from ``url``), or a ManifestError listing every problem;
+    ``allow_external``: shards may also lie outside its folder, on s3:// or file://."""
     try:
         doc = json.loads(data)
     except ValueError as exc:
@@ -160,15 +176,15 @@ def parse_manifest(data: bytes, url: str) -> Manifest:
         if any(e["loc"][:1] == ("version",) for e in exc.errors()):
             problems.append(f"this code reads manifest versions 1 and {VERSION}: re-run `flowpp prepare`")
         raise ManifestError(url, problems) from None
-    problems = _problems(m, url)
+    problems = _problems(m, url, allow_external)
     if problems:
         raise ManifestError(url, problems)
     return m
 
 
-def load_manifest(url: str, options: storage.StorageOptions | None = None) -> dict:
+def load_manifest(url: str, options: storage.StorageOptions | None = None, allow_external: bool = False) -> dict:
     """The validated manifest at ``url`` as a dict, its shard URLs made absolute."""
-    m = parse_manifest(storage.read_bytes(url, options), url)
+    m = parse_manifest(storage.read_bytes(url, options), url, allow_external)
     doc = m.model_dump(exclude_none=True)
     for shard in doc["shards"]:
         shard["url"] = storage.join(base_of(url), shard["url"])
@@ -196,6 +212,6 @@ def check_job_data(spec: JobSpec) -> None:
     cfg = spec.model.flow_config()
     opts = spec.storage.options()
     for split, url in (("train", spec.data.train), ("valid", spec.data.valid)):
-        manifest = load_manifest(url, opts)
+        manifest = load_manifest(url, opts, spec.data.allow_external_shards)
         where = f"data.{split} {url} (model.preset {spec.model.preset})"
         check_fits_model(manifest, where, image_size=cfg.image_size, channels=cfg.channels, num_bits=cfg.num_bits)

@@ -20,6 +20,12 @@ A re-run never serves stale or half-written data:
   every shard it names intact.
 - **Old shards are left in place**: a training run that loaded the previous manifest keeps
   reading them. Objects that no manifest names may be deleted by hand once no run uses them.
+- **One prepare at a time on an output**: a prepare holds the output's lock (``_prepare.lock``,
+  the project's one lease, kept by conditional writes) while it writes; a second one on the same
+  output (two jobs whose ``data.prepare`` writes to one prefix) is refused, naming the holder.
+  A new shard is created only where no object has its name (a conditional create; another name
+  if one appeared meanwhile), and temp files have names of their own, so a manifest names only
+  objects its own run wrote or checked.
 """
 
 from __future__ import annotations
@@ -30,16 +36,18 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from orchestrator.core import storage
+from orchestrator.core import lease, storage
 from orchestrator.core.errors import UserError
 from orchestrator.data.manifest import VERSION, ManifestError, ShardEntry, parse_manifest
 from orchestrator.data.sources import (
@@ -129,7 +137,7 @@ def publish(url: str, data: bytes, sopts: storage.StorageOptions) -> None:
     if storage.protocol_of(url) != "file":
         storage.write_bytes(url, data, sopts)  # one PUT: an object store swaps the whole object
         return
-    tmp = f"{url}.tmp-{os.getpid()}"
+    tmp = f"{url}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     storage.write_bytes(tmp, data, sopts)
     os.replace(storage.filesystem(tmp, sopts)[1], storage.filesystem(url, sopts)[1])
 
@@ -296,10 +304,19 @@ class _Builder:
             "head": self.digests[0].hex(),
         }
         self.shards.append(entry)
-        url = storage.join(self.opts.output, name)
-        self.uploads.append((entry, self.pool.submit(storage.write_bytes, url, data, self.sopts)))
+        self.uploads.append((entry, self.pool.submit(self._upload, entry, data)))
         self._reset()
         self._save_progress()
+
+    def _upload(self, entry: dict, data: bytes) -> None:
+        """Create the shard where no object has its name; if one appeared since the name was
+        chosen (a writer without the lock), under its content name instead, which holds these
+        very bytes wherever it exists (shards are deterministic)."""
+        try:
+            storage.create_exclusive(storage.join(self.opts.output, entry["url"]), data, self.sopts)
+        except storage.PreconditionFailed:
+            entry["url"] = f"{self.opts.split}-{entry['index']:06d}-{entry['content'][:12]}.tar"
+            storage.write_bytes(storage.join(self.opts.output, entry["url"]), data, self.sopts)
 
     def _save_progress(self) -> None:
         """Record the shards that are in place, so that an interrupted run's work is kept."""
@@ -334,6 +351,35 @@ def _check_options(opts: PrepareOptions) -> None:
         raise UserError(f"split={opts.split!r}: expected 'train' or 'valid'")
 
 
+LOCK = "_prepare.lock"
+LOCK_STALE_S = 60.0
+
+
+class OutputBusyError(UserError):
+    """Another prepare holds the output's lock; the message names it."""
+
+
+@contextmanager
+def output_lock(output: str, sopts: storage.StorageOptions) -> Iterator[None]:
+    """The output's lock for one prepare (renewed while it runs, taken over 60 s after its holder
+    stopped renewing); ``OutputBusyError`` while another prepare holds it."""
+    atomic = storage.honours_conditions(output, sopts)
+    if not atomic:
+        log.warning("%s: the store ignores conditional writes; the prepare lock falls back to write, settle and "
+                    "read back", output)  # fmt: skip
+    store = lease.JsonStore(storage.join(output, LOCK), sopts, LOCK_STALE_S, atomic=atomic)
+    try:
+        held = lease.acquire(store, LOCK_STALE_S, beat_s=LOCK_STALE_S / 6)
+    except lease.LeaseHeld as busy:
+        who = busy.holder.owner if busy.holder else "another prepare"
+        raise OutputBusyError(
+            f"{output}: another prepare is writing there ({who}, lock {store.where}); wait for it to finish, or "
+            f"give this one an output of its own (a lock not renewed for {LOCK_STALE_S:.0f} s is taken over)"
+        ) from None
+    with held:
+        yield
+
+
 def prepare(opts: PrepareOptions, sopts: storage.StorageOptions | None = None) -> dict:
     """Write one split's shards, then publish its manifest; returns the manifest."""
     _check_options(opts)
@@ -356,14 +402,15 @@ def prepare(opts: PrepareOptions, sopts: storage.StorageOptions | None = None) -
         taken=taken,
     )
     started = time.perf_counter()
-    builder = _build(opts, sopts, items)
-    if not builder.shards:
-        raise UserError(f"no images found for split {opts.split!r} in {opts.input or opts.source}")
-    manifest = _manifest(opts, inputs, builder, taken)
-    url = storage.join(opts.output, MANIFEST)
-    data = json.dumps(manifest, indent=1).encode()
-    parse_manifest(data, url)  # what is published loads
-    publish(url, data, sopts)
+    with output_lock(opts.output, sopts):
+        builder = _build(opts, sopts, items)
+        if not builder.shards:
+            raise UserError(f"no images found for split {opts.split!r} in {opts.input or opts.source}")
+        manifest = _manifest(opts, inputs, builder, taken)
+        url = storage.join(opts.output, MANIFEST)
+        data = json.dumps(manifest, indent=1).encode()
+        parse_manifest(data, url)  # what is published loads
+        publish(url, data, sopts)
     log.info(
         "%s: %d samples in %d shards (%d kept from an earlier run) in %.1fs",
         opts.output,

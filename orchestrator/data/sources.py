@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import re
 import tarfile
 from collections import Counter
@@ -36,9 +37,16 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from orchestrator.core.errors import UserError
+from orchestrator.core.redact import printable
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SOURCES = ("vdo", "npz", "folder", "demo")
+MAX_FILE_BYTES = 64 << 20
+"""The largest input image file prepare reads (a photograph's JPEG is a few megabytes)."""
+MAX_INPUT_PIXELS = 8192 * 8192
+"""The most pixels an input image may claim (a 64-megapixel photograph); its header is read first."""
 HOLDOUT = 0.05
 """Share of a split-less input's images (by a hash of the name) that is the ``valid`` split."""
 _SPLIT_WORDS = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid"}
@@ -173,7 +181,28 @@ def _ordered(names: list[str], seed: int | None) -> list[int]:
 
 
 def _images_in(path: Path) -> list[str]:
-    return sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    """The image files under ``path``, by name. What only looks like one (a folder named ``x.png``,
+    a FIFO, a dangling link) is skipped with a warning: never opened, so a FIFO cannot hang the
+    read. A link that leads out of the folder is refused: ``--input`` names what is read."""
+    import stat
+
+    root, found = path.resolve(), []
+    for p in path.rglob("*"):
+        if p.suffix.lower() not in IMAGE_EXTS:
+            continue
+        try:
+            mode = p.stat().st_mode  # through a link
+        except OSError:
+            log.warning("skipping %s: a link to nothing", printable(str(p)))
+            continue
+        if not stat.S_ISREG(mode):
+            log.warning("skipping %s: not a regular file (a folder, a FIFO or a device)", printable(str(p)))
+            continue
+        if p.is_symlink() and not p.resolve().is_relative_to(root):
+            raise UserError(f"{printable(str(p))}: a link out of the input folder (to {printable(str(p.resolve()))}); "
+                            "copy the file in, or give its own folder as --input")  # fmt: skip
+        found.append(p.relative_to(path).as_posix())
+    return sorted(found)
 
 
 def _files_items(path: Path, seed: int | None, keep: Keep) -> Iterator[Item]:
@@ -181,31 +210,46 @@ def _files_items(path: Path, seed: int | None, keep: Keep) -> Iterator[Item]:
     keys = unique_keys(names)
     for i in _ordered(names, seed):
         f = path / names[i]
-        yield Item(key=keys[i], ref=str(f), name=names[i], data=f.read_bytes())
+        nbytes = f.stat().st_size
+        if nbytes > MAX_FILE_BYTES:
+            raise CorruptInputError(f"{printable(str(f))}: {nbytes:,} bytes, more than an image prepare reads "
+                                    f"({MAX_FILE_BYTES:,})")  # fmt: skip
+        yield Item(key=keys[i], ref=printable(str(f)), name=names[i], data=f.read_bytes())
 
 
-def _tar_members(tar: tarfile.TarFile, path: Path) -> list[tarfile.TarInfo]:
+def _tar_members(tar: tarfile.TarFile, path: Path, size: int) -> list[tarfile.TarInfo]:
+    """The image members, each checked before it is read: no sparse member (10 KiB of tar that
+    unpacks to gigabytes), none larger than an image of ``size`` pixels a side can be."""
     members = [m for m in tar if m.isreg() and m.name.lower().endswith(IMAGE_EXTS)]
+    bound = max(1 << 20, 2 * 3 * size * size)
+    for m in members:
+        if m.issparse():
+            raise CorruptInputError(f"{path}: member {printable(m.name)} is sparse (it would unpack to more than "
+                                    "it holds); an image archive has none")  # fmt: skip
+        if m.size > bound:
+            raise CorruptInputError(f"{path}: member {printable(m.name)} is {m.size:,} bytes, more than a "
+                                    f"{size}x{size} image can be ({bound:,})")  # fmt: skip
     first: dict[str, int] = {}
     for n, m in enumerate(members):
         if m.name in first:
-            raise CorruptInputError(f"{path}: member {m.name} appears twice (entries {first[m.name]} and {n})")
+            twice = f"member {printable(m.name)} appears twice (entries {first[m.name]} and {n})"
+            raise CorruptInputError(f"{path}: {twice}")
         first[m.name] = n
     return members
 
 
-def _vdo_items(path: Path, seed: int | None, keep: Keep) -> Iterator[Item]:
+def _vdo_items(path: Path, seed: int | None, keep: Keep, size: int) -> Iterator[Item]:
     if path.is_dir():
         yield from _files_items(path, seed, keep)
         return
     with tarfile.open(path) as tar:
-        members = [m for m in _tar_members(tar, path) if keep(m.name)]
+        members = [m for m in _tar_members(tar, path, size) if keep(m.name)]
         names = [m.name.removeprefix("./") for m in members]
         keys = unique_keys(names)
         for i in _ordered(names, seed):
             member = tar.extractfile(members[i])
             assert member is not None  # a regular file
-            yield Item(key=keys[i], ref=f"{path}:{members[i].name}", name=names[i], data=member.read())
+            yield Item(key=keys[i], ref=printable(f"{path}:{members[i].name}"), name=names[i], data=member.read())
 
 
 def _npz_items(path: Path, seed: int | None, keep: Keep, stem: str) -> Iterator[Item]:
@@ -403,7 +447,7 @@ def iter_items(
         if source == "npz":
             yield from _npz_items(path, order, keep, stem)
         else:
-            yield from _vdo_items(path, order, keep)
+            yield from _vdo_items(path, order, keep, size)
 
 
 def decode(item: Item, size: int) -> np.ndarray:
@@ -415,6 +459,10 @@ def decode(item: Item, size: int) -> np.ndarray:
     else:
         try:
             with Image.open(io.BytesIO(item.data or b"")) as im:
+                w, h = im.size  # from the header: a bomb is refused before any pixel is decoded
+                if w * h > MAX_INPUT_PIXELS:
+                    too_many = f"{w}x{h} pixels, more than prepare reads ({MAX_INPUT_PIXELS:,})"
+                    raise CorruptInputError(f"{item.ref}: {too_many}: a decompression bomb, or no photograph")
                 im.load()
                 im = im.convert("RGB")
                 if im.size != (size, size):
@@ -423,6 +471,8 @@ def decode(item: Item, size: int) -> np.ndarray:
                     box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
                     im = im.resize((size, size), Image.Resampling.BOX, box=box)
                 arr = np.asarray(im)
+        except CorruptInputError:
+            raise
         except Exception as exc:  # noqa: BLE001 - PIL raises many types
             raise CorruptInputError(f"cannot decode {item.ref}: {type(exc).__name__}: {exc}") from None
     if arr.shape != (size, size, 3) or arr.dtype != np.uint8:

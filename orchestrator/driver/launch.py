@@ -117,23 +117,72 @@ GCS_PORT_VAR = "RAY_GCS_SERVER_PORT"
 """Read by a Ray head as it starts: the port of its GCS (0 or unset: one of Ray's choosing)."""
 
 
+def _quiet_port(host: str) -> int:
+    """A free port below the kernel's range of ephemeral ports (and above Ray's worker ports), so
+    that no outgoing connection of this machine is handed it between now and the bind."""
+    import random
+
+    try:
+        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])  # noqa: SIM115
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randrange(20_000, max(20_001, low))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # none free there: any the kernel gives
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _agent_port(port: int) -> Iterator[None]:
+    """Ray's dashboard agent of the next ``ray.init`` listens on ``port`` instead of 52365. Ray sets
+    that port only from ``ray start --dashboard-agent-listen-port``; for ``ray.init`` it is a default
+    of ``RayParams``, put back afterwards. Two Rays with the same agent port on one machine: the
+    second one's agent fails to bind, and its node dies."""
+    from ray._private import parameter
+
+    init = parameter.RayParams.__init__
+    code, saved = init.__code__, init.__defaults__ or ()
+    names = code.co_varnames[1 : code.co_argcount]
+    if "dashboard_agent_listen_port" not in names[len(names) - len(saved) :]:
+        yield  # another Ray: its own default
+        return
+    defaults = list(saved)
+    defaults[names.index("dashboard_agent_listen_port") - (len(names) - len(saved))] = port
+    init.__defaults__ = tuple(defaults)
+    try:
+        yield
+    finally:
+        init.__defaults__ = saved
+
+
 @contextmanager
 def own_address(host: str = "127.0.0.1") -> Iterator[dict]:
-    """For a Ray started in this process: its GCS port chosen here, and the job ``runtime_env`` that
-    names that address (``RAY_ADDRESS``) in every process of the job.
+    """For a Ray started in this process: its GCS and dashboard-agent ports chosen here, and the job
+    ``runtime_env`` that names its address (``RAY_ADDRESS``) in every process of the job.
 
-    Ray's own code in a worker that reaches the State API without an address (Ray Train's
-    placement-group cleaner, which frees the resources of a run whose controller died) otherwise
-    connects to the newest Ray on the machine. Beside another Ray (a second run, the local stack)
-    that is the other one: its token check fails, the cleaner's thread dies, a Tune trial that ASHA
-    stopped keeps its workers' CPUs reserved, and the search waits for them forever."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port = s.getsockname()[1]
+    - Ray's own code in a worker that reaches the State API without an address (Ray Train's
+      placement-group cleaner, which frees the resources of a run whose controller died) otherwise
+      connects to the newest Ray on the machine. Beside another Ray (a second run, the local stack)
+      that is the other one: its token check fails, the cleaner's thread dies, a Tune trial that ASHA
+      stopped keeps its workers' CPUs reserved, and the search waits for them forever.
+    - Every ``ray.init`` on a machine puts its dashboard agent on port 52365: beside another Ray,
+      the second agent cannot bind, and the second Ray dies as it starts.
+
+    Both ports are drawn below the ephemeral range (``_quiet_port``): an outgoing connection cannot
+    take one between the draw and Ray's bind."""
+    gcs, agent = _quiet_port(host), _quiet_port(host)
     saved = os.environ.get(GCS_PORT_VAR)
-    os.environ[GCS_PORT_VAR] = str(port)
+    os.environ[GCS_PORT_VAR] = str(gcs)
     try:
-        yield {"env_vars": {"RAY_ADDRESS": f"{host}:{port}"}}
+        with _agent_port(agent):
+            yield {"env_vars": {"RAY_ADDRESS": f"{host}:{gcs}"}}
     finally:
         if saved is None:
             os.environ.pop(GCS_PORT_VAR, None)
@@ -212,22 +261,31 @@ def make_trainer(spec: JobSpec, run_id: str | None, callbacks: list | None = Non
     )
 
 
-def run_training(spec: JobSpec, new_run: bool = False):
+def run_training(spec: JobSpec, new_run: bool = False, lock: bool = True):
     """Prepare data if asked, run the trainer to the end, return Ray's Result.
 
     Returns None, training nothing, when the job's current run already finished at
     ``train.max_steps`` or beyond (a re-submitted job); ``new_run`` starts a fresh run instead.
-    Raises ``jobstate.JobRunningError`` while another driver runs the same job.
+    Raises ``jobstate.JobRunningError`` while another driver runs the same job, and
+    ``jobstate.LockLostError`` if another driver takes the job's lock over while this one runs
+    (``lock=False``, ``--no-lock``: no lock at all).
     """
     spec = resolve_paths(spec)
-    with jobstate.acquire(spec):
+    with jobstate.acquire(spec) if lock else jobstate.unlocked(spec) as held:
         run = jobstate.start_new_run(spec) if new_run else jobstate.current_run(spec)
         done = jobstate.finished_step(spec, run)
         if done is not None and done >= spec.train.max_steps:
             log.info("job %s: run %s already finished at step %d (train.max_steps %d)", spec.name, run, done,
                      spec.train.max_steps)  # fmt: skip
             return None
-        result = _train(spec, run)
+        try:
+            result = _train(spec, run)
+        except BaseException:
+            if held.lost.is_set():  # the lock's loss interrupted the run (Ray Train aborts it on SIGINT)
+                raise jobstate.lock_lost(spec) from None
+            raise
+        if held.lost.is_set():  # the run ended aborted; the driver that took over owns the job's records
+            raise jobstate.lock_lost(spec)
         jobstate.mark_finished(spec, run, int((result.metrics or {}).get("step", spec.train.max_steps)))
     return result
 

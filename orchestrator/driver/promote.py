@@ -53,6 +53,27 @@ class AlreadyChampionError(PromotionError, UserError):
     """The candidate asked for already holds @champion."""
 
 
+class IncomparableError(PromotionError, UserError):
+    """The candidate and the champion model other images (size, channels or bits): no comparison."""
+
+
+def image_shape(model) -> dict[str, int]:
+    """What a model's bits/dim is about: its images' side, channels and bits per value."""
+    cfg = model.config
+    return {"image_size": cfg.image_size, "channels": cfg.channels, "num_bits": cfg.num_bits}
+
+
+def check_comparable(name: str, cand: str, cand_model, champion: str, champ_model) -> None:
+    a, b = image_shape(cand_model), image_shape(champ_model)
+    diffs = [f"{k} {a[k]} against {b[k]}" for k in a if a[k] != b[k]]
+    if diffs:
+        raise IncomparableError(
+            f"{name}: v{cand} and the champion v{champion} model other images ({', '.join(diffs)}), so their "
+            "bits/dim cannot be compared; register models of other images under another name "
+            "(mlflow.registered_model)"
+        )
+
+
 @dataclass
 class EvalSettings:
     data: str | None = None
@@ -126,11 +147,21 @@ def data_url(reg: ModelRegistry, mv) -> str:
     return url
 
 
-def scores(reg: ModelRegistry, version: str, settings: EvalSettings, role: str = "candidate") -> Scores:
-    """Per-image bits/dim of ``version``, with a progress bar labelled ``role`` and the version."""
+def evaluation_data(reg: ModelRegistry, cand, champ_mv) -> str:
+    """Where a comparison scores, without ``--data``: the set the champion won on (its
+    ``promotion.data`` tag), else its own run's validation split; the candidate's only when there
+    is no champion. A candidate never chooses the data it is judged on."""
+    if champ_mv is None:
+        return data_url(reg, cand)
+    return (champ_mv.tags or {}).get("promotion.data") or data_url(reg, champ_mv)
+
+
+def scores(reg: ModelRegistry, version: str, settings: EvalSettings, role: str = "candidate", model=None) -> Scores:
+    """Per-image bits/dim of ``version`` (``model``: it, loaded already), with a progress bar
+    labelled ``role`` and the version."""
     assert settings.data is not None
     return per_image_bpd(
-        reg.load(version, settings.device),
+        model if model is not None else reg.load(version, settings.device),
         settings.data,
         settings.options,
         seed=settings.seed,
@@ -142,22 +173,43 @@ def scores(reg: ModelRegistry, version: str, settings: EvalSettings, role: str =
 
 
 class TagStore:
-    """The promotion lock's record as the registered model's tag ``OWNER:EXPIRY`` (a lease store)."""
+    """The promotion lock's record as the registered model's tag ``OWNER:EXPIRY`` (a lease store).
+    The registry has no conditional writes: each change checks the tag by a read first, and the
+    lease's settle-and-read-back decides a race (``atomic = False``). The version is the tag."""
+
+    atomic = False
 
     def __init__(self, reg: ModelRegistry):
         self.reg, self.where = reg, f"{reg.name}'s promotion lock"
 
-    def read(self) -> lease.Holder | None:
-        owner, _, expires = (self.reg.tags().get(LOCK_TAG) or "").rpartition(":")
+    def read(self) -> tuple[lease.Holder, str] | None:
+        tag = self.reg.tags().get(LOCK_TAG) or ""
+        owner, _, expires = tag.rpartition(":")
         try:
-            return lease.Holder(owner, float(expires)) if owner else None
+            return (lease.Holder(owner, float(expires)), tag) if owner else None
         except ValueError:
             return None  # a tag no promotion wrote: free
 
-    def write(self, holder: lease.Holder) -> None:
-        self.reg.set_tag(LOCK_TAG, f"{holder.owner}:{holder.expires:.3f}")
+    def _check(self, version: str | None) -> None:
+        found = self.read()
+        if (found[1] if found else None) != version:
+            raise storage.PreconditionFailed(f"{self.where}: the lock changed")
 
-    def delete(self) -> None:
+    def _write(self, holder: lease.Holder) -> str:
+        tag = f"{holder.owner}:{holder.expires:.3f}"
+        self.reg.set_tag(LOCK_TAG, tag)
+        return tag
+
+    def create(self, holder: lease.Holder) -> str:
+        self._check(None)
+        return self._write(holder)
+
+    def replace(self, holder: lease.Holder, version: str) -> str:
+        self._check(version)
+        return self._write(holder)
+
+    def delete(self, version: str) -> None:
+        self._check(version)
         self.reg.delete_tag(LOCK_TAG)
 
 
@@ -179,6 +231,22 @@ def promotion_lock(reg: ModelRegistry, lease_s: float = 1800, settle_s: float = 
         yield held
     finally:
         held.release()
+
+
+def break_lock(tracking_uri: str, name: str, log=print) -> str | None:
+    """Delete the promotion lock whoever holds it (a far-future lease left by a broken client);
+    the break is recorded on the registered model (``promotion.lock_broken``). Returns the tag
+    that was there, or None."""
+    reg = ModelRegistry(tracking_uri, name)
+    tag = reg.tags().get(LOCK_TAG)
+    if not tag:
+        log(f"{name}: no promotion lock is held")
+        return None
+    reg.delete_tag(LOCK_TAG)
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    reg.set_tag("promotion.lock_broken", f"{when} by {lease.new_owner()}; it was {tag}")
+    log(f"{name}: broke the promotion lock {tag!r} (recorded as the tag promotion.lock_broken)")
+    return tag
 
 
 def ensure_held(reg: ModelRegistry, held: lease.Lease) -> None:
@@ -206,18 +274,23 @@ def promote(
     reg = ModelRegistry(tracking_uri, name)
     cand = reg.version(version) if version else reg.latest()
     val_metric(reg, cand)
-    if settings.data is None:
-        settings.data = data_url(reg, cand)
     champion = reg.alias(CHAMPION)
     if champion == str(cand.version):
         raise AlreadyChampionError(f"{name} version {cand.version} is already the champion")
-    if champion is not None:
-        val_metric(reg, reg.version(champion))
+    champ_mv = reg.version(champion) if champion is not None else None
+    if champ_mv is not None:
+        val_metric(reg, champ_mv)
+    if settings.data is None:  # the champion's evaluation set: a candidate never picks its own
+        settings.data = evaluation_data(reg, cand, champ_mv)
+    cand_model = reg.load(cand.version, settings.device)
+    champ_model = reg.load(champion, settings.device) if champion else None
+    if champion:
+        check_comparable(name, cand.version, cand_model, champion, champ_model)
     who = f"v{champion}" if champion else "(none)"
     log(f"scoring {name} v{cand.version} and champion {who} on {redact(settings.data)} "
         f"(seed {settings.seed}, {settings.samples} dequantization sample(s))")  # fmt: skip
-    cand_scores = scores(reg, cand.version, settings)
-    champ_scores = scores(reg, champion, settings, CHAMPION) if champion else None
+    cand_scores = scores(reg, cand.version, settings, model=cand_model)
+    champ_scores = scores(reg, champion, settings, CHAMPION, model=champ_model) if champion else None
     decision = decide(cand_scores, champ_scores, margin, z)
     if dry_run:
         log(_summary(name, cand.version, champion, decision, dry_run=True))
@@ -227,7 +300,10 @@ def promote(
         if now != champion:  # another promotion moved it while we were scoring
             log(f"the champion changed from {champion} to {now} meanwhile; comparing with v{now}")
             champion = now
-            champ_scores = scores(reg, champion, settings, CHAMPION) if champion else None
+            champ_model = reg.load(champion, settings.device) if champion else None
+            if champion:
+                check_comparable(name, cand.version, cand_model, champion, champ_model)
+            champ_scores = scores(reg, champion, settings, CHAMPION, model=champ_model) if champion else None
             decision = decide(cand_scores, champ_scores, margin, z)
         ensure_held(reg, held)  # a re-score may have outlasted a lease whose heartbeat failed
         _record(reg, cand.version, champion, decision, settings)

@@ -87,14 +87,17 @@ def submit(spec: JobSpec, job_path: str, overrides: list[str], follow: bool = Tr
 
 
 def follow_logs(client, job_id: str, poll_s: float = 1.0) -> int:
+    """Print the job's logs as they come, masked as ``flowpp logs`` masks them (``redact``), whole
+    lines at a time while it runs (so a secret is never cut in two across polls); its exit status."""
     seen = 0
     while True:
         status = str(client.get_job_status(job_id)).rsplit(".", 1)[-1]
         logs = client.get_job_logs(job_id)
-        if len(logs) > seen:
-            sys.stdout.write(logs[seen:])
+        end = len(logs) if status in TERMINAL else logs.rfind("\n", seen) + 1
+        if end > seen:
+            sys.stdout.write(redact(logs[seen:end]))
             sys.stdout.flush()
-            seen = len(logs)
+            seen = end
         if status in TERMINAL:
             print(f"job {job_id}: {status}")
             return 0 if status == "SUCCEEDED" else 1

@@ -32,6 +32,7 @@ from typing import Any
 
 from orchestrator.core import retry
 from orchestrator.tracking.connection import (  # noqa: F401  (the server's availability, re-exported)
+    HTTP_TIMEOUT_S,
     TrackingUnavailableError,
     check_reachable,
     client_for,
@@ -77,7 +78,8 @@ def backoff(cap: float) -> float:
 
 
 def with_retries(what: str, fn: Callable[[], Any], budget_s: float, first_backoff_s: float = 1.0):
-    """``fn()``, retried on transient errors with jittered exponential backoff for ``budget_s`` seconds.
+    """``fn()``, retried on transient errors with jittered exponential backoff for ``budget_s`` seconds,
+    and never waited for past the budget by more than one HTTP timeout (``retry.BudgetSpent``).
 
     A permanent error, or the last transient one once the budget is spent, is raised as is.
     """
@@ -86,7 +88,7 @@ def with_retries(what: str, fn: Callable[[], Any], budget_s: float, first_backof
         log.warning("%s: MLflow failed (attempt %d), retrying in %.1f s: %s", what, attempt, delay, first_line(exc))
 
     return retry.call(fn, budget_s=budget_s, transient=is_transient, first_backoff_s=first_backoff_s,
-                      max_backoff_s=60.0, floor=0.1, on_retry=warn)  # fmt: skip
+                      max_backoff_s=60.0, floor=0.1, on_retry=warn, grace_s=HTTP_TIMEOUT_S)  # fmt: skip
 
 
 @dataclass
@@ -110,6 +112,7 @@ class MetricBuffer:
         self._ops: deque[_Op] = deque()
         self._points = 0
         self._inflight: _Op | None = None
+        self._inflight_since = 0.0
         self._closing = False
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name=f"mlflow-buffer-{run_id[:8]}", daemon=True)
@@ -127,7 +130,12 @@ class MetricBuffer:
         self._put(op)
         if wait_s > 0:
             with self._cond:
-                self._cond.wait_for(lambda: op.done or not self.healthy, timeout=wait_s)
+                self._cond.wait_for(lambda: op.done or not self.healthy or self._stuck(wait_s), timeout=wait_s)
+
+    def _stuck(self, after_s: float) -> bool:
+        """A send has been waiting on the server for more than ``after_s`` (a hung server, before its
+        timeout ends the send): nobody else waits on it meanwhile."""
+        return self._inflight is not None and time.monotonic() - self._inflight_since > after_s
 
     def call(self, what: str, send: Callable[[], None]) -> None:
         """Any other call (params, text, a tag), sent in order with the metrics."""
@@ -184,6 +192,7 @@ class MetricBuffer:
                 if not self._ops:
                     return
                 op = self._inflight = self._ops.popleft()
+                self._inflight_since = time.monotonic()
                 self._points -= op.points
             try:
                 op.send()

@@ -11,6 +11,7 @@ from orchestrator.core.errors import FlowppError, UserError
 from orchestrator.core.redact import carries_secret, first_line, redact, strip_userinfo
 
 __all__ = [
+    "HTTP_TIMEOUT_S",
     "NOT_FOUND",
     "TrackingUnavailableError",
     "check_reachable",
@@ -19,6 +20,12 @@ __all__ = [
     "mlflow_for",
     "public_uri",
 ]
+
+HTTP_TIMEOUT_S = 10
+"""MLflow's timeout of each HTTP request, set by the project (``mlflow_for``); MLflow's own retries
+are set to none: the project's retry budgets (``mlflow.retry_budget_s``) are the only retry policy,
+and a call outlives its budget by this much at most. MLflow's defaults (7 retries with backoff, 120 s
+a try) kept one request going for minutes whatever the budget said."""
 
 NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 """What MLflow answers for a missing model, version or alias (and only for a bad request besides)."""
@@ -30,6 +37,9 @@ def mlflow_for(tracking_uri: str):
 
     import mlflow  # lazy: MLflow's import takes seconds
 
+    # MLflow reads both at each request: the project's budgets decide, not MLflow's retries
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(HTTP_TIMEOUT_S)
     if carries_secret(tracking_uri):  # MLflow prints "View run ... at <this URI>" to stdout, past the log filter
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     if tracking_uri.startswith("sqlite:///"):

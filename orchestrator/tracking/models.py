@@ -91,11 +91,26 @@ def save_model_files(model, directory: Path) -> tuple[Path, Path]:
 
 def build_from_files(weights: str | Path, config: str | Path, device: str | torch.device = "cpu"):
     """A FlowPlusPlus (eval mode, on ``device``) from weights.safetensors + config.json: no pickle involved."""
+    import torch
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from flowpp import FlowConfig, FlowPlusPlus  # lazy: torch
 
-    cfg = FlowConfig.from_dict(json.loads(Path(config).read_text())).for_inference()
+    try:
+        cfg = FlowConfig.from_dict(json.loads(Path(config).read_text())).for_inference()
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise FlowppError(f"{config}: not a model configuration this code reads: {first_line(exc)}") from None
+    # the weights' shapes against the configuration's, on the meta device (nothing allocated): a
+    # configuration that asks for more than its weights hold is refused before any memory is taken
+    with safe_open(str(weights), "pt") as f:
+        held = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - a safetensors handle
+    with torch.device("meta"):
+        wanted = {k: tuple(v.shape) for k, v in FlowPlusPlus(cfg).state_dict().items()}
+    if held != wanted:
+        odd = sorted(set(held) ^ set(wanted)) or [k for k in wanted if held[k] != wanted[k]]
+        raise FlowppError(f"{weights}: its tensors do not fit {Path(config).name} ({len(odd)} differ, e.g. {odd[0]}); "
+                          "the model files do not belong together")  # fmt: skip
     model = FlowPlusPlus(cfg).to(device)
     model.load_state_dict(load_file(str(weights), device=str(device)))
     return model.eval()
@@ -145,8 +160,9 @@ def load_flow(model_uri: str, tracking_uri: str | None = None, device: str | tor
             raise FlowppError(f"{model_uri}: cannot download its artifacts: {first_line(exc.message)}") from None
         except OSError as exc:  # the artifact store lost the files (or cannot be reached)
             raise FlowppError(f"{model_uri}: cannot download its artifacts: {first_line(str(exc))}") from None
-        weights, config = (next(local.rglob(name), None) for name in ("weights.safetensors", "config.json"))
-        if weights is None or config is None:
-            missing = "weights.safetensors" if weights is None else "config.json"
-            raise FlowppError(f"{model_uri}: its artifacts hold no {missing} (was the artifact store reset?)")
+        # where log_flow_model put them (the pyfunc's artifacts), not the first such name anywhere
+        weights, config = (local / "artifacts" / name for name in ("weights.safetensors", "config.json"))
+        if not weights.is_file() or not config.is_file():
+            missing = "weights.safetensors" if not weights.is_file() else "config.json"
+            raise FlowppError(f"{model_uri}: its artifacts hold no artifacts/{missing} (was the artifact store reset?)")
         return build_from_files(weights, config, device)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.core import retry
 from orchestrator.tracking.buffer import MetricBuffer, SystemMetrics, is_transient, with_retries
 from orchestrator.tracking.connection import check_reachable, client_for, first_line, public_uri
 from orchestrator.tracking.models import (
@@ -265,7 +266,10 @@ class RunLogger:
         what = f"registering {name} from run {run_id}"
 
         def step(fn):
-            return with_retries(what, fn, max(0.0, deadline - time.monotonic()))
+            left = deadline - time.monotonic()
+            if left <= 0:  # a later step never starts past the budget
+                raise retry.BudgetSpent(f"{what}: the budget was spent before this step")
+            return with_retries(what, fn, left)
 
         try:
             version = step(lambda: version_of_run(self.client, name, run_id))

@@ -131,6 +131,26 @@ def test_logs_follow_a_job_to_its_end_with_the_address_from_ray_address(ray_head
     assert "quick-flowpp-done" in out and err == f"job {job_id}: SUCCEEDED\n"
 
 
+def test_submit_and_logs_mask_what_a_job_prints_alike(ray_head, capsys, monkeypatch):
+    """flowpp submit's own log stream masks secrets as flowpp logs does: URL user-info, and the value
+    of every credential-named variable of this environment."""
+    from ray.job_submission import JobSubmissionClient
+
+    from orchestrator.driver.submit import follow_logs
+
+    fake = "fake-" + os.urandom(8).hex()
+    monkeypatch.setenv("SERVICE_PASSWORD", fake)
+    printer = f"{sys.executable} -c \"print('url https://alice:{fake}@db.example/x'); print('token {fake} end')\""
+    client = JobSubmissionClient(ray_head)
+    job_id = client.submit_job(entrypoint=printer)
+    assert follow_logs(client, job_id, poll_s=0.2) == 0
+    followed = capsys.readouterr().out
+    assert main(["logs", job_id, "--no-follow", "--address", ray_head]) == 0
+    logged = capsys.readouterr().out
+    for out in (followed, logged):
+        assert "url https://***@db.example/x" in out and "token *** end" in out and fake not in out, out
+
+
 @pytest.mark.parametrize("command", ["status", "logs", "stop"])
 def test_an_unknown_job_id_is_one_line_naming_it(ray_head, command, capsys):
     assert main([command, "raysubmit_nosuchjob", "--address", ray_head]) == 2

@@ -52,6 +52,12 @@ def test_embedded_ray_listens_on_loopback_only_with_token_auth(tmp_path, monkeyp
         assert os.environ["RAY_AUTH_MODE"] == "token"
         assert len(sockets) >= 5, sockets  # GCS, raylet, agents, workers: found, so the check can fail
         assert [s for s in sockets if s[1] not in LOOPBACK] == []
+        # its dashboard agent on a port of its own, not the 52365 every other ray.init takes (two
+        # Rays on one machine: the second agent could not bind, and its node died as it started)
+        assert not [s for s in sockets if s[2] == 52365], sockets
+        from ray._private.parameter import RayParams
+
+        assert RayParams().dashboard_agent_listen_port == 52365  # Ray's default, put back after the init
         # its workers name it when they reach the State API without an address, as Ray Train's
         # placement-group cleaner does: not the newest of the machine's Rays (the other lane's)
         own = ray.get_runtime_context().gcs_address

@@ -79,6 +79,16 @@ def test_a_manifest_pointing_outside_its_folder_is_refused_before_any_shard_is_r
         ShardStream(url, batch_size=1, options=s3.options)
     text = str(info.value)
     assert text.startswith(f"{url}: 2 problem(s)") and "shards.0.url" in text and "shards.1.url" in text
+    # the manifest cannot waive its own check, and the job that allows other places allows S3 and files only
+    doc["allow_external"] = True
+    doc["shards"][1]["url"] = "http://127.0.0.1:9/internal-admin/delete?all=1"
+    storage.write_bytes(url, json.dumps(doc).encode(), s3.options)
+    with pytest.raises(ManifestError, match="a manifest cannot"):
+        ShardStream(url, batch_size=1, options=s3.options)
+    with pytest.raises(
+        ManifestError, match=r"shards.1.url: 'http://127.0.0.1:9/internal-admin.*only s3:// and file://"
+    ):
+        ShardStream(url, batch_size=1, options=s3.options, allow_external=True)
 
 
 def test_train_refuses_data_of_another_image_size_before_training_starts(tmp_path, capsys):

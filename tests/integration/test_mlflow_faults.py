@@ -19,6 +19,7 @@ import pytest
 
 from orchestrator import tracking
 from orchestrator.cli import main as cli
+from orchestrator.tracking.connection import HTTP_TIMEOUT_S
 from tests.helpers import initialized_model, tiny_config
 from tests.jobs import tiny_job, write_job
 from tests.s3fixtures import _wait_http, free_port
@@ -64,9 +65,10 @@ def server(tmp_path_factory):
 
 @pytest.fixture
 def up(server, monkeypatch):
-    """The server, running; MLflow's client gives up on a request at once (no hidden retries)."""
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    """The server, running, with MLflow's default environment: the project sets MLflow's own
+    retries to none and its timeout (tracking.connection.HTTP_TIMEOUT_S)."""
+    for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(var, raising=False)  # put back as they were after the test
     if server.proc is None:
         server.start()
     yield server
@@ -166,15 +168,79 @@ def test_registration_is_retried_until_the_server_returns(up):
     assert len(tracking.client_for(up.uri).search_model_versions("name = 'faulty'")) == 1
 
 
+class HungServer:
+    """A socket on 127.0.0.1 that accepts every connection and never answers (a hung server)."""
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.uri = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.held: list = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)  # read nothing, answer nothing
+
+    def close(self):
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+def test_reports_wait_on_a_hung_server_once_not_at_every_step(monkeypatch):
+    """A report waits up to 2 s for its metrics while the server answers; a send stuck on a hung
+    server for longer stops every later report from waiting (5 reports: not 5 x 2 s)."""
+    for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(var, raising=False)
+    hung = HungServer()
+    try:
+        logger = tracking.RunLogger(hung.uri, "0" * 32, flush_timeout_s=0.2)
+        started = time.monotonic()
+        for step in range(5):
+            logger.metrics({"train_bpd": 5.0}, step)
+        assert time.monotonic() - started < 4.0  # the first report's 2 s, and no more
+        logger.flush()
+    finally:
+        hung.close()
+
+
+@pytest.mark.slow
+def test_registration_against_a_hung_server_ends_within_its_budget_and_one_timeout(monkeypatch):
+    for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(var, raising=False)  # MLflow's defaults (7 retries, 120 s a try) but for the project's
+    hung = HungServer()
+    try:
+        logger = tracking.RunLogger(hung.uri, "0" * 32, retry_budget_s=3.0)
+        started = time.monotonic()
+        with pytest.raises(tracking.RegistrationError) as err:
+            logger.register_model(initialized_model(tiny_config(image_size=8)).float(), "never", {"val_bpd": "5.0"})
+        took = time.monotonic() - started
+        assert 3.0 <= took <= 3.0 + HTTP_TIMEOUT_S + 2, took  # the budget, one request's timeout, some slack
+        assert f"the MLflow server {hung.uri} still fails after 3 s" in str(err.value)
+    finally:
+        hung.close()
+
+
 @pytest.mark.slow
 def test_registration_gives_up_after_its_budget_with_a_resumable_message(monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(var, raising=False)  # MLflow's defaults, but for what the project sets
     uri = f"http://127.0.0.1:{free_port()}"  # the server is gone
     logger = tracking.RunLogger(uri, "0" * 32, retry_budget_s=2.0)
     started = time.monotonic()
     with pytest.raises(tracking.RegistrationError) as err:
         logger.register_model(initialized_model(tiny_config(image_size=8)).float(), "never", {"val_bpd": "5.0"})
-    assert 2.0 <= time.monotonic() - started < 30
+    assert 2.0 <= time.monotonic() - started < 2.0 + HTTP_TIMEOUT_S  # a refused connection fails at once
     text = str(err.value)
     assert f"the MLflow server {uri} still fails after 2 s" in text and "re-submit the same job" in text
 

@@ -8,6 +8,7 @@ and registered under a fresh model name in each test.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -30,7 +31,9 @@ from orchestrator.driver.promote import (
     LOCK_TAG,
     PREVIOUS,
     EvalSettings,
+    IncomparableError,
     PromotionError,
+    break_lock,
     ensure_held,
     promote,
     promotion_lock,
@@ -90,6 +93,15 @@ def world(mlflow_server):  # noqa: F811
     run = client.create_run(exp, run_name="no-metric").info.run_id
     client.log_param(run, "data.valid", valid)
     uris["no_metric"] = tracking.log_flow_model(mlflow_server.uri, run, model)
+    run = client.create_run(exp, run_name="elsewhere").info.run_id  # good, but its run names other data
+    client.log_param(run, "data.valid", f"s3://{mlflow_server.bucket}/nowhere/manifest.json")
+    client.log_metric(run, "val_bpd", 4.0)
+    uris["elsewhere"] = tracking.log_flow_model(mlflow_server.uri, run, model)
+    five_bit = build_model(dataclasses.replace(get_preset("debug"), num_bits=5))  # another kind of image
+    run = client.create_run(exp, run_name="five-bit").info.run_id
+    client.log_param(run, "data.valid", valid)
+    client.log_metric(run, "val_bpd", 1.0)  # "better" by 3 bits/dim: on another scale
+    uris["five_bit"] = tracking.log_flow_model(mlflow_server.uri, run, five_bit)
     return {"uris": uris, "valid": valid, "opts": opts, "server": mlflow_server}
 
 
@@ -123,6 +135,42 @@ def reg(world, aws_env, monkeypatch):
             return promote(uri, name, version, settings, log=lambda *_: None, **kw)
 
     return Reg()
+
+
+def test_a_malformed_lock_tag_is_free_and_a_far_future_one_can_be_broken_on_the_record(reg, capsys):
+    v1 = reg.add("good")
+    reg.client.set_registered_model_tag(reg.name, LOCK_TAG, "not a lock at all")
+    reg.promote(v1, max_images=4)  # a tag no promotion wrote: free
+    assert reg.alias(CHAMPION) == v1
+    stuck = "elsewhere:1:x:99999999999.000"  # a lease to the year 5138
+    reg.client.set_registered_model_tag(reg.name, LOCK_TAG, stuck)
+    assert break_lock(reg.uri, reg.name) == stuck
+    model_tags = reg.client.get_registered_model(reg.name).tags
+    assert LOCK_TAG not in model_tags and model_tags["promotion.lock_broken"].endswith(f"it was {stuck}")
+    capsys.readouterr()
+    assert cli(["promote", "--model", reg.name, "--rollback", "--break-lock", "--tracking-uri", reg.uri]) == 1
+    out, err = capsys.readouterr()
+    assert f"{reg.name}: no promotion lock is held" in out and "no @previous version to roll back to" in err
+
+
+@pytest.mark.slow
+def test_models_of_other_images_are_never_compared(reg):
+    v1 = reg.add("good")
+    reg.promote(v1)
+    v2 = reg.add("five_bit")
+    with pytest.raises(IncomparableError, match=rf"v{v2} and the champion v{v1} model other images \(num_bits 5 "
+                       r"against 8\), so their bits/dim cannot be compared"):  # fmt: skip
+        reg.promote(v2)
+    assert reg.alias(CHAMPION) == v1 and "promotion.decision" not in reg.tags(v2)
+
+
+@pytest.mark.slow
+def test_a_candidate_is_scored_on_the_champions_data_never_its_own(reg, world):
+    v1 = reg.add("good")
+    reg.promote(v1, max_images=8)
+    v2 = reg.add("elsewhere")  # its run names a manifest that does not exist: it is not read
+    reg.promote(v2, max_images=8)
+    assert reg.tags(v2)["promotion.data"] == world["valid"] == reg.tags(v1)["promotion.data"]
 
 
 @pytest.mark.slow
@@ -242,7 +290,7 @@ def test_an_mlflow_error_is_never_taken_for_no_champion(reg, world, monkeypatch)
     """The alias lookup fails (503 through a proxy) while the rest of MLflow answers: no promotion."""
     v1, v2 = reg.add("good"), reg.add("best")
     reg.promote(v1)
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)  # the project sets it
     proxy = FaultProxy(reg.uri, match="registered-models/alias", failures=10**6, mode="503")
     try:
         settings = EvalSettings(options=world["opts"])

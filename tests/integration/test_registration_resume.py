@@ -49,7 +49,9 @@ def test_a_failed_registration_is_done_by_resubmitting_without_training_again(ml
         mlflow__retry_budget_s=4,
     )
     path = write_job(tree, tmp_path / "job.yaml")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # MLflow's own retries and timeout: as the project sets them
+    for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        env.pop(var, None)
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "orchestrator", "train", str(path)]
     client = tracking.client_for(mlflow_server.uri)

@@ -16,6 +16,72 @@ from tests.s3fixtures import ACCESS_KEY, SECRET, FaultProxy, free_port
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(params=["file", "s3"])
+def where(request, tmp_path):
+    """(a URL prefix, its options) on local files or on the moto S3."""
+    if request.param == "file":
+        return f"file://{tmp_path}/cond", storage.StorageOptions()
+    s3 = request.getfixturevalue("s3")
+    return s3.url("cond"), s3.options
+
+
+def test_conditional_writes_create_once_and_change_only_what_was_read(where):
+    prefix, opts = where
+    url = storage.join(prefix, "lock.json")
+    assert storage.read_versioned(url, opts) is None
+    v1 = storage.create_exclusive(url, b"first", opts)
+    with pytest.raises(storage.PreconditionFailed):
+        storage.create_exclusive(url, b"second", opts)
+    assert storage.read_versioned(url, opts) == (b"first", v1)
+    v2 = storage.replace_if(url, b"renewed", v1, opts)
+    assert v2 != v1 and storage.read_versioned(url, opts) == (b"renewed", v2)
+    with pytest.raises(storage.PreconditionFailed):
+        storage.replace_if(url, b"stale writer", v1, opts)  # read before the renewal: refused
+    with pytest.raises(storage.PreconditionFailed):
+        storage.delete_if(url, v1, opts)
+    assert storage.read_versioned(url, opts) == (b"renewed", v2)
+    storage.delete_if(url, v2, opts)
+    assert storage.read_versioned(url, opts) is None
+    with pytest.raises(storage.PreconditionFailed):
+        storage.replace_if(url, b"late", v2, opts)  # it vanished
+    assert storage.honours_conditions(prefix, opts)
+
+
+def test_of_racing_creates_exactly_one_wins(where):
+    import threading
+
+    prefix, opts = where
+    url = storage.join(prefix, "race.json")
+    barrier, results = threading.Barrier(8), []
+
+    def take(i: int) -> None:
+        barrier.wait()
+        try:
+            storage.create_exclusive(url, f"taker {i}".encode(), opts)
+            results.append(i)
+        except storage.PreconditionFailed:
+            pass
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 1
+    assert storage.read_versioned(url, opts)[0] == f"taker {results[0]}".encode()
+
+
+def test_a_store_that_ignores_conditions_is_found_by_the_probe(s3):
+    proxy = FaultProxy(s3.endpoint, match="", failures=0, strip_conditions=True)
+    try:
+        opts = storage.StorageOptions(endpoint_url=proxy.endpoint, backoff_s=0.01, max_attempts=3)
+        assert not storage.honours_conditions(s3.url("cond"), opts)
+        assert storage.honours_conditions(s3.url("cond"), s3.options)  # the store itself does
+        assert [o["Key"] for o in s3.client().list_objects_v2(Bucket=s3.bucket).get("Contents", [])] == []
+    finally:
+        proxy.close()
+
+
 @pytest.fixture
 def shards_on_s3(s3):
     prepare(

@@ -8,11 +8,12 @@ import textwrap
 
 import pytest
 import torch
+from PIL import Image
 
 from orchestrator.core import storage
 from orchestrator.data.prepare import PrepareOptions, prepare
 from orchestrator.data.stream import ShardIntegrityError, ShardStream
-from tests.datafixtures import make_vdo_tar
+from tests.datafixtures import make_vdo_tar, png_claiming
 
 pytestmark = pytest.mark.integration
 
@@ -110,6 +111,44 @@ def test_a_raw_sample_of_the_wrong_size_is_substituted_and_counted(tmp_path, cap
         images = [b["images"] for b in s]
     assert sum(len(i) for i in images) == 60 and s.stats["corrupt_samples"] == 1
     assert any("corrupt sample" in r.message and "100 bytes" in r.message for r in caplog.records)
+
+
+def test_a_bomb_a_foreign_format_and_a_bad_label_are_substituted_without_decoding(tmp_path, caplog):
+    import io
+    import tarfile
+    import tracemalloc
+
+    from orchestrator.data.stream import decode_image
+
+    url = _shards(tmp_path, str(tmp_path / "png"), shard_bytes=10**9)  # one shard
+    path = tmp_path / "png" / "train-000000.tar"
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    pngs = [m.name for m, _ in members if m.name.endswith(".png")]
+    gif = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(gif, format="GIF")
+    swap = {pngs[0]: png_claiming(13000, 13000), pngs[1]: gif.getvalue()}
+    bad_label = pngs[2].removesuffix(".png") + ".cls"
+    with tarfile.open(path, "w") as tar:
+        for m, data in members:
+            data = swap.get(m.name, data)
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+            if m.name == pngs[2]:  # in the sample's own group of members
+                label = tarfile.TarInfo(bad_label)
+                label.size = 4
+                tar.addfile(label, io.BytesIO(b"cat!"))
+    tracemalloc.start()
+    with pytest.raises(ValueError, match="13000x13000 pixels, not the manifest's 64x64"):
+        decode_image({"png": png_claiming(13000, 13000)}, "png", 64)
+    assert tracemalloc.get_traced_memory()[1] < 50 * 2**20  # decoded, it would be 507 MB
+    tracemalloc.stop()
+    with caplog.at_level(logging.WARNING):
+        s = ShardStream(url, batch_size=4)
+        images = [b["images"] for b in s]
+    assert sum(len(i) for i in images) == 60 and s.stats["corrupt_samples"] == 3
+    said = " ".join(r.message for r in caplog.records if "corrupt sample" in r.message)
+    assert "13000x13000 pixels" in said and "cannot identify image file" in said and "invalid literal" in said
 
 
 RESUME_SCRIPT = textwrap.dedent("""

@@ -125,9 +125,9 @@ def test_the_run_page_link_opens_the_training_view_without_credentials(store):
 
 @pytest.fixture
 def server(tmp_path, monkeypatch):
-    """A real MLflow server on a loopback port; MLflow's client gives up on a request at once."""
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    """A real MLflow server on a loopback port (MLflow's own retries and timeout: the project's)."""
+    for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(var, raising=False)
     srv = Server(tmp_path)
     srv.start()
     yield srv
@@ -194,7 +194,7 @@ def test_system_metrics_sample_cpu_and_memory_into_the_run_until_it_finishes(sto
 
 
 def test_system_metrics_never_hold_up_a_run_whose_server_is_down(monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)  # the project sets it
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     logger = tracking.RunLogger(uri, "0" * 32, flush_timeout_s=1.0)
     logger.system_metrics(MlflowSpec(tracking_uri=uri, system_metrics_interval_s=0.1))

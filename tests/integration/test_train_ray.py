@@ -197,6 +197,52 @@ def test_the_backend_serves_the_store_from_rank_zero_and_every_rank_joins(local_
 
 
 @pytest.mark.slow
+def test_a_driver_frozen_past_stale_s_stops_when_it_wakes_and_leaves_the_takers_lock_alone(tmp_path):
+    """A driver that cannot renew the job's lock for storage.lock.stale_s (frozen here, as a VM
+    pause or a long GC would freeze it) loses it to the next driver; when it wakes, its first
+    renewal finds the lock changed, and it stops at once, naming the cause, writing nothing more."""
+    from orchestrator.driver import jobstate
+
+    tree = job(tmp_path, max_steps=2000, checkpoint_every=10)
+    tree["storage"]["lock"] = {"heartbeat_s": 0.5, "stale_s": 2.0}
+    path = write_job(tree, tmp_path / "job.yaml")
+    spec = validate(tree)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path / "driver.log", "wb")  # noqa: SIM115  (closed below)
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator", "train", str(path)], cwd=tmp_path, env=env,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    family: list[psutil.Process] = []
+    taker = None
+    try:
+        deadline = time.monotonic() + 300
+        while registered_step(tmp_path) < 10:
+            assert time.monotonic() < deadline and driver.poll() is None, "no checkpoint was registered"
+            time.sleep(0.05)
+        family = psutil.Process(driver.pid).children(recursive=True)
+        os.kill(driver.pid, signal.SIGSTOP)
+        time.sleep(3.0)  # past stale_s: no renewal
+        taker = jobstate.acquire(spec, settle_s=0.1, stop=lambda: None)  # the next driver
+        os.kill(driver.pid, signal.SIGCONT)
+        assert driver.wait(timeout=120) != 0
+        out = (tmp_path / "driver.log").read_text(errors="replace")
+        assert "its lock" in out and "was taken over by " + taker.owner in out, out[-3000:]
+        assert f"job {spec.name}: another driver took over its lock" in out, out[-3000:]
+        assert taker.held() and not taker.lost.is_set()  # the taker's record is untouched
+        assert jobstate.finished_step(spec, spec.name) is None  # the stopped driver marked nothing finished
+        assert registered_step(tmp_path) >= 10  # its checkpoints are kept
+    finally:
+        log.close()
+        if taker is not None:
+            taker.release()
+        if driver.poll() is None:
+            driver.kill()
+        for p in family:  # the driver's embedded Ray processes, by pid
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+
+
+@pytest.mark.slow
 def test_killed_driver_then_resubmitted_job_resumes(tmp_path):
     tree = job(tmp_path, max_steps=40)
     tree["scaling"]["peak_tflops"] = 0.05  # an MFU on a CPU too
@@ -205,19 +251,20 @@ def test_killed_driver_then_resubmitted_job_resumes(tmp_path):
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "orchestrator", "train", str(path)]
     family: list[psutil.Process] = []
-    driver = subprocess.Popen(
-        cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    log = open(tmp_path / "driver.log", "wb")  # noqa: SIM115  (closed below)
+    driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while registered_step(tmp_path) < 10:
-            assert time.monotonic() < deadline and driver.poll() is None, "no checkpoint was registered"
+            said = (tmp_path / "driver.log").read_text(errors="replace")[-3000:] if driver.poll() is not None else ""
+            assert time.monotonic() < deadline and driver.poll() is None, f"no checkpoint was registered: {said}"
             time.sleep(0.05)
         checkpointed = registered_step(tmp_path)
         family = psutil.Process(driver.pid).children(recursive=True)
         driver.kill()  # the driver, by pid: its embedded Ray goes with it
         driver.wait()
     finally:
+        log.close()
         for p in family:  # the driver's embedded Ray processes, by pid
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()

@@ -28,6 +28,25 @@ def test_a_bad_number_names_its_flag(argv, flag, says, capsys):
     assert f"argument {flag}: {says}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, flag, says",
+    [
+        (BASE + ["--seed", "-1"], "--seed", "'-1': must be a seed from 0 to 2147483647"),
+        (["evaluate", "--baseline", "png", "--data", "m.json", "--max-images", "-1"], "--max-images",
+         "'-1': must be an integer >= 0"),
+        (["evaluate", "--baseline", "png", "--data", "m.json", "--batch-size", "0"], "--batch-size",
+         "'0': must be a positive integer"),
+        (["smoke", "--steps", "0"], "--steps", "'0': must be a positive integer"),
+        (["smoke", "--seed", "99999999999"], "--seed", "'99999999999': must be a seed from 0 to 2147483647"),
+    ],
+)  # fmt: skip
+def test_counts_and_seeds_of_every_command_are_checked_naming_the_flag(argv, flag, says, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {says}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("url", ["s3://", "s3:///", "file://", "  "])
 def test_an_output_without_a_bucket_or_folder_is_refused(url, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import JobSpecError, load_job, public_params, validate
-from orchestrator.config.env import expand
 from tests.jobs import tiny_job
 
 pytestmark = pytest.mark.unit
@@ -28,6 +27,16 @@ def test_every_job_file_validates(path):
     spec = load_job(path)
     assert spec.model.flow_config() is not None
     assert spec.train.global_batch_size % spec.scaling.num_workers == 0
+
+
+def test_shipped_jobs_that_share_a_registered_model_model_the_same_images():
+    """Promotion refuses to compare models of other images: the shipped jobs never mix them."""
+    seen: dict[str, tuple] = {}
+    for path in JOBS:
+        spec = load_job(path)
+        cfg = spec.model.flow_config()
+        shape = (cfg.image_size, cfg.channels, cfg.num_bits)
+        assert seen.setdefault(spec.mlflow.registered_model, shape) == shape, (path.name, spec.mlflow.registered_model)
 
 
 def test_there_are_jobs():
@@ -69,6 +78,32 @@ MISTAKES = {
     ),
     "unknown section": ("trian: {lr: 1}", "trian: Extra inputs are not permitted"),
     "bad placement": ("scaling: {placement_strategy: RANDOM}", "scaling.placement_strategy: Input should be"),
+    "seed past what numpy takes per rank": (
+        "train: {seed: 20241202}",
+        "train.seed: Input should be less than or equal to 4000000",
+    ),
+    "infinite retry budget": (
+        "storage: {retry_budget_s: .inf}",
+        "storage.retry_budget_s: Input should be a finite number",
+    ),
+    "infinite mlflow budget": (
+        "mlflow: {retry_budget_s: .inf}",
+        "mlflow.retry_budget_s: Input should be a finite number",
+    ),
+    "infinite grad clip": ("train: {grad_clip: .inf}", "train.grad_clip: Input should be a finite number"),
+    "NaN rate": ("train: {lr: .nan}", "train.lr: Input should be a finite number"),
+    "system metrics every nanosecond": (
+        "mlflow: {system_metrics_interval_s: 1.0e-9}",
+        "mlflow.system_metrics_interval_s: Input should be greater than or equal to 0.5",
+    ),
+    "registry name with a slash": (
+        "mlflow: {registered_model: a/b}",
+        "mlflow.registered_model: String should match pattern",
+    ),
+    "lock stale before two beats": (
+        "storage: {lock: {heartbeat_s: 30, stale_s: 45}}",
+        "storage.lock.stale_s: 45 s must exceed twice storage.lock.heartbeat_s (30 s)",
+    ),
 }
 
 
@@ -103,6 +138,8 @@ def test_missing_section_yaml_syntax_and_top_level(tmp_path):
         validate([1, 2])
     with pytest.raises(JobSpecError, match="file not found"):
         load_job(tmp_path / "nope.yaml")
+    with pytest.raises(JobSpecError, match="YAML nested too deeply to read"):
+        load_job(_write(tmp_path, GOOD + "x: " + "[" * 3000 + "]" * 3000 + "\n"))
 
 
 def test_set_overrides_any_field(tmp_path):
@@ -138,7 +175,8 @@ def test_model_width_and_depth_override_the_main_flow_only(tmp_path):
 def test_env_expansion_and_secret_free_params(tmp_path, monkeypatch):
     monkeypatch.setenv("FLOWPP_X", "s3://from-env")
     monkeypatch.delenv("FLOWPP_NOPE_Q", raising=False)
-    assert expand("${FLOWPP_X}/a ${FLOWPP_NOPE_Q:-dflt}") == ("s3://from-env/a dflt", [])
+    spec = load_job(_write(tmp_path, GOOD + "storage: {path: '${FLOWPP_X}/a ${FLOWPP_NOPE_Q:-dflt}'}\n"))
+    assert spec.storage.path == "s3://from-env/a dflt"
     spec = load_job(
         _write(tmp_path, GOOD + "ray:\n  runtime_env:\n    env_vars: {AWS_SECRET_ACCESS_KEY: hush, A: b}\n")
     )

@@ -138,8 +138,16 @@ def test_not_json_or_not_an_object_is_named():
 def test_shard_urls_outside_the_manifest_folder_are_refused_unless_allowed(shard_url):
     doc = _with(shards__1__url=shard_url)
     assert f"shards.1.url: {shard_url!r} lies outside the manifest's folder s3://bucket/data/train/" in _problems(doc)
-    doc["allow_external"] = True
-    assert _parse(doc).shards[1].url == shard_url
+    doc["allow_external"] = True  # a manifest cannot waive its own check
+    assert "data.allow_external_shards lets shards lie elsewhere; a manifest cannot" in _problems(doc)
+    if shard_url.startswith(("s3://", "file://", "/")) and ".." not in shard_url:  # the reader allows these
+        assert parse_manifest(json.dumps(doc).encode(), URL, allow_external=True).shards[1].url == shard_url
+
+
+@pytest.mark.parametrize("shard_url", ["http://127.0.0.1:9/internal-admin/delete?all=1", "gs://b/x.tar", "s3://b/../x"])
+def test_a_reader_that_allows_external_shards_still_refuses_other_schemes(shard_url):
+    with pytest.raises(ManifestError, match="only s3:// and file:// shards may lie elsewhere"):
+        parse_manifest(json.dumps(_with(shards__1__url=shard_url)).encode(), URL, allow_external=True)
 
 
 def test_shard_urls_inside_the_folder_load():

@@ -176,7 +176,7 @@ MISTAKES = {
     "negative min_lr": (_flat(schedule={"kind": "cosine", "min_lr": -1}), "train.schedule.min_lr: Input should be"),
     "unknown phase key": (_pw({**WARM, "length": 3}, OPEN), "train.schedule.phases.0.length: Extra inputs"),
     "unknown kind": (_flat(schedule={"kind": "linear"}), "train.schedule.kind: Input should be 'constant'"),
-    "infinite rate": (_flat(lr=float("inf")), "train.schedule: the rate at step 0 is inf"),
+    "infinite rate": (_flat(lr=float("inf")), "train.lr: Input should be a finite number"),
     "warm-up past the end": (_flat(warmup_steps=2000), "train.warmup_steps: 2000 exceeds train.max_steps=1000"),
 }
 

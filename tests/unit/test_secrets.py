@@ -11,6 +11,7 @@ import yaml
 
 from orchestrator.cli import main
 from orchestrator.config import JobSpecError, headline_params, load_job, public_params, spec_tags, validate
+from orchestrator.config import env as jobenv
 from orchestrator.core.errors import FlowppError, UserError
 from orchestrator.core.logs import setup_logging
 from orchestrator.core.redact import RedactingFilter, is_secret_name, redact, redact_tree
@@ -69,10 +70,41 @@ def test_env_allow_is_read_before_expansion_and_admits_its_names(tmp_path, monke
     spec = load_job(_write(tmp_path, text))
     assert spec.data.train == "s3://bkt/t/manifest.json" and spec.mlflow.tracking_uri == "http://127.0.0.1:5000"
     assert spec.ray.runtime_env["env_vars"]["SERVICE_TOKEN"] == FAKE and spec.env_allow == ["SERVICE_TOKEN"]
-    with pytest.raises(JobSpecError, match=r"env_allow\[0\]: '~+' is not a variable name"):
+    with pytest.raises(JobSpecError, match=r"env_allow\[0\]: '\$\{FLOWPP_X:-A\}' is not a variable name"):
         load_job(_write(tmp_path, GOOD + "env_allow: ['${FLOWPP_X:-A}']\n"))
     with pytest.raises(JobSpecError, match="env_allow: expected a list of variable names, got str"):
         load_job(_write(tmp_path, GOOD + "env_allow: SERVICE_TOKEN\n"))
+
+
+def test_a_value_is_text_in_its_own_scalar_never_yaml_of_its_own(tmp_path, monkeypatch):
+    """References expand after parsing: a comment sign, a flow mapping or a key in a value stays
+    text; a plain scalar is typed from its final text, a quoted one stays a string."""
+    monkeypatch.setenv("FLOWPP_A", "s3://b/x #y")
+    monkeypatch.setenv("FLOWPP_C", "{a: 1}")
+    monkeypatch.setenv("FLOWPP_K", "x\nstorage: {path: s3://elsewhere}".replace("\n", " "))
+    monkeypatch.setenv("FLOWPP_STEPS", "40")
+    text = (
+        GOOD + "storage: {path: ${FLOWPP_A}, region: ${FLOWPP_K}}\n"
+        "mlflow:\n  experiment: ${FLOWPP_C}\n"
+        "train: {max_steps: ${FLOWPP_STEPS}, warmup_steps: '${FLOWPP_STEPS}'}\n"
+    )
+    spec = load_job(_write(tmp_path, text))
+    assert spec.storage.path == "s3://b/x #y"  # not cut at " #" as a comment
+    assert spec.mlflow.experiment == "{a: 1}"  # not a mapping
+    assert spec.storage.region == "x storage: {path: s3://elsewhere}"  # one string, not a key
+    assert spec.train.max_steps == 40 and spec.train.warmup_steps == 40
+    tree, problems = jobenv.expand_tree("a: ${FLOWPP_STEPS}\nb: '${FLOWPP_STEPS}'\nc: ${FLOWPP_C}\n", yaml.SafeLoader)
+    assert problems == [] and tree == {"a": 40, "b": "40", "c": "{a: 1}"}
+
+
+def test_a_set_but_empty_variable_takes_the_default_as_in_the_shell(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWPP_B", "")
+    monkeypatch.delenv("FLOWPP_UNSET_B", raising=False)
+    text = GOOD + "storage: {path: '${FLOWPP_B:-s3://default/runs}'}\nmlflow: {experiment: '${FLOWPP_UNSET_B:-e}'}\n"
+    spec = load_job(_write(tmp_path, text))
+    assert spec.storage.path == "s3://default/runs" and spec.mlflow.experiment == "e"
+    tree, problems = jobenv.expand_tree("a: x${FLOWPP_B}y\nb: ${FLOWPP_B}\n", yaml.SafeLoader)
+    assert problems == [] and tree == {"a": "xy", "b": None}  # set and empty, no default: empty (b: is null)
 
 
 # -- one redaction ---------------------------------------------------------------------------
@@ -83,6 +115,10 @@ def test_env_allow_is_read_before_expansion_and_admits_its_names(tmp_path, monke
         ("see 'postgresql://u:p@ss@db/x' and s3://bkt/k", "see 'postgresql://***@db/x' and s3://bkt/k"),
         ("https://token@github.com/o/r.git?a=b@c", "https://***@github.com/o/r.git?a=b@c"),
         ("mailto-ish user@host and http://h/p@q", "mailto-ish user@host and http://h/p@q"),
+        ("https://db/x?password=hunter2&user=al", "https://db/x?password=***&user=al"),
+        ("GET /cb?code=1&access_token=abc.def#top", "GET /cb?code=1&access_token=***#top"),
+        ("s3://b/k?X-Amz-Signature=0badc0de&X-Amz-Date=1", "s3://b/k?X-Amz-Signature=***&X-Amz-Date=1"),
+        ("https://h/x?token_path=/etc/t&page=2", "https://h/x?token_path=/etc/t&page=2"),
     ],
 )
 def test_url_user_info_is_masked_in_any_text(text, expected):
@@ -90,7 +126,8 @@ def test_url_user_info_is_masked_in_any_text(text, expected):
 
 
 def test_credential_names_are_recognised_and_their_environment_values_masked(monkeypatch):
-    for name in ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "apiKey", "db.password", "SERVICE_TOKEN", "key"):
+    for name in ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "apiKey", "db.password", "SERVICE_TOKEN", "key",
+                 "PGPASSWORD", "GITHUBTOKEN"):  # fmt: skip
         assert is_secret_name(name), name
     for name in ("TOKENIZERS_PARALLELISM", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "PWD", "monkey", "keep_checkpoints"):
         assert not is_secret_name(name), name
@@ -98,6 +135,17 @@ def test_credential_names_are_recognised_and_their_environment_values_masked(mon
     monkeypatch.setenv("MY_DB_PASSWORD", FAKE + "-db")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     assert redact(f"a {FAKE}-db b {FAKE} false") == "a *** b *** false"
+
+
+def test_a_variable_read_through_env_allow_is_masked_whatever_its_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SERVICE_DSN", FAKE + "-dsn")
+    text = GOOD + "env_allow: [SERVICE_DSN]\nmlflow: {experiment: 'e-${SERVICE_DSN}'}\n"
+    spec = load_job(_write(tmp_path, text))
+    assert spec.mlflow.experiment == f"e-{FAKE}-dsn"
+    assert redact(f"connecting to {FAKE}-dsn") == "connecting to ***"
+    assert not any(FAKE in str(v) for v in public_params(spec).values())
+    assert main(["validate", str(tmp_path / "job.yaml")]) == 0
+    assert FAKE not in capsys.readouterr().out
 
 
 def test_trees_mask_credential_keys_and_every_env_var_value(monkeypatch):
