@@ -242,25 +242,54 @@ def _vdo_items(path: Path, seed: int | None, keep: Keep, size: int) -> Iterator[
     if path.is_dir():
         yield from _files_items(path, seed, keep)
         return
-    with tarfile.open(path) as tar:
-        members = [m for m in _tar_members(tar, path, size) if keep(m.name)]
-        names = [m.name.removeprefix("./") for m in members]
-        keys = unique_keys(names)
-        for i in _ordered(names, seed):
-            member = tar.extractfile(members[i])
-            assert member is not None  # a regular file
-            yield Item(key=keys[i], ref=printable(f"{path}:{members[i].name}"), name=names[i], data=member.read())
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ")):
+        raise CorruptInputError(f"{path}: a compressed tar; decompress it first (images are read in shuffled "
+                                "order, and each would decompress the archive again from its start)")  # fmt: skip
+    try:
+        with tarfile.open(path, "r:") as tar:
+            members = [m for m in _tar_members(tar, path, size) if keep(m.name)]
+            names = [m.name.removeprefix("./") for m in members]
+            keys = unique_keys(names)
+            for i in _ordered(names, seed):
+                member = tar.extractfile(members[i])
+                assert member is not None  # a regular file
+                data = member.read()
+                if len(data) != members[i].size:
+                    raise EOFError(
+                        f"member {printable(members[i].name)} ends after {len(data)} of its {members[i].size} bytes"
+                    )
+                yield Item(key=keys[i], ref=printable(f"{path}:{members[i].name}"), name=names[i], data=data)
+    except (tarfile.TarError, EOFError, OSError) as exc:  # not a tar at all, or cut short
+        raise CorruptInputError(f"{path}: not a readable tar ({type(exc).__name__}: {exc}); is it truncated?") from None
 
 
 def _npz_items(path: Path, seed: int | None, keep: Keep, stem: str) -> Iterator[Item]:
-    with np.load(path) as npz:
+    import zipfile
+
+    try:
+        loaded = np.load(path, allow_pickle=False)  # never a pickle: an object array is refused
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise CorruptInputError(f"{path}: not a readable .npz of arrays: {type(exc).__name__}: {exc}") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy (one array) under an .npz name
+        raise CorruptInputError(f"{path}: one array of shape {loaded.shape}, not an .npz with 'data' and 'labels'")
+    with loaded as npz:
         missing = [k for k in ("data", "labels") if k not in npz.files]
         if missing:
             raise CorruptInputError(f"{path}: missing array(s) {missing}; found {npz.files}")
-        data, labels = npz["data"], npz["labels"]
-    if data.ndim != 2 or data.shape[1] % 3:
-        raise CorruptInputError(f"{path}: 'data' has shape {data.shape}, expected (n, 3*S*S)")
+        try:
+            data, labels = npz["data"], npz["labels"]
+        except ValueError as exc:  # an object array, whose reading would unpickle
+            raise CorruptInputError(f"{path}: 'data' or 'labels' is not a plain array ({exc})") from None
+    if data.ndim != 2 or data.shape[1] % 3 or data.dtype != np.uint8:
+        raise CorruptInputError(f"{path}: 'data' has shape {data.shape} {data.dtype}, expected (n, 3*S*S) uint8")
     side = int(round((data.shape[1] // 3) ** 0.5))
+    if 3 * side * side != data.shape[1]:  # 12000 wide is no square image: it was cut into wrong ones
+        raise CorruptInputError(f"{path}: rows of {data.shape[1]} values are not 3 square planes (3*S*S)")
+    if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
+        raise CorruptInputError(f"{path}: 'labels' has shape {labels.shape} {labels.dtype}, expected "
+                                f"({len(data)},) integers, one per row of 'data'")  # fmt: skip
     # rows are [R plane | G plane | B plane], each S*S row-major
     images = data.reshape(-1, 3, side, side).transpose(0, 2, 3, 1)
     names = [f"{path.name}[{i}]" for i in range(images.shape[0])]
@@ -450,6 +479,29 @@ def iter_items(
             yield from _vdo_items(path, order, keep, size)
 
 
+def _as_rgb(im, ref: str):
+    """8-bit RGB pixels as the image shows them, or a refusal naming the image: turned upright by
+    its EXIF orientation; 16-bit values scaled to 8 bits (not clipped to white); an alpha channel
+    dropped only where every pixel is opaque. Float pixels have no one scale: refused."""
+    from PIL import Image, ImageOps
+
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("F", "I;16F"):
+        raise CorruptInputError(f"{ref}: floating-point pixels ({im.mode}), whose scale is unknown; "
+                                "convert the image to 8-bit first")  # fmt: skip
+    if im.mode.startswith("I"):  # 16-bit (I;16, I;16B) or 32-bit integer grey, read as 16-bit
+        values = np.asarray(im).astype(np.uint32)
+        im = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "RGBa", "La"):
+        alpha = np.asarray(im.getchannel("A"))
+        if alpha.min() < 255:
+            raise CorruptInputError(f"{ref}: transparent pixels (an alpha channel that is not all opaque); "
+                                    "flatten the image onto a background first")  # fmt: skip
+    return im.convert("RGB")
+
+
 def decode(item: Item, size: int) -> np.ndarray:
     """(size, size, 3) uint8 pixels; folder images are centre-cropped and box-downsampled."""
     from PIL import Image
@@ -464,7 +516,7 @@ def decode(item: Item, size: int) -> np.ndarray:
                     too_many = f"{w}x{h} pixels, more than prepare reads ({MAX_INPUT_PIXELS:,})"
                     raise CorruptInputError(f"{item.ref}: {too_many}: a decompression bomb, or no photograph")
                 im.load()
-                im = im.convert("RGB")
+                im = _as_rgb(im, item.ref)
                 if im.size != (size, size):
                     w, h = im.size
                     s = min(w, h)

@@ -6,10 +6,11 @@ import os
 import shlex
 import sys
 import time
+from pathlib import Path
 
 from orchestrator.config import JobSpec
 from orchestrator.core.errors import UserError
-from orchestrator.core.redact import carries_secret, redact
+from orchestrator.core.redact import carries_secret, printable, redact
 from orchestrator.driver.jobstate import JobRunningError
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -45,9 +46,62 @@ def _refuse_credentials(overrides: list[str]) -> None:
         )
 
 
-def check_submittable(spec: JobSpec, overrides: list[str]) -> None:
-    """What ``submit`` refuses before reaching the cluster (also checked by ``--dry-run``)."""
+CREDENTIAL_FILES = {".env", ".netrc", ".git-credentials", ".pgpass", "credentials", "id_rsa", "id_ecdsa",
+                    "id_ed25519", ".dockercfg"}  # fmt: skip
+CREDENTIAL_SUFFIXES = (".pem", ".key", ".p12", ".pfx")
+_SKIP_DIRS = {".git", ".venv", "venv", "node_modules", "__pycache__", ".ruff_cache", ".pytest_cache", ".mypy_cache"}
+
+
+def _uploaded(root: Path) -> list[str]:
+    """The files Ray would upload from ``root`` (its working_dir): git's view where ``root`` is in a
+    repository (Ray leaves out what .gitignore names), else every file."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=root,
+                             capture_output=True, timeout=30, check=True).stdout  # fmt: skip
+        return [f for f in out.decode(errors="replace").split("\0") if f]
+    except (OSError, subprocess.SubprocessError):
+        found = []
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = [d for d in dirs if d not in _SKIP_DIRS]
+            found += [os.path.relpath(os.path.join(folder, f), root) for f in files]
+        return found
+
+
+def credential_files(root: Path, excludes: list[str]) -> list[str]:
+    """Files in what ``flowpp submit`` uploads that hold credentials by their names (``.env``,
+    ``.aws/credentials``, keys), less those ``ray.runtime_env.excludes`` leaves out."""
+    import fnmatch
+
+    def excluded(rel: str) -> bool:
+        parts = rel.split("/")
+        return any(fnmatch.fnmatch(rel, e.strip("/")) or any(fnmatch.fnmatch(p, e.strip("/")) for p in parts)
+                   for e in excludes)  # fmt: skip
+
+    found = []
+    for rel in _uploaded(root):
+        name = rel.rsplit("/", 1)[-1]
+        named = name in CREDENTIAL_FILES or name.startswith(".env.") or name.endswith(CREDENTIAL_SUFFIXES)
+        if named and not excluded(rel):
+            found.append(rel)
+    return sorted(found)
+
+
+def check_submittable(spec: JobSpec, overrides: list[str], root: Path | None = None) -> None:
+    """What ``submit`` refuses before reaching the cluster (also checked by ``--dry-run``): a
+    credential in ``--set``, no ``ray.address``, and credential files in the working directory it
+    uploads (``root``, default the current one)."""
     _refuse_credentials(overrides)
+    leaking = credential_files(root or Path.cwd(), list(spec.ray.runtime_env.get("excludes") or []))
+    if leaking:
+        shown = ", ".join(printable(f) for f in leaking[:5]) + (
+            f" and {len(leaking) - 5} more" if len(leaking) > 5 else ""
+        )
+        raise UserError(
+            f"the working directory that flowpp submit uploads to the cluster holds credential files: {shown}; "
+            "run it from the project's folder, or leave them out in ray.runtime_env.excludes (or .gitignore)"
+        )
     if not spec.ray.address:
         raise UserError("ray.address: not set in the job spec (e.g. http://127.0.0.1:8265)")
 

@@ -130,3 +130,25 @@ def test_a_sparse_or_oversized_tar_member_is_refused_before_it_is_read(tmp_path,
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "member train_64x64/00000002.png is 2,097,152 bytes, more than a 64x64 image can be" in err
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (lambda tar: b"this is no tar at all" * 100, "not a readable tar"),
+        (lambda tar: tar[: len(tar) // 2], "not a readable tar"),
+        (lambda tar: __import__("gzip").compress(tar), "a compressed tar; decompress it first"),
+    ],
+    ids=["not a tar", "truncated", "gzip"],
+)
+def test_a_bad_train_tar_is_one_line_naming_it(tmp_path, capsys, content, says):
+    from tests.datafixtures import make_vdo_tar
+
+    (tmp_path / "good").mkdir()
+    good = make_vdo_tar(tmp_path / "good" / "train_64x64.tar", 40)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "train_64x64.tar").write_bytes(content(good.read_bytes()))
+    argv = ["prepare", "vdo", "--input", str(tmp_path / "in"), "--output", (tmp_path / "o").as_uri()]
+    assert main([*argv, "--progress", "off"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'in' / 'train_64x64.tar'}: {says}" in err and "Traceback" not in err, err

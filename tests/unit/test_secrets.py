@@ -4,6 +4,7 @@ leaves the process (MLflow params, job.yaml, the workers' train_loop_config, err
 from __future__ import annotations
 
 import logging
+import subprocess
 import uuid
 
 import pytest
@@ -244,6 +245,34 @@ def test_submit_refuses_a_credential_in_the_entrypoint_before_contacting_ray(mon
     for bad in (f"mlflow.tracking_uri=http://u:{FAKE}@h", f"storage.region={FAKE}"):
         with pytest.raises(UserError, match=r"--set (mlflow.tracking_uri|storage.region): the value holds"):
             submit(spec, "jobs/demo.yaml", ["train.lr=1e-3", bad])
+
+
+def test_submit_refuses_to_upload_credential_files_unless_excluded(tmp_path, monkeypatch):
+    from orchestrator.driver.submit import check_submittable
+
+    spec = validate({"name": "t", "data": {"train": "s3://b/t/manifest.json", "valid": "s3://b/v/manifest.json"},
+                     "ray": {"address": "http://127.0.0.1:9"}})  # fmt: skip
+    home = tmp_path / "home"  # a home-like folder: not a git repository, every file would go
+    (home / ".aws").mkdir(parents=True)
+    (home / ".aws" / "credentials").write_text("[default]\naws_secret_access_key = x\n")
+    (home / ".env").write_text("TOKEN=x\n")
+    (home / "notes.txt").write_text("fine\n")
+    with pytest.raises(UserError) as refused:
+        check_submittable(spec, [], root=home)
+    text = str(refused.value)
+    assert "holds credential files: .aws/credentials, .env;" in text and "notes.txt" not in text
+    excluding = spec.model_copy(
+        update={"ray": spec.ray.model_copy(update={"runtime_env": {"excludes": [".env", ".aws"]}})}
+    )
+    check_submittable(excluding, [], root=home)  # left out of the upload: fine
+    repo = tmp_path / "repo"  # in a git repository, what .gitignore names is not uploaded
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    (repo / ".gitignore").write_text(".env\n")
+    (repo / ".env").write_text("TOKEN=x\n")
+    (repo / "server.pem").write_text("-----BEGIN PRIVATE KEY-----\n")
+    with pytest.raises(UserError, match="holds credential files: server.pem;"):
+        check_submittable(spec, [], root=repo)
 
 
 def test_cli_reports_a_forbidden_variable_by_name_with_exit_code_2(tmp_path, monkeypatch, capsys):
