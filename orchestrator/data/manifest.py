@@ -128,6 +128,9 @@ def _inside(base: str, shard_url: str) -> bool:
     return "\\" not in rel and all(p not in ("", "..") for p in parts)
 
 
+MIN_SAMPLE_BYTES = 1024
+"""The least a sample takes in a tar shard: a 512-byte member header and one 512-byte block."""
+
 EXTERNAL_SCHEMES = ("s3", "s3a", "file")
 """Where shards outside the manifest's folder may be, when the reader allows it."""
 
@@ -149,6 +152,9 @@ def _problems(m: Manifest, url: str, allow_external: bool = False) -> list[str]:
     for i, s in enumerate(m.shards):
         if s.index != i:
             out.append(f"shards.{i}.index: {s.index}, expected its position {i}")
+        if s.num_samples * MIN_SAMPLE_BYTES > s.bytes:
+            out.append(f"shards.{i}.num_samples: {s.num_samples} samples cannot fit in {s.bytes} bytes "
+                       f"(a sample takes {MIN_SAMPLE_BYTES} bytes of tar at least)")  # fmt: skip
         if _inside(base_of(url), s.url) or (allow_external and _external_ok(s.url)):
             continue
         why = (

@@ -50,6 +50,10 @@ class ShardIntegrityError(FlowppError, RuntimeError):
     """A shard whose bytes do not match its manifest's sha256."""
 
 
+class NoDecodableSampleError(FlowppError, RuntimeError):
+    """A reader's first batch holds no sample it can decode: nothing to substitute the corrupt ones with."""
+
+
 def to_device(images: torch.Tensor, device: torch.device | str, num_bits: int = 8) -> torch.Tensor:
     """A stream's uint8 pixels (B, C, H, W) on ``device``, reduced to ``num_bits`` levels.
 
@@ -227,7 +231,12 @@ class _WorkerReader:
                 imgs.append(img)
                 labels.append(label)
             if self._last_good is None:
-                raise RuntimeError(f"rank {self.rank} worker {self.worker}: no decodable sample yet")
+                urls = sorted({self.manifest["shards"][shard]["url"] for shard, _ in order[n : n + b]})
+                raise NoDecodableSampleError(
+                    f"{', '.join(urls)}: no sample of the first batch of rank {self.rank} (loader worker "
+                    f"{self.worker}) decodes, so there is none to stand in for the corrupt ones; the shards are "
+                    "damaged: run flowpp prepare again"
+                )
             imgs = [self._last_good if im is None else im for im in imgs]
             yield {
                 "images": self._images(imgs),

@@ -151,6 +151,25 @@ def test_a_bomb_a_foreign_format_and_a_bad_label_are_substituted_without_decodin
     assert "13000x13000 pixels" in said and "cannot identify image file" in said and "invalid literal" in said
 
 
+def test_a_first_batch_without_one_decodable_sample_names_its_shard(tmp_path):
+    import io
+    import tarfile
+
+    from orchestrator.data.stream import NoDecodableSampleError
+
+    url = _shards(tmp_path, str(tmp_path / "png"), n=8, shard_bytes=10**9)  # one shard
+    path = tmp_path / "png" / "train-000000.tar"
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for m, data in members:
+            data = b"not a png" if m.name.endswith(".png") else data
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    with pytest.raises(NoDecodableSampleError, match=r"train-000000.tar: no sample of the first batch of rank 0"):
+        next(iter(ShardStream(url, batch_size=4)))
+
+
 RESUME_SCRIPT = textwrap.dedent("""
     import json, sys
     from orchestrator.data.stream import ShardStream

@@ -14,7 +14,7 @@ URL = "s3://bucket/data/train/manifest.json"
 SHA = "ab" * 32
 
 
-def _shard(i, n=10, size=1000, **kw):
+def _shard(i, n=10, size=20_000, **kw):
     return {"index": i, "url": f"train-{i:06d}.tar", "num_samples": n, "bytes": size, "sha256": SHA, **kw}
 
 
@@ -29,7 +29,7 @@ V2 = {
     "bits": 8,
     "num_samples": 20,
     "num_shards": 2,
-    "total_bytes": 2000,
+    "total_bytes": 40_000,
     "skipped": {"count": 0, "examples": []},
     "shards": [_shard(0, num_inputs=10, content=SHA, head=SHA), _shard(1, num_inputs=10, content=SHA, head=SHA)],
 }
@@ -44,7 +44,7 @@ V1 = {
     "image_size": 64,
     "num_samples": 20,
     "num_shards": 2,
-    "total_bytes": 2000,
+    "total_bytes": 40_000,
     "skipped": {"count": 0, "examples": []},
     "shards": [_shard(0, first_item=0, last_item=9), _shard(1, first_item=10, last_item=19)],
 }
@@ -87,7 +87,7 @@ def test_current_and_version_1_manifests_load():
         ({"num_samples": -20}, "num_samples: Input should be greater than or equal to 0"),
         ({"num_samples": 21}, "num_samples: 21, but the shards add up to 20"),
         ({"num_shards": 3}, "num_shards: 3, but the shards add up to 2"),
-        ({"total_bytes": 1}, "total_bytes: 1, but the shards add up to 2000"),
+        ({"total_bytes": 1}, "total_bytes: 1, but the shards add up to 40000"),
         ({"shards__1__index": 0}, "shards.1.index: 0, expected its position 1"),
         ({"shards__0__sha256": "xyz"}, "shards.0.sha256: String should match pattern"),
         ({"format": "jpeg"}, "format: Input should be 'png' or 'raw'"),
@@ -142,6 +142,12 @@ def test_shard_urls_outside_the_manifest_folder_are_refused_unless_allowed(shard
     assert "data.allow_external_shards lets shards lie elsewhere; a manifest cannot" in _problems(doc)
     if shard_url.startswith(("s3://", "file://", "/")) and ".." not in shard_url:  # the reader allows these
         assert parse_manifest(json.dumps(doc).encode(), URL, allow_external=True).shards[1].url == shard_url
+
+
+def test_a_shard_claiming_more_samples_than_its_bytes_can_hold_is_refused():
+    """10 KiB claiming 1e8 samples: the plan would have sized itself by the claim (memory)."""
+    doc = _with(shards__0__num_samples=10**8, shards__0__bytes=10_240, num_samples=10**8 + 10, total_bytes=30_240)
+    assert "shards.0.num_samples: 100000000 samples cannot fit in 10240 bytes" in _problems(doc)
 
 
 @pytest.mark.parametrize("shard_url", ["http://127.0.0.1:9/internal-admin/delete?all=1", "gs://b/x.tar", "s3://b/../x"])
