@@ -23,8 +23,6 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from orchestrator.core.redact import mask_variables
-
 ALWAYS_PREFIX = "FLOWPP_"
 ALWAYS = frozenset({"MLFLOW_TRACKING_URI"})
 REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}\n]*))?\}")
@@ -87,7 +85,6 @@ def expand_tree(text: str, loader_cls: Any, environ: Mapping[str, str] | None = 
         if root is None:
             return None, []
         allow, problems = allowed_names(loader.construct_document(root), refs)
-        mask_variables(allow)  # what a spec reads by name may be a secret, whatever the name says
 
         def value(i: int) -> str | None:
             m = refs[i]

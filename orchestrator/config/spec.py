@@ -196,7 +196,7 @@ class MlflowSpec(SpecModel):
     fails, keeping its final checkpoint, and re-submitting it registers without training again."""
     system_metrics: bool = True
     """MLflow's system metrics (CPU, memory, disk, network, GPUs) of rank 0's machine, in the run."""
-    system_metrics_interval_s: float = Field(10.0, ge=0.5)
+    system_metrics_interval_s: float = Field(10.0, ge=0.1)
     """Seconds between two system-metrics samples."""
 
 

@@ -6,10 +6,9 @@ Four things are masked as ``***``:
 - URL user-info: ``https://user:pass@host/x`` becomes ``https://***@host/x``, in any text;
 - a URL query parameter whose name reads as a credential: ``?password=x&access_token=y`` becomes
   ``?password=***&access_token=***``, in any text;
-- the values of credential environment variables present in this process (``SECRET_ENV``, every
+- the values of credential environment variables present in this process (``SECRET_ENV`` and every
   variable whose name reads as a credential: ``*_SECRET_*``, ``*_PASSWORD``, ``PGPASSWORD``,
-  ``*_TOKEN``, ``*_KEY``..., and every variable a job spec reads through its ``env_allow``, whatever
-  its name: ``mask_variables``);
+  ``*_TOKEN``, ``*_KEY``...);
 - in a tree (the job spec as plain data), the value of every credential-like key and every value
   under an ``env_vars`` key (a runtime environment's variables, whatever their names).
 
@@ -46,8 +45,7 @@ _SECRET_WORDS = {"secret", "secrets", "password", "passwd", "passphrase", "token
 _GLUED = ("secret", "password", "passwd", "passphrase", "token")
 """Also at the end of a word: ``PGPASSWORD``, ``APITOKEN``."""
 _QUERY_SECRET = re.compile(r"(?P<lead>[?&;](?P<name>[A-Za-z0-9_.\-]+)=)(?P<value>[^&#;\s'\"<>]*)")
-_MASKED_VARIABLES: set[str] = set()
-"""Variables whose values are masked whatever their names (``mask_variables``)."""
+
 _KEY_WORDS = {"key", "apikey"}
 _NOT_A_VALUE = {"path", "file", "mode", "dir", "type", "name", "kind", "url", "endpoint", "region"}
 """A name ending in one of these holds where or how a secret is found, not the secret itself
@@ -68,16 +66,10 @@ def is_secret_name(name: str) -> bool:
     return any(w in _SECRET_WORDS or w in _KEY_WORDS or w.endswith(_GLUED) for w in words)
 
 
-def mask_variables(names: Iterable[str]) -> None:
-    """From now on, mask the values of these environment variables too (a job spec's ``env_allow``:
-    what a spec reads by name may be a secret whatever the name says)."""
-    _MASKED_VARIABLES.update(names)
-
-
 def secret_values(extra: Iterable[str | None] = ()) -> list[str]:
     """The credential values known to this process: ``extra`` and the credential variables' values,
     longest first (so that a secret containing another is masked whole)."""
-    names = set(SECRET_ENV) | _MASKED_VARIABLES | {k for k in os.environ if is_secret_name(k)}
+    names = set(SECRET_ENV) | {k for k in os.environ if is_secret_name(k)}
     values = {v for v in (*extra, *(os.environ.get(k) for k in names)) if v and len(v) >= MIN_SECRET_LEN}
     return sorted(values, key=len, reverse=True)
 

@@ -318,18 +318,29 @@ def _local_version(data: bytes) -> str:
 
 
 class _LocalLock:
-    """An exclusive flock on ``PATH.flock`` for the compare-and-act of a local replace or delete."""
+    """An exclusive flock on ``PATH.flock`` for the compare-and-act of a local replace or delete,
+    held for a few system calls only (the new bytes are written and synced before it is taken).
+    A holder frozen inside that window (a stopped process) keeps others waiting ``wait_s`` at
+    most: they then fail with a transient error instead of hanging."""
 
-    def __init__(self, path: str):
-        self.path = path + ".flock"
+    def __init__(self, path: str, wait_s: float = 10.0):
+        self.path, self.wait_s = path + ".flock", wait_s
 
     def __enter__(self):
         import fcntl
 
         os.makedirs(posixpath.dirname(self.path) or ".", exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(self.fd)
+                    raise TimeoutError(f"{self.path}: held by another process for over {self.wait_s:.0f} s") from None
+                time.sleep(0.005)
 
     def __exit__(self, *exc):
         os.close(self.fd)  # closing releases the flock
@@ -343,9 +354,8 @@ def _local_current(path: str) -> str | None:
         return None
 
 
-def _local_write(path: str, data: bytes, *, exclusive: bool) -> None:
-    """The whole file at once: written aside, then linked (exclusive: fails if the name exists)
-    or renamed into place."""
+def _local_stage(path: str, data: bytes) -> str:
+    """``data`` written and synced beside ``path`` under a name of its own; returns that name."""
     import tempfile
 
     os.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
@@ -355,17 +365,10 @@ def _local_write(path: str, data: bytes, *, exclusive: bool) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        if exclusive:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise PreconditionFailed(f"creating {path}: it exists") from None
-        else:
-            os.replace(tmp, path)
-            tmp = ""
-    finally:
-        if tmp:
-            os.unlink(tmp)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
 
 
 def read_versioned(url: str, options: StorageOptions | None = None) -> tuple[bytes, str] | None:
@@ -403,8 +406,13 @@ def create_exclusive(url: str, data: bytes, options: StorageOptions | None = Non
         if _is_s3(url):
             bucket, key, _ = fs.split_path(path)
             return _s3_call(fs, "put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")["ETag"]
-        with _LocalLock(path):
-            _local_write(path, data, exclusive=True)
+        tmp = _local_stage(path, data)
+        try:
+            os.link(tmp, path)  # atomic, and fails if the name exists: no lock needed
+        except FileExistsError:
+            raise PreconditionFailed(f"creating {url}: it exists") from None
+        finally:
+            os.unlink(tmp)
         return _local_version(data)
 
     return _with_retries("creating", url, options, create)
@@ -426,10 +434,16 @@ def replace_if(url: str, data: bytes, version: str, options: StorageOptions | No
                        for c in _causes(exc)):  # fmt: skip
                     raise PreconditionFailed(f"replacing {url}: it vanished") from None
                 raise
-        with _LocalLock(path):
-            if _local_current(path) != version:
-                raise PreconditionFailed(f"replacing {url}: it changed")
-            _local_write(path, data, exclusive=False)
+        tmp = _local_stage(path, data)
+        try:
+            with _LocalLock(path):
+                if _local_current(path) != version:
+                    raise PreconditionFailed(f"replacing {url}: it changed")
+                os.replace(tmp, path)
+                tmp = ""
+        finally:
+            if tmp:
+                os.unlink(tmp)
         return _local_version(data)
 
     return _with_retries("replacing", url, options, replace)

@@ -94,7 +94,7 @@ MISTAKES = {
     "NaN rate": ("train: {lr: .nan}", "train.lr: Input should be a finite number"),
     "system metrics every nanosecond": (
         "mlflow: {system_metrics_interval_s: 1.0e-9}",
-        "mlflow.system_metrics_interval_s: Input should be greater than or equal to 0.5",
+        "mlflow.system_metrics_interval_s: Input should be greater than or equal to 0.1",
     ),
     "registry name with a slash": (
         "mlflow: {registered_model: a/b}",

@@ -138,12 +138,15 @@ def test_credential_names_are_recognised_and_their_environment_values_masked(mon
     assert redact(f"a {FAKE}-db b {FAKE} false") == "a *** b *** false"
 
 
-def test_a_variable_read_through_env_allow_is_masked_whatever_its_name(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("SERVICE_DSN", FAKE + "-dsn")
-    text = GOOD + "env_allow: [SERVICE_DSN]\nmlflow: {experiment: 'e-${SERVICE_DSN}'}\n"
+def test_a_glued_credential_name_read_through_env_allow_is_masked(tmp_path, monkeypatch, capsys):
+    """``PGPASSWORD`` reads as one word; its value is masked all the same, wherever it appears."""
+    monkeypatch.setenv("PGPASSWORD", FAKE + "-pg")
+    text = (
+        GOOD + "env_allow: [PGPASSWORD]\nmlflow: {tracking_uri: 'postgresql://db/x?sslmode=require&p=${PGPASSWORD}'}\n"
+    )
     spec = load_job(_write(tmp_path, text))
-    assert spec.mlflow.experiment == f"e-{FAKE}-dsn"
-    assert redact(f"connecting to {FAKE}-dsn") == "connecting to ***"
+    assert spec.mlflow.tracking_uri.endswith(f"p={FAKE}-pg")
+    assert redact(f"connecting with {FAKE}-pg") == "connecting with ***"
     assert not any(FAKE in str(v) for v in public_params(spec).values())
     assert main(["validate", str(tmp_path / "job.yaml")]) == 0
     assert FAKE not in capsys.readouterr().out
