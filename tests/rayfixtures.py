@@ -45,8 +45,8 @@ def local_ray(num_cpus: int, **init) -> Iterator[None]:
 
     assert os.environ.get("RAY_AUTH_MODE") == "token", "start Ray in tests with token auth (tests.rayauth)"
     with loopback(), own_address(LOOPBACK) as runtime_env:  # its workers find it, not another lane's Ray
-        ray.init(_node_ip_address=LOOPBACK, num_cpus=num_cpus, include_dashboard=init.pop("include_dashboard", False),
-                 runtime_env=runtime_env, **init)  # fmt: skip
+        ray.init(address="local", _node_ip_address=LOOPBACK, num_cpus=num_cpus,
+                 include_dashboard=init.pop("include_dashboard", False), runtime_env=runtime_env, **init)  # fmt: skip
         try:
             yield
         finally:

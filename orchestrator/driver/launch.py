@@ -207,6 +207,9 @@ def init_ray(spec: JobSpec) -> None:
         ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
         with own_address() as runtime_env:
             ray.init(
+                # a new instance, always: with no address, ray.init joins the cluster a `ray start` of this
+                # machine recorded (the local stack's, another test's) and then refuses num_cpus
+                address="local",
                 _node_ip_address="127.0.0.1",
                 # the dashboard serves the State API, which Ray Train's placement-group cleaner needs
                 # to free the resources of a run whose driver was killed (a trial ASHA stopped)

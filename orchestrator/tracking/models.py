@@ -164,5 +164,5 @@ def load_flow(model_uri: str, tracking_uri: str | None = None, device: str | tor
         weights, config = (local / "artifacts" / name for name in ("weights.safetensors", "config.json"))
         if not weights.is_file() or not config.is_file():
             missing = "weights.safetensors" if not weights.is_file() else "config.json"
-            raise FlowppError(f"{model_uri}: its artifacts hold no artifacts/{missing} (was the artifact store reset?)")
+            raise FlowppError(f"{model_uri}: its artifacts hold no {missing} (was the artifact store reset?)")
         return build_from_files(weights, config, device)

@@ -4,6 +4,7 @@ and every socket of every process it spawns listening on loopback only."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -37,6 +38,9 @@ def _addresses() -> tuple[str, str]:
 
 @pytest.mark.slow
 def test_embedded_ray_listens_on_loopback_only_with_token_auth(tmp_path, monkeypatch):
+    import shutil
+    import tempfile
+
     import psutil
     import ray
 
@@ -44,6 +48,12 @@ def test_embedded_ray_listens_on_loopback_only_with_token_auth(tmp_path, monkeyp
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")  # restored after the test
+    # a cluster recorded by a `ray start` of this machine (here a dead one, in a temp dir of this
+    # test's): a bare ray.init() would join it; the embedded Ray starts its own all the same
+    short = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay short
+    (Path(short) / "ray").mkdir()
+    (Path(short) / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")
+    monkeypatch.setenv("RAY_TMPDIR", short)
     auth = token_auth(tmp_path)
     saved = ray._private.ray_constants.ENABLE_RAY_CLUSTER
     try:
@@ -69,3 +79,4 @@ def test_embedded_ray_listens_on_loopback_only_with_token_auth(tmp_path, monkeyp
         ray.shutdown()
         ray._private.ray_constants.ENABLE_RAY_CLUSTER = saved
         auth.restore()
+        shutil.rmtree(short, ignore_errors=True)
