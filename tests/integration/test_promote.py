@@ -342,14 +342,14 @@ def bare_registry(mlflow_server):  # noqa: F811
 @pytest.mark.slow
 def test_the_lock_is_renewed_while_its_holder_outlasts_the_lease(bare_registry):
     reg = bare_registry
-    with promotion_lock(reg, lease_s=1.5, settle_s=0.1) as lease:
+    with promotion_lock(reg, lease_s=3.0, settle_s=0.1) as lease:
         first = reg.tags()[LOCK_TAG]
-        time.sleep(4.0)  # a re-score that outlasts the lease more than twice over
+        time.sleep(7.0)  # a re-score that outlasts the lease more than twice over
         renewed = reg.tags()[LOCK_TAG]
         assert renewed.rsplit(":", 1)[0] == first.rsplit(":", 1)[0] == lease.owner
         assert float(renewed.rsplit(":", 1)[1]) > time.time() > float(first.rsplit(":", 1)[1])
         # a second promotion waits instead of taking a lease that would have expired
-        waiting = promotion_lock(reg, lease_s=1.5, settle_s=0.1, timeout_s=1.0)
+        waiting = promotion_lock(reg, lease_s=3.0, settle_s=0.1, timeout_s=1.0)
         with pytest.raises(PromotionError, match="another promotion has held the lock"), waiting:
             pass
         ensure_held(reg, lease)
