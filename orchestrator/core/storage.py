@@ -292,6 +292,11 @@ def _precondition_failed(exc: BaseException) -> bool:
     return False
 
 
+def _no_such_key(exc: BaseException) -> bool:
+    """S3's answer that the key does not exist (also its answer to If-Match on a missing key)."""
+    return any(getattr(c, "response", {}).get("Error", {}).get("Code") in ("NoSuchKey", "404") for c in _causes(exc))
+
+
 def _is_s3(url: str) -> bool:
     return protocol_of(url) in ("s3", "s3a")
 
@@ -382,8 +387,7 @@ def read_versioned(url: str, options: StorageOptions | None = None) -> tuple[byt
             try:
                 out = _s3_call(fs, "get_object", Bucket=bucket, Key=key)
             except Exception as exc:  # noqa: BLE001 - a missing key is an answer
-                if any(getattr(c, "response", {}).get("Error", {}).get("Code") in ("NoSuchKey", "404")
-                       for c in _causes(exc)):  # fmt: skip
+                if _no_such_key(exc):
                     return None
                 raise
             return out["Body"], out["ETag"]
@@ -430,8 +434,7 @@ def replace_if(url: str, data: bytes, version: str, options: StorageOptions | No
             try:
                 return _s3_call(fs, "put_object", Bucket=bucket, Key=key, Body=data, IfMatch=version)["ETag"]
             except Exception as exc:  # noqa: BLE001 - S3 answers 404 to If-Match on a missing key
-                if any(getattr(c, "response", {}).get("Error", {}).get("Code") in ("NoSuchKey", "404")
-                       for c in _causes(exc)):  # fmt: skip
+                if _no_such_key(exc):
                     raise PreconditionFailed(f"replacing {url}: it vanished") from None
                 raise
         tmp = _local_stage(path, data)
