@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.mlflow_outage import HungServer  # a socket that accepts and never answers
 from orchestrator import tracking
 from orchestrator.cli import main as cli
 from orchestrator.tracking.connection import HTTP_TIMEOUT_S
@@ -166,35 +167,6 @@ def test_registration_is_retried_until_the_server_returns(up):
     # a second call (a resubmitted job whose tag write was lost) finds the version, registers nothing new
     assert tracking.RunLogger(up.uri, run_id).register_model(model, "faulty", {"val_bpd": "5.25"}) == version
     assert len(tracking.client_for(up.uri).search_model_versions("name = 'faulty'")) == 1
-
-
-class HungServer:
-    """A socket on 127.0.0.1 that accepts every connection and never answers (a hung server)."""
-
-    def __init__(self):
-        import socket
-        import threading
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.uri = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.held: list = []
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.held.append(conn)  # read nothing, answer nothing
-
-    def close(self):
-        self.sock.close()
-        for conn in self.held:
-            conn.close()
 
 
 def test_reports_wait_on_a_hung_server_once_not_at_every_step(monkeypatch):
