@@ -183,6 +183,7 @@ def carries_secret(text: str) -> bool:
 
 class RedactingFilter(logging.Filter):
     """Masks URL user-info and known credential values in a record's message, arguments and traceback.
+    String arguments that do not print (a newline, an escape sequence) are quoted (``printable``).
 
     The message is rendered here (``msg % args``) and the record keeps only the masked text, so a
     formatter later down the line cannot put an unmasked argument back.
@@ -190,6 +191,8 @@ class RedactingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         known = secret_values()
+        if isinstance(record.args, tuple):  # a name with a newline in it cannot forge a line of its own
+            record.args = tuple(printable(a) if isinstance(a, str) else a for a in record.args)
         try:
             message = record.getMessage()
         except Exception:  # a bad format string: leave it to the handler to report

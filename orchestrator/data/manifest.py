@@ -155,6 +155,9 @@ def _problems(m: Manifest, url: str, allow_external: bool = False) -> list[str]:
         if s.num_samples * MIN_SAMPLE_BYTES > s.bytes:
             out.append(f"shards.{i}.num_samples: {s.num_samples} samples cannot fit in {s.bytes} bytes "
                        f"(a sample takes {MIN_SAMPLE_BYTES} bytes of tar at least)")  # fmt: skip
+        if not s.url.isprintable():  # prepare never writes one; in a log line it could forge another
+            out.append(f"shards.{i}.url: {s.url!r} holds a character that does not print (a newline, an escape)")
+            continue
         if _inside(base_of(url), s.url) or (allow_external and _external_ok(s.url)):
             continue
         why = (

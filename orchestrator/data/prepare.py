@@ -47,7 +47,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from orchestrator.core import lease, storage
+from orchestrator.core import lease, progress, storage
 from orchestrator.core.errors import UserError
 from orchestrator.data.manifest import VERSION, ManifestError, ShardEntry, parse_manifest
 from orchestrator.data.sources import (
@@ -329,7 +329,8 @@ class _Builder:
 def _build(opts: PrepareOptions, sopts, items: Iterator[Item]) -> _Builder:
     from tqdm import tqdm
 
-    bar = tqdm(desc=f"prepare {opts.split}", unit="img", disable=not opts.progress)
+    # the CLI's --progress, FLOWPP_PROGRESS and TQDM_DISABLE choose, as for every other bar
+    bar = progress.bar(f"prepare {opts.split}") if opts.progress else tqdm(disable=True)
     pool = ThreadPoolExecutor(max_workers=opts.upload_workers)
     builder = _Builder(opts, sopts, previous_shards(opts.output, sopts), pool, bar)
     try:

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from orchestrator.core import storage
 from orchestrator.core.errors import FlowppError
+from orchestrator.core.redact import printable
 from orchestrator.data.manifest import ManifestError, load_manifest
 from orchestrator.data.plan import Plan
 
@@ -79,7 +80,7 @@ def parse_shard(data: bytes, url: str) -> tuple[list[tuple[str, dict]], bool]:
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         log.warning(
             "%s: truncated or unreadable after %d samples (%s); skipping the rest of the shard",
-            url,
+            printable(url),
             len(samples),
             type(exc).__name__,
         )
@@ -138,7 +139,7 @@ class _WorkerReader:
             digest = hashlib.sha256(data).hexdigest()
             if digest != entry["sha256"]:
                 raise ShardIntegrityError(
-                    f"{entry['url']}: sha256 {digest[:16]}... does not match the manifest's "
+                    f"{printable(entry['url'])}: sha256 {digest[:16]}... does not match the manifest's "
                     f"{entry['sha256'][:16]}...; the shard changed or is corrupt"
                 )
         return data
@@ -166,13 +167,13 @@ class _WorkerReader:
             samples, truncated = parse_shard(data, entry["url"])
             if self.verify and len(samples) != entry["num_samples"]:
                 raise ShardIntegrityError(
-                    f"{entry['url']}: holds {len(samples)} samples, but its manifest's "
+                    f"{printable(entry['url'])}: holds {len(samples)} samples, but its manifest's "
                     f"shards.{idx}.num_samples is {entry['num_samples']}"
                 )
             if not truncated and len(samples) < entry["num_samples"]:
                 log.warning(
                     "%s: truncated: %d of %d samples; skipping the rest of the shard",
-                    entry["url"],
+                    printable(entry["url"]),
                     len(samples),
                     entry["num_samples"],
                 )
@@ -195,8 +196,8 @@ class _WorkerReader:
             img = raw_payload(sample, self.size) if self.fmt == "raw" else decode_image(sample, self.fmt, self.size)
             label = int(sample["cls"]) if "cls" in sample else -1  # a label that is no integer: corrupt too
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a corrupt sample
-            url = self.manifest["shards"][shard_idx]["url"]
-            log.warning("corrupt sample %s in %s (%s); substituting the previous image", key, url, exc)
+            url = printable(self.manifest["shards"][shard_idx]["url"])
+            log.warning("corrupt sample %s in %s (%s); substituting the previous image", printable(key), url, exc)
             self.stats["corrupt_samples"] += 1
             return key, None, -1
         return key, img, label
@@ -231,7 +232,7 @@ class _WorkerReader:
                 imgs.append(img)
                 labels.append(label)
             if self._last_good is None:
-                urls = sorted({self.manifest["shards"][shard]["url"] for shard, _ in order[n : n + b]})
+                urls = sorted({printable(self.manifest["shards"][shard]["url"]) for shard, _ in order[n : n + b]})
                 raise NoDecodableSampleError(
                     f"{', '.join(urls)}: no sample of the first batch of rank {self.rank} (loader worker "
                     f"{self.worker}) decodes, so there is none to stand in for the corrupt ones; the shards are "

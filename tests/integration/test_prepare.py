@@ -122,6 +122,19 @@ def test_demo_source_splits_by_photograph(tmp_path):
     assert len(td["scales"]) > 1 and td["flipped"] == 0  # several scales; no flips without --flip
 
 
+@pytest.mark.parametrize("how", ["", "--progress off", "FLOWPP_PROGRESS=off", "TQDM_DISABLE=1"])
+def test_prepares_bar_follows_the_progress_choice(tmp_path, monkeypatch, capsys, how):
+    monkeypatch.setenv("FLOWPP_PROGRESS", "on")  # a live bar on stderr, unless switched off below
+    args = ["prepare", "demo", "--output", str(tmp_path), "--count", "8", "--valid-count", "4"]
+    if how.startswith("--"):
+        args += how.split()
+    elif how:
+        monkeypatch.setenv(*how.split("="))
+    assert cli_main(args) == 0
+    err = capsys.readouterr().err
+    assert ("prepare train" in err) == (how == ""), err
+
+
 def test_demo_source_draws_from_every_bundled_photograph():
     """DEMO_PHOTOS is every photograph in scikit-image's data folder: a new release's
     additions or removals show up here, not as a silently smaller demo."""

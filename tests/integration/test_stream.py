@@ -151,6 +151,29 @@ def test_a_bomb_a_foreign_format_and_a_bad_label_are_substituted_without_decodin
     assert "13000x13000 pixels" in said and "cannot identify image file" in said and "invalid literal" in said
 
 
+def test_a_sample_key_with_a_newline_is_logged_quoted_on_one_line(tmp_path, caplog):
+    """A shard's member named ``evil\\nINFO forged line.png`` (corrupt): the warning that substitutes
+    it quotes the key, so the newline cannot forge a log line."""
+    import io
+    import tarfile
+
+    url = _shards(tmp_path, str(tmp_path / "png"), n=8, shard_bytes=10**9)  # one shard
+    path = tmp_path / "png" / "train-000000.tar"
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    first = next(m.name for m, _ in members if m.name.endswith(".png"))
+    with tarfile.open(path, "w") as tar:
+        for m, data in members:
+            if m.name == first:
+                m.name, data = "evil\nINFO forged line.png", b"not a png"
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    with caplog.at_level(logging.WARNING):
+        assert sum(len(b["images"]) for b in ShardStream(url, batch_size=4)) == 8
+    said = [r.getMessage() for r in caplog.records if "corrupt sample" in r.getMessage()]
+    assert len(said) == 1 and "\n" not in said[0] and "corrupt sample 'evil\\nINFO forged line'" in said[0], said
+
+
 def test_a_first_batch_without_one_decodable_sample_names_its_shard(tmp_path):
     import io
     import tarfile

@@ -156,6 +156,13 @@ def test_a_reader_that_allows_external_shards_still_refuses_other_schemes(shard_
         parse_manifest(json.dumps(_with(shards__1__url=shard_url)).encode(), URL, allow_external=True)
 
 
+def test_a_shard_url_that_does_not_print_is_refused():
+    """A newline in a shard's name would reach log lines (prepare never writes one)."""
+    assert "shards.1.url: 'train-000001\\nINFO x.tar' holds a character that does not print" in _problems(
+        _with(shards__1__url="train-000001\nINFO x.tar")
+    )
+
+
 def test_shard_urls_inside_the_folder_load():
     for inside in ("sub/train-000001.tar", "s3://bucket/data/train/train-000001.tar"):
         assert _parse(_with(shards__1__url=inside)).shards[1].url == inside

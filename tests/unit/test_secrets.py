@@ -210,6 +210,16 @@ def test_every_log_record_is_masked_message_arguments_and_traceback(root, capsys
     assert FAKE not in err
 
 
+def test_a_logged_name_with_a_newline_stays_on_its_line(root, capsys):
+    """Any name logged as an argument (a shard's URL, a sample's key from a tar) is quoted when it
+    does not print, so a newline in it cannot forge a log line; the message's own newlines stay."""
+    root.handlers = []
+    setup_logging("INFO")
+    logging.getLogger("orchestrator.anywhere").warning("corrupt sample %s in %s", "k\nINFO forged", "s3://b/x.tar")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "corrupt sample 'k\\nINFO forged' in s3://b/x.tar" in err[0], err
+
+
 def test_handlers_already_in_place_get_the_filter_once(root, monkeypatch):
     existing = logging.StreamHandler()  # Ray Train's console handler in a worker
     root.handlers = [existing]
