@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from orchestrator.config import validate
+from orchestrator.config.spec import TrainSpec
 from orchestrator.data.stream import ShardStream
 from tests.jobs import tiny_job, write_job
 from tests.rayauth import token_auth
@@ -130,12 +131,20 @@ def test_killed_worker_restarts_from_the_last_checkpoint_without_skipping_data(t
 def test_nonfinite_losses_are_skipped_then_stop_the_run_keeping_the_checkpoint(tmp_path, local_ray):
     from orchestrator.driver.launch import TrainingFailed, run_training
 
-    # lr ramps by 0.025 per step: fine for the first steps (checkpoints at 4 and 8), then the loss blows up (~step 7)
+    # 8 steps at 2e-3 (checkpoints at 4 and 8), then a rate of 1e4: step 8's update blows the weights up
+    # (finite, but huge), so from step 9 on every loss is non-finite, on every seed (the ramp of old
+    # reached its blow-up anywhere from step 2 to 60)
+    phases = [
+        {"kind": "warmup", "steps": 8, "start": 2e-3, "to": 2e-3},
+        {"kind": "warmup", "steps": 1, "start": 1e4, "to": 1e4},
+        {"kind": "hold"},
+    ]
     spec = validate(
         job(
             tmp_path,
-            lr=25.0,
-            warmup_steps=1000,
+            lr=1e4,
+            warmup_steps=TrainSpec.model_fields["warmup_steps"].default,  # piecewise: the phases warm up
+            schedule={"kind": "piecewise", "phases": phases},
             max_steps=1000,
             checkpoint_every=4,
             max_nonfinite_steps=3,
