@@ -322,14 +322,19 @@ def _local_version(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
+LOCAL_LOCK_WAIT_S = 10.0
+"""How long a local replace or delete waits for another process's compare-and-act (a few system
+calls) before it fails with a transient error, retried within the retry budget."""
+
+
 class _LocalLock:
     """An exclusive flock on ``PATH.flock`` for the compare-and-act of a local replace or delete,
     held for a few system calls only (the new bytes are written and synced before it is taken).
     A holder frozen inside that window (a stopped process) keeps others waiting ``wait_s`` at
     most: they then fail with a transient error instead of hanging."""
 
-    def __init__(self, path: str, wait_s: float = 10.0):
-        self.path, self.wait_s = path + ".flock", wait_s
+    def __init__(self, path: str, wait_s: float | None = None):
+        self.path, self.wait_s = path + ".flock", LOCAL_LOCK_WAIT_S if wait_s is None else wait_s
 
     def __enter__(self):
         import fcntl
@@ -344,7 +349,7 @@ class _LocalLock:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     os.close(self.fd)
-                    raise TimeoutError(f"{self.path}: held by another process for over {self.wait_s:.0f} s") from None
+                    raise TimeoutError(f"{self.path}: held by another process for over {self.wait_s:g} s") from None
                 time.sleep(0.005)
 
     def __exit__(self, *exc):

@@ -71,6 +71,30 @@ def test_of_racing_creates_exactly_one_wins(where):
     assert storage.read_versioned(url, opts)[0] == f"taker {results[0]}".encode()
 
 
+def test_a_local_holder_frozen_inside_its_compare_keeps_others_waiting_a_bounded_time(tmp_path, monkeypatch):
+    """A process stopped while it holds a file's flock: a replace or delete waits ``LOCAL_LOCK_WAIT_S``
+    for each try, within the retry budget, then fails naming the lock file; nothing changed."""
+    import fcntl
+    import os
+
+    url = f"file://{tmp_path}/lock.json"
+    opts = storage.StorageOptions(retry_budget_s=1.0)
+    v1 = storage.create_exclusive(url, b"held", opts)
+    monkeypatch.setattr(storage, "LOCAL_LOCK_WAIT_S", 0.3)
+    frozen = os.open(f"{tmp_path}/lock.json.flock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(frozen, fcntl.LOCK_EX)  # another open file: it conflicts as another process's would
+    try:
+        for act in (lambda: storage.replace_if(url, b"new", v1, opts), lambda: storage.delete_if(url, v1, opts)):
+            started = time.monotonic()
+            with pytest.raises(Exception, match=r"lock\.json\.flock: held by another process for over 0.3 s"):
+                act()
+            assert 0.3 <= time.monotonic() - started < 1.0 + 0.3 + 2.0  # the budget, one wait, slack
+    finally:
+        os.close(frozen)
+    assert storage.read_versioned(url, opts) == (b"held", v1)
+    assert storage.read_versioned(url, opts)[1] != storage.replace_if(url, b"new", v1, opts)  # free again
+
+
 def test_a_store_that_ignores_conditions_is_found_by_the_probe(s3):
     proxy = FaultProxy(s3.endpoint, match="", failures=0, strip_conditions=True)
     try:
