@@ -146,6 +146,7 @@ class Item:
 
 SETUP_S = 15.0  # bench/gpu_setup: pip installs the carried wheels (57 MiB) into /tmp/site: 3 s on the dev CPU
 PREFLIGHT_S = 15.0  # python3 -m bench.gpu_preflight: import torch, a CUDA context, metadata of the wheels
+STOP_S = 10.0  # bench/gpu_check past its --budget-s: the last table printed and written, child processes killed
 
 
 def fixed_items(prior: Prior, max_batch: int, goal_batch: int, official_batch: int) -> dict[str, Item]:
@@ -246,10 +247,14 @@ def _eager_lines(plan: Plan, prefix: str, counted: bool) -> list[Line]:
 
 
 def budget_lines(plan: Plan, budget_s: float, call_s: float) -> tuple[list[str], bool]:
-    """The priced plan as text, and whether it fits both bench/gpu_check's budget and the call's."""
+    """The priced plan as text, and whether it fits both bench/gpu_check's budget and the call's:
+    the plan as estimated, and the call at most (``call_at_most_s``: bench/gpu_check running to its
+    budget), against ``call_s``, the call's ``timeout_s``."""
     priced = price(plan)
     inside = sum(line.seconds for line in priced if line.counted and not line.outside)
     whole = sum(line.seconds for line in priced if line.counted)
+    before = sum(line.seconds for line in priced if line.outside)
+    most = call_at_most_s(budget_s, before)
     lines = [f"{'est. s':>7}  step of call 1, in order (preset {plan.preset}; priors: {prior_note(plan.preset)})"]
     for line in priced:
         where = "  [before bench/gpu_check]" if line.outside else ""
@@ -260,7 +265,17 @@ def budget_lines(plan: Plan, budget_s: float, call_s: float) -> tuple[list[str],
     lines.append(
         f"{whole:7.0f}  call 1 in all, setup included, against --call-s {call_s:.0f}: {verdict(whole, call_s)}"
     )
-    return lines, inside <= budget_s and whole <= call_s
+    lines.append(
+        f"{most:7.0f}  call 1 at most (setup, preflight, all of --budget-s {budget_s:.0f}, {STOP_S:.0f} s to stop), "
+        f"against --call-s {call_s:.0f}: {verdict(most, call_s)}"
+    )
+    return lines, inside <= budget_s and whole <= call_s and most <= call_s
+
+
+def call_at_most_s(budget_s: float, before_s: float = SETUP_S + PREFLIGHT_S) -> float:
+    """Call 1's wall time when bench/gpu_check uses all of ``budget_s`` (counted from the launcher's
+    start, before torch is imported): the steps before it, the budget, and the stop after it."""
+    return before_s + budget_s + STOP_S
 
 
 def verdict(seconds: float, limit: float) -> str:

@@ -3,8 +3,8 @@
 On a GPU each dispatched op is a kernel launch (or more) that the host must issue, so the count
 bounds how launch-bound an eager step is. This counts them with a ``TorchDispatchMode`` over one
 training step of ``--preset`` (default imagenet64) at ``--batch`` (default 1) under a 2-rank gloo
-DDP group, as the trainer runs it: ``orchestrator.training.step.train_step`` on the DDP model (forward,
-backward with DDP's gradient all-reduce, clipping, Adam), then ``EMA.update``. One warm-up step
+DDP group, as the trainer runs it: ``train_step`` on the DDP model (forward, backward with DDP's
+gradient all-reduce, clipping, Adam), then ``EMA.update``. One warm-up step
 runs first (Adam's state, DDP's buckets). Rows: the step by phase, and the ops by name that
 dominate.
 
@@ -12,12 +12,16 @@ dominate.
     python bench/host_ops.py --against 2b5878d    # and the same count on another commit, side by side
 
 ``--against REV`` checks REV out into a temporary git worktree and runs this same script there
-with PYTHONPATH pointing at it, so both columns count the library code of their own commit.
+with PYTHONPATH pointing at it, so both columns count the library code of their own commit. It
+imports ``train_step`` (and ``ddp_options``) from where REV has them (``step_module``):
+``orchestrator/training/step.py`` since issue 27's split of orchestrator/, ``orchestrator/step.py``
+before it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import socket
@@ -48,23 +52,37 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _ddp(model):
+# Where the checked-out commit keeps train_step and ddp_options, newest layout first.
+STEP_MODULES = ("orchestrator.training.step", "orchestrator.step")
+
+
+def step_module(names: tuple[str, ...] = STEP_MODULES):
+    """The first of ``names`` that this checkout has: a commit before issue 27 has orchestrator/step.py,
+    one after it orchestrator/training/step.py. A module that exists but fails to import raises."""
+    for name in names:
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is None or not (name == e.name or name.startswith(e.name + ".")):  # a missing import inside it
+                raise
+    raise ModuleNotFoundError(f"none of {', '.join(names)} in this checkout")
+
+
+def _ddp(model, step):
     """The trainer's DDP wrapping: its options where this commit defines them, else DDP's defaults."""
     from torch.nn.parallel import DistributedDataParallel
 
-    try:
-        from orchestrator.training.step import ddp_options
-    except ImportError:  # before it existed: prepare_model passed none
-        return DistributedDataParallel(model)
-    return DistributedDataParallel(model, **ddp_options())
+    options = getattr(step, "ddp_options", None)  # before issue 25 there was none: prepare_model passed none
+    return DistributedDataParallel(model, **(options() if options else {}))
 
 
 def _rank(rank: int, world: int, port: int, preset: str, batch: int, path: str) -> None:
     from flowpp import build_model, get_preset
     from flowpp.distributed import data_dependent_init
     from flowpp.ema import EMA
-    from orchestrator.training.step import train_step
 
+    step_mod = step_module()
+    train_step = step_mod.train_step
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -73,7 +91,7 @@ def _rank(rank: int, world: int, port: int, preset: str, batch: int, path: str) 
         x = torch.randint(0, cfg.num_levels, (batch, *cfg.shape), dtype=torch.uint8)
         model = build_model(cfg)
         data_dependent_init(model, x if rank == 0 else None)
-        ddp, ema = _ddp(model), EMA(model)
+        ddp, ema = _ddp(model, step_mod), EMA(model)
         # fused: jobs/imagenet64.yaml's train.fused_adam (one kernel for every parameter, on GPU and CPU)
         opt = torch.optim.Adam(model.parameters(), lr=1e-5, fused=True)
         counts = {}

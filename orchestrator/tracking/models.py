@@ -130,7 +130,7 @@ def log_flow_model(tracking_uri: str, run_id: str, model) -> str:
                 python_model=str(PYFUNC_CODE),
                 artifacts={"weights": str(weights), "config": str(config)},
                 code_paths=[str(root / "flowpp"), str(root / "orchestrator")],
-                pip_requirements=["torch>=2.4", "safetensors", "numpy"],
+                pip_requirements=["torch>=2.7", "safetensors", "numpy"],  # pyproject's floor
             )
         finally:
             # not FINISHED, as leaving start_run's block would make it: a job whose registration then

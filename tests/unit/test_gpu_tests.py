@@ -40,11 +40,33 @@ def test_each_file_runs_alone_so_a_hang_or_an_import_error_loses_no_other_result
     assert "VersionError" in (tmp_path / "out" / "gpu_tests.log").read_text()
 
 
-def test_the_gpu_files_are_those_under_tests_gpu_and_those_that_mention_the_mark(tmp_path):
+MARKED = {  # files outside tests/gpu that apply the gpu mark
+    "test_a.py": "import pytest\npytestmark = pytest.mark.gpu\n",
+    "test_list.py": "import pytest\npytestmark = [pytest.mark.gpu, pytest.mark.slow]\n",
+    "test_decorated.py": "import pytest\n\n\n@pytest.mark.gpu\ndef test_x():\n    pass\n",
+    "test_method.py": "import pytest\n\n\nclass TestX:\n    @pytest.mark.gpu(reason='cuda')\n    def test_y(self):\n"
+    "        pass\n",
+    "test_broken.py": "import pytest\npytestmark = pytest.mark.gpu\n\ndef test_z(:\n",  # no parse: read by line
+}
+UNMARKED = {  # files that name the mark without applying it
+    "test_c.py": "import pytest\npytestmark = pytest.mark.unit\n",
+    "test_fixture.py": "FILES = {'test_x.py': 'import pytest\\npytestmark = pytest.mark.gpu\\n'}\n",  # as this file's
+    "test_comment.py": "import pytest\n\n# not @pytest.mark.gpu: runs anywhere\npytestmark = pytest.mark.unit\n",
+    "test_docstring.py": '"""Tests that would need pytest.mark.gpu."""\n\n\ndef test_x():\n    pass\n',
+    "test_other.py": "import pytest\nother = pytest.mark.gpu\n",
+}
+
+
+def test_the_gpu_files_are_those_under_tests_gpu_and_those_that_apply_the_mark(tmp_path):
     (tmp_path / "tests" / "gpu").mkdir(parents=True)
     (tmp_path / "tests" / "unit").mkdir()
     (tmp_path / "tests" / "gpu" / "test_b.py").write_text("x = 1\n")
-    (tmp_path / "tests" / "unit" / "test_a.py").write_text("pytestmark = pytest.mark.gpu\n")
-    (tmp_path / "tests" / "unit" / "test_c.py").write_text("pytestmark = pytest.mark.unit\n")
-    assert gpu_tests.gpu_test_files(tmp_path) == ["tests/gpu/test_b.py", "tests/unit/test_a.py"]
-    assert "tests/gpu/test_cuda.py" in gpu_tests.gpu_test_files()
+    for name, text in {**MARKED, **UNMARKED}.items():
+        (tmp_path / "tests" / "unit" / name).write_text(text)
+    assert gpu_tests.gpu_test_files(tmp_path) == [
+        "tests/gpu/test_b.py",
+        *(f"tests/unit/{name}" for name in sorted(MARKED)),
+    ]
+    assert not [name for name, text in UNMARKED.items() if gpu_tests.applies_gpu_mark(text)]
+    here = gpu_tests.gpu_test_files()  # this repository: this file's fixtures name the mark, in strings
+    assert "tests/gpu/test_cuda.py" in here and "tests/unit/test_gpu_tests.py" not in here
