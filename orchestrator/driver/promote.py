@@ -35,7 +35,7 @@ from orchestrator.core import lease, retry, storage
 from orchestrator.core.errors import FlowppError, UserError
 from orchestrator.core.redact import SPEC_TAG, redact
 from orchestrator.evaluation.evaluate import Scores, per_image_bpd
-from orchestrator.tracking import check_reachable
+from orchestrator.tracking import TrackingUnavailableError, check_reachable
 from orchestrator.tracking.registry import ModelRegistry
 
 log_ = logging.getLogger(__name__)
@@ -197,7 +197,16 @@ class TagStore:
 
     def _write(self, holder: lease.Holder) -> str:
         tag = f"{holder.owner}:{holder.expires:.3f}"
-        self.reg.set_tag(LOCK_TAG, tag)
+        try:
+            self.reg.set_tag(LOCK_TAG, tag)
+        except TrackingUnavailableError:
+            # two writers of a new tag at once: MLflow's SQL store inserts it twice and one insert
+            # fails (a UNIQUE constraint). If another owner's tag is there now, that writer won.
+            found = self.read()
+            if found is None:
+                raise
+            if found[1] != tag:
+                raise storage.PreconditionFailed(f"{self.where}: taken meanwhile by {found[0].owner}") from None
         return tag
 
     def create(self, holder: lease.Holder) -> str:

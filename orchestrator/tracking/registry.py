@@ -2,13 +2,17 @@
 
 Only MLflow's own "not found" answer means a version or alias is missing; any other failure
 (the server down or failing) is a ``TrackingUnavailableError`` naming the server, never "no
-champion".
+champion". A transient failure (the server unreachable, overloaded, a 5xx, a timeout) is retried
+within ``RETRY_BUDGET_S``: MLflow's own retries are off (``connection.mlflow_for``), so this is
+promotion's one retry policy.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from orchestrator.core.retry import BudgetSpent
+from orchestrator.tracking.buffer import with_retries
 from orchestrator.tracking.connection import (
     NOT_FOUND,
     TrackingUnavailableError,
@@ -22,6 +26,10 @@ if TYPE_CHECKING:
     import torch
 
 
+RETRY_BUDGET_S = 60.0
+"""How long one registry call is retried on transient failures before promotion gives up."""
+
+
 class ModelRegistry:
     """The registry calls promotion needs, on one registered model.
 
@@ -29,16 +37,21 @@ class ModelRegistry:
     failure (the server down or failing) is a ``TrackingUnavailableError``, never "no champion".
     """
 
-    def __init__(self, tracking_uri: str, name: str):
+    def __init__(self, tracking_uri: str, name: str, retry_budget_s: float | None = None):
         self.client = client_for(tracking_uri)
         self.tracking_uri, self.name = tracking_uri, name
+        self.retry_budget_s = RETRY_BUDGET_S if retry_budget_s is None else retry_budget_s
 
     def _call(self, what: str, fn, *args, missing=None):
         """``fn(*args)``; MLflow's "not found" becomes ``missing()`` (raised if an exception, else returned)."""
         from mlflow.exceptions import MlflowException
 
         try:
-            return fn(*args)
+            return with_retries(f"{self.name}: {what}", lambda: fn(*args), self.retry_budget_s)
+        except BudgetSpent as exc:
+            raise TrackingUnavailableError(
+                f"{self.name}: {what} failed at the MLflow server {public_uri(self.tracking_uri)}: {exc}"
+            ) from None
         except MlflowException as exc:
             if missing is not None and exc.error_code in NOT_FOUND:
                 found = missing()
