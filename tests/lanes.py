@@ -35,6 +35,7 @@ STACK = (
     "tests/integration/test_tune.py",
     "tests/integration/test_registration_resume.py",
     "tests/integration/test_multinode.py",
+    "tests/integration/test_elastic.py",
     "tests/integration/test_tracking.py",
 )
 """The ``stack`` lane's paths; the ``services`` lane runs the rest of ``tests``."""

@@ -81,13 +81,27 @@ def _resources(workers: int, cpus: float, gpu: bool) -> str:
 def _train_rows(spec: JobSpec, new_run: bool) -> list[tuple[str, str]]:
     s = spec.scaling
     run = f"{spec.name}-<UTC time> (--new-run)" if new_run else f"{spec.name}, or the run the last --new-run began"
+    workers = _resources(s.max_workers, s.cpus_per_worker, s.use_gpu)
+    if s.elastic:
+        elastic = f"{s.min_workers} to {s.max_workers} (elastic, a resize checked every {s.resize_check_s:g} s)"
+        workers = f"{elastic}; at most {workers}"
     return [
-        ("workers", _resources(s.num_workers, s.cpus_per_worker, s.use_gpu)),
-        ("batch", f"{spec.train.global_batch_size} global, {spec.per_worker_batch} per worker"),
+        ("workers", workers),
+        ("batch", f"{spec.train.global_batch_size} global at every world size; " + _batch_sizes(spec)),
         ("steps", f"{spec.train.max_steps}"),
         ("run name", run),
         ("storage", f"{redact(spec.storage.path)}/<run name>"),
     ]
+
+
+def _batch_sizes(spec: JobSpec) -> str:
+    """Each world size's share of the global batch, and its micro-batches where it takes several:
+    ``2 workers: 36 each as 3 x 12``."""
+    out = []
+    for world in range(spec.scaling.min_workers, spec.scaling.max_workers + 1):
+        b = spec.batching(world)
+        out.append(f"{world} worker(s): {b.per_worker} each" + (f" as {b.steps} x {b.micro}" if b.steps > 1 else ""))
+    return ", ".join(out)
 
 
 def _tune_rows(spec: JobSpec) -> list[tuple[str, str]]:

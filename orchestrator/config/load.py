@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from orchestrator.config import env as jobenv
 from orchestrator.config.schedule import schedule_problems
-from orchestrator.config.spec import JobSpec, TrainSpec
+from orchestrator.config.spec import JobSpec, TrainSpec, world_sizes
 from orchestrator.core.errors import UserError, validation_problems
 from orchestrator.core.redact import redact
 
@@ -92,10 +92,15 @@ def semantic_problems(spec: JobSpec) -> list[str]:
         heads = PRESETS[spec.model.preset]().net.num_heads
         if spec.model.hidden % heads:
             problems.append(f"model.hidden: {spec.model.hidden} is not divisible by the {heads} attention heads")
-    if spec.train.global_batch_size % spec.scaling.num_workers:
+    scaling, batch = spec.scaling, spec.train.global_batch_size
+    can, cannot = world_sizes(batch, scaling.min_workers, scaling.max_workers)
+    if cannot and not scaling.elastic:
+        problems.append(f"train.global_batch_size: {batch} is not divisible by scaling.num_workers={cannot[0]}")
+    elif cannot:
         problems.append(
-            f"train.global_batch_size: {spec.train.global_batch_size} is not divisible by "
-            f"scaling.num_workers={spec.scaling.num_workers}"
+            f"scaling.num_workers: [{scaling.min_workers}, {scaling.max_workers}] includes "
+            f"{', '.join(map(str, cannot))} worker(s), which cannot split train.global_batch_size {batch} "
+            f"exactly; the sizes that can: {', '.join(map(str, can)) or 'none'}"
         )
     gpus = spec.scaling.gpus_per_worker
     if gpus > 1 and gpus != int(gpus):

@@ -9,13 +9,42 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from orchestrator.config.schedule import Rates, ScheduleSpec
 from orchestrator.core.strict import SpecModel
 
 MAX_SEED = 4_000_000
 """The largest ``train.seed``: rank r seeds numpy with ``seed * 1000 + r``, below 2**32."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Batching:
+    """One optimiser step at one world size: ``micro x steps x world == global``."""
+
+    world: int
+    per_worker: int
+    """A worker's share of the global batch (what its data stream yields a step)."""
+    micro: int
+    """Images through the model at once."""
+    steps: int
+    """Micro-batches a step (gradient accumulation); DDP all-reduces on the last one only."""
+
+
+def batching(global_batch: int, world: int, micro_batch: int | None = None) -> Batching:
+    """The fewest micro-batches of at most ``micro_batch`` images that split a worker's share
+    exactly (a share of 9 with a bound of 4: 3 of 3, not 4 + 4 + 1)."""
+    share = global_batch // world
+    steps = -(-share // micro_batch) if micro_batch else 1
+    while share % steps:
+        steps += 1
+    return Batching(world, share, share // steps, steps)
+
+
+def world_sizes(global_batch: int, low: int, high: int) -> tuple[list[int], list[int]]:
+    """The world sizes in [low, high] that split ``global_batch`` exactly, and those that do not."""
+    sizes = range(low, high + 1)
+    return [w for w in sizes if global_batch % w == 0], [w for w in sizes if global_batch % w]
 
 
 class ModelSpec(SpecModel):
@@ -88,7 +117,12 @@ class DataSpec(SpecModel):
 
 class TrainSpec(SpecModel):
     global_batch_size: int = Field(72, ge=1)
-    """Images per optimiser step across all workers (the official recipe: 72)."""
+    """Images per optimiser step across all workers (the official recipe: 72), the same at every
+    world size: micro-batch x accumulation steps x workers (``JobSpec.batching``)."""
+    micro_batch_size: int | None = Field(None, ge=1)
+    """The most images a worker puts through the model at once (its memory bound). A worker's share
+    of the global batch above it is taken in several micro-batches whose gradients add up before
+    the one optimiser step. None: the whole share at once."""
     lr: float = Field(4e-4, gt=0)
     """The peak rate of train.schedule constant and cosine; piecewise ignores it (phases carry the rates)."""
     warmup_steps: int = Field(10_000, ge=0)
@@ -129,8 +163,38 @@ class TrainSpec(SpecModel):
         return Rates(self.schedule, self.lr, self.warmup_steps, self.max_steps)
 
 
+class PreemptionSpec(SpecModel):
+    """Spot or preemptible nodes: Ray drains a node before its cloud reclaims it (reason
+    preemption, with a deadline). The workers hear of it, checkpoint at once and train on; when the
+    node goes, Ray Train restarts the group from that checkpoint, counting it as a preemption."""
+
+    check_every_steps: int = Field(10, ge=1)
+    """How often the workers ask Ray whether one of their nodes is being drained. The question is
+    a barrier over the workers: 4.5 ms on 2 CPU workers (bench/preemption_check.py), 1.2% of a
+    CPU test step but a few percent of a fast GPU step, so every 10 steps by default; a notice gives
+    30 s to 2 minutes, and 10 steps take seconds."""
+    max_restarts: int = Field(-1, ge=-1)
+    """Restarts after a preemption, counted apart from ``scaling.max_failures`` (-1: no limit)."""
+    grace_s: float = Field(0.0, ge=0, allow_inf_nan=False)
+    """How long the other workers may go on past the drain's deadline (to finish uploading the
+    just-in-time checkpoint); 0: the group restarts at the deadline."""
+    relax_collectives: bool = False
+    """Let the workers that stay commit the just-in-time checkpoint without those of the drained
+    node (for an upload longer than the drain window; no effect when rank 0's node is drained)."""
+
+
 class ScalingSpec(SpecModel):
-    num_workers: int = Field(1, ge=1)
+    num_workers: int | list[int] = 1
+    """Training workers: a number, or ``[min, max]`` for an elastic run. Ray Train then starts as many
+    as the cluster has room for (up to max), goes on with fewer (down to min) when nodes are lost,
+    and grows back when they return, each time from the latest checkpoint; the global batch stays
+    ``train.global_batch_size`` at every size (accumulation makes up the difference)."""
+    resize_check_s: float = Field(60.0, gt=0)
+    """Elastic runs: how often Ray Train looks for room to grow the worker group while it is healthy."""
+    start_timeout_s: float = Field(60.0, gt=0, allow_inf_nan=False)
+    """How long a worker group may take to start before Ray Train tries again. Ray sizes an elastic
+    restart from what it last saw free, so just after a node is lost it may ask for the old size
+    first and wait this long before it starts smaller (measured: the whole wait, every time)."""
     use_gpu: bool = False
     gpus_per_worker: float = Field(1.0, gt=0)
     """GPUs per worker with ``use_gpu``: 1, a whole number, or a fraction under 1, so that several workers
@@ -139,10 +203,32 @@ class ScalingSpec(SpecModel):
     cpus_per_worker: float = Field(1.0, gt=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = Field(3, ge=-1)
-    """Worker-group restarts from the last checkpoint before the run fails (-1: unlimited)."""
+    """Worker-group restarts from the last checkpoint before the run fails (-1: unlimited);
+    preemptions are counted apart (``scaling.preemption.max_restarts``)."""
+    preemption: PreemptionSpec = Field(default_factory=PreemptionSpec)
     peak_tflops: float | None = Field(None, gt=0)
     """One worker device's dense bf16 peak, TFLOP/s: the MFU denominator of the log line. Default: by
     the GPU's name (H100, H200, A100; orchestrator/training/mfu.py), else FLOWPP_PEAK_TFLOPS; no MFU on a CPU."""
+
+    @field_validator("num_workers")
+    @classmethod
+    def _range(cls, value: int | list[int]) -> int | list[int]:
+        low, high = (value, value) if isinstance(value, int) else (value + [0, 0])[:2]
+        if low < 1 or high < low or (isinstance(value, list) and len(value) != 2):
+            raise ValueError(f"{value}: give a number of workers >= 1, or [min, max] with 1 <= min <= max")
+        return value
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
 
 
 class LockSpec(SpecModel):
@@ -277,4 +363,9 @@ class JobSpec(SpecModel):
 
     @property
     def per_worker_batch(self) -> int:
-        return self.train.global_batch_size // self.scaling.num_workers
+        """A worker's share of the global batch at the largest world size."""
+        return self.batching(self.scaling.max_workers).per_worker
+
+    def batching(self, world: int) -> Batching:
+        """How ``world`` workers make up the global batch (validation refuses a world size that cannot)."""
+        return batching(self.train.global_batch_size, world, self.train.micro_batch_size)

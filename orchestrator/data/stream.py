@@ -418,6 +418,13 @@ class ShardStream:
         self.stats = Counter(state.get("stats", {}))
 
 
+def _default_batch(spec: JobSpec, train: bool, world: int) -> int:
+    """A worker's share of the global batch to train on; a micro-batch to evaluate on (no gradients
+    to add up: the memory bound alone)."""
+    plan = spec.batching(world)
+    return plan.per_worker if train else plan.micro
+
+
 def for_job(spec: JobSpec, split: Literal["train", "valid"], *, rank: int = 0, world: int = 1,
             batch_size: int | None = None, seed: int | None = None, shuffle_buffer: int | None = None,
             num_workers: int | None = None, pin_memory: bool = False,
@@ -425,13 +432,14 @@ def for_job(spec: JobSpec, split: Literal["train", "valid"], *, rank: int = 0, w
     """The one place a job's ``ShardStream`` is built: ``split`` of ``spec.data`` for ``rank`` of
     ``world``, with the job's storage options, checksum choice and seed.
 
-    Defaults by split: the training split at the job's per-worker batch, loader workers and shuffle
-    buffer; the validation split at the same batch, in order (no shuffle, no loader workers).
+    Defaults by split: the training split at a worker's share of the global batch at ``world``
+    workers, loader workers and shuffle buffer; the validation split at the micro-batch, in order
+    (no shuffle, no loader workers).
     """
     train = split == "train"
     return ShardStream(
         spec.data.train if train else spec.data.valid,
-        batch_size=spec.per_worker_batch if batch_size is None else batch_size,
+        batch_size=_default_batch(spec, train, world) if batch_size is None else batch_size,
         rank=rank,
         world_size=world,
         seed=spec.train.seed if seed is None else seed,

@@ -229,8 +229,10 @@ def process_group_backend(scaling) -> str:
 
 
 def make_trainer(spec: JobSpec, run_id: str | None, callbacks: list | None = None, run_name: str | None = None):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    # Ray Train v2's classes (what ray.train and ray.train.torch export at run time), named where
+    # their types are: those modules' stubs type them as v1's, without elastic or preemption arguments
+    from ray.train.v2.api.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2.torch.torch_trainer import TorchTrainer
 
     from orchestrator.training.loop import train_loop  # lazy: torch, for the workers
     from orchestrator.training.rendezvous import StoreOnMasterConfig  # lazy: torch
@@ -248,7 +250,10 @@ def make_trainer(spec: JobSpec, run_id: str | None, callbacks: list | None = Non
         },
         torch_config=StoreOnMasterConfig(backend=process_group_backend(spec.scaling)),
         scaling_config=ScalingConfig(
-            num_workers=spec.scaling.num_workers,
+            num_workers=(spec.scaling.min_workers, spec.scaling.max_workers)
+            if spec.scaling.elastic  # elastic: Ray Train resizes the group between these
+            else spec.scaling.max_workers,
+            elastic_resize_monitor_interval_s=spec.scaling.resize_check_s,
             use_gpu=spec.scaling.use_gpu,
             resources_per_worker=resources,
             placement_strategy=spec.scaling.placement_strategy,
@@ -257,11 +262,36 @@ def make_trainer(spec: JobSpec, run_id: str | None, callbacks: list | None = Non
             name=run_name or spec.name,
             storage_path=path,
             storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
+            failure_config=FailureConfig(
+                max_failures=spec.scaling.max_failures,
+                max_preemption_failures=spec.scaling.preemption.max_restarts,
+                preemption_grace_s=spec.scaling.preemption.grace_s,
+                relax_collectives_on_preemption=spec.scaling.preemption.relax_collectives,
+            ),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
             callbacks=callbacks or None,
         ),
     )
+
+
+START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+"""Ray Train's worker-group start timeout; it passes this variable of the driver's environment on
+to its controller."""
+
+
+@contextmanager
+def controller_settings(spec: JobSpec) -> Iterator[None]:
+    """The job's settings for Ray Train's controller, in this process's environment while it runs
+    (``scaling.start_timeout_s``); put back afterwards."""
+    saved = os.environ.get(START_TIMEOUT_VAR)
+    os.environ[START_TIMEOUT_VAR] = f"{spec.scaling.start_timeout_s:g}"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(START_TIMEOUT_VAR, None)
+        else:
+            os.environ[START_TIMEOUT_VAR] = saved
 
 
 def run_training(spec: JobSpec, new_run: bool = False, lock: bool = True):
@@ -309,7 +339,8 @@ def _train(spec: JobSpec, run: str):
     try:
         with tracking.run_status_on_exit(spec.mlflow.tracking_uri, run_id):  # FAILED, or KILLED on SIGTERM
             init_ray(spec)
-            result = make_trainer(spec, run_id, run_name=run).fit()
+            with controller_settings(spec):
+                result = make_trainer(spec, run_id, run_name=run).fit()
     except ray.train.TrainingFailedError as exc:
         raise _failure(spec.name, exc) from exc
     log.info("finished: %s; checkpoint %s", result.metrics, result.checkpoint.path if result.checkpoint else None)

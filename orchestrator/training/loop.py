@@ -30,6 +30,7 @@ from flowpp.ema import EMA
 from flowpp.flops import train_flops_per_image
 from orchestrator.config import JobSpec, TrainSpec, headline_params, redact_tree, spec_tags
 from orchestrator.config.schedule import learning_rate
+from orchestrator.config.spec import Batching
 from orchestrator.core.errors import FlowppError
 from orchestrator.core.logs import setup_logging
 from orchestrator.core.progress import govern_libraries
@@ -66,6 +67,11 @@ class Worker:
     """A no-op on ranks > 0."""
     trace: Trace
 
+    @property
+    def batching(self) -> Batching:
+        """How this world size makes up the global batch (micro-batches, accumulation steps)."""
+        return self.spec.batching(self.world)
+
 
 # -- one step -----------------------------------------------------------------------------
 def lr_at(step: int, train: TrainSpec) -> float:
@@ -75,13 +81,13 @@ def lr_at(step: int, train: TrainSpec) -> float:
 
 def whole_split_batches(w: Worker) -> Iterator[torch.Tensor]:
     """Every validation image, split across ranks one image at a time (a plan of batch 1
-    leaves fewer than ``world`` images out), re-batched to the training batch."""
+    leaves fewer than ``world`` images out), re-batched to the micro-batch."""
     spec = w.spec
     stream = stream_for_job(spec, "valid", rank=w.rank, world=w.world, batch_size=1, manifest=w.valid.manifest)
     images: list[torch.Tensor] = []
     for batch in stream:
         images.append(batch["images"])
-        if len(images) == spec.per_worker_batch:
+        if len(images) == w.batching.micro:
             yield torch.cat(images)
             images = []
     if images:
@@ -202,7 +208,7 @@ def _log_run_inputs(w: Worker, state: TrainState) -> None:
 def run(w: Worker, state: TrainState) -> None:
     """Train to ``train.max_steps``, logging, evaluating and checkpointing on schedule."""
     train = w.spec.train
-    meter = Meter(state.step, w.world, w.device, usage_of(w, state.model))
+    meter = Meter(state.step, w.world, w.device, usage_of(w, state.model), accum=w.batching.steps)
     while state.step < train.max_steps:
         batches = iter(state.train_stream)
         while state.step < train.max_steps:
@@ -212,8 +218,9 @@ def run(w: Worker, state: TrainState) -> None:
                 break  # the epoch is over: the stream goes on with the next one
             x = to_device(batch["images"], w.device, state.model.config.num_bits)
             meter.data_wait += time.perf_counter() - waited
-            out = train_step(state.ddp_model, state.opt, x, lr=lr_at(state.step, train), grad_clip=train.grad_clip)
-            w.trace.write(step=state.step, keys=batch["keys"], skipped=out.skipped)
+            out = train_step(state.ddp_model, state.opt, x, lr=lr_at(state.step, train), grad_clip=train.grad_clip,
+                             micro=w.batching.micro if w.batching.steps > 1 else 0)  # fmt: skip
+            w.trace.write(step=state.step, keys=batch["keys"], skipped=out.skipped, world=w.world)
             _account(w, state, out, meter, x.shape[0])
             state.step += 1
             _on_schedule(w, state, meter)
@@ -253,8 +260,35 @@ def _on_schedule(w: Worker, state: TrainState, meter: Meter) -> None:
     if last and train.final_eval_samples > 1:
         metrics["val_bpd_iw"] = state.stats["val_bpd_iw"] = final_evaluation(w, state)
     with_checkpoint = step % train.checkpoint_every == 0 or last
+    if preemption_notice(w, state) and not with_checkpoint:
+        with_checkpoint = True  # just in time: the drained node's workers may be gone at the deadline
+        metrics["preemption_notices"] = state.stats["preemption_notices"]
     if metrics or with_checkpoint:
         report(w, state, metrics, with_checkpoint)
+
+
+def preemption_notice(w: Worker, state: TrainState) -> bool:
+    """Every ``scaling.preemption.check_every_steps`` steps, ask Ray Train whether a node of this
+    run is being drained for preemption: True at the first check that sees a given drain. Every
+    rank asks at the same steps (the question is a barrier over them)."""
+    import ray.train
+
+    if state.step % w.spec.scaling.preemption.check_every_steps:
+        return False
+    info = ray.train.get_preemption_info()
+    if info is None:
+        return False
+    seen = f"{','.join(info.preempted_node_ids)}@{info.deadline_ms}"
+    if state.stats.get("preemption_seen") == seen:
+        return False  # checkpointed for this drain already: train on until it comes
+    state.stats["preemption_seen"] = seen
+    state.stats["preemption_notices"] = state.stats.get("preemption_notices", 0) + 1
+    if w.rank == 0:
+        left = f"{(info.deadline_ms / 1000 - time.time()):.0f} s left" if info.deadline_ms else "no deadline given"
+        nodes = ", ".join(n[:12] for n in info.preempted_node_ids)
+        log.warning("step %d: preemption notice for node(s) %s (ranks %s; %s): checkpointing now, then training on",
+                    state.step, nodes, info.preempted_ranks, left)  # fmt: skip
+    return True
 
 
 def evaluate_ema(w: Worker, state: TrainState) -> float:

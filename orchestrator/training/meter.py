@@ -30,9 +30,9 @@ class Meter:
     samples over the ranks (one small all-reduce).
     """
 
-    def __init__(self, step: int, world: int, device: torch.device, usage: tuple = (None, None)):
+    def __init__(self, step: int, world: int, device: torch.device, usage: tuple = (None, None), accum: int = 1):
         self.started, self.first_step = time.perf_counter(), step
-        self.world, self.device = world, device
+        self.world, self.device, self.accum = world, device, accum
         self.flops_per_image, self.peak = usage
         self.consecutive_skips = 0
         self._reset(self.started)
@@ -61,6 +61,8 @@ class Meter:
             "nonfinite_skipped": stats.get("nonfinite_skipped", 0),
             "data_wait_pct": 100.0 * wait / (self.world * elapsed),
             "substituted_samples": int(subst),
+            "world_size": self.world,
+            "accum_steps": self.accum,
         }
         utilisation = mfu(self.flops_per_image, images_s / self.world, self.peak)
         if utilisation is not None:
@@ -87,6 +89,7 @@ class Meter:
             parts.append(f"mfu {metrics['mfu_pct']:.1f}%")
         if "gpu_mem_peak_gib" in metrics:
             parts.append(f"gpu_mem {metrics['gpu_mem_peak_gib']:.1f} GiB")
+        parts.append(f"world {metrics['world_size']} x accum {metrics['accum_steps']}")
         parts.append(f"data_wait {metrics['data_wait_pct']:.1f}%")
         parts.append(f"substituted {metrics['substituted_samples']}")
         parts.append(f"eta {eta_text(self.eta_s(step, max_steps))}")

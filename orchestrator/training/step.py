@@ -7,6 +7,7 @@ may be missing) all run.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from dataclasses import dataclass
@@ -43,8 +44,14 @@ class StepResult:
     skipped: bool
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, *, lr: float, grad_clip: float):
+def train_step(
+    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, *, lr: float, grad_clip: float, micro: int = 0
+):
     """One optimiser step on integer pixels ``x`` (B, C, H, W), minimising bits/dim.
+
+    ``micro``: put at most this many images through the model at once; the gradients of the
+    micro-batches add up (each loss weighted by its share of ``x``) before the one step, and a DDP
+    model all-reduces on the last micro-batch only (``no_sync`` before it). 0: all at once.
 
     A non-finite loss or gradient on any rank skips the step on every rank (the finite flag
     is all-reduced), leaving the weights untouched. The step reads from the device once: the
@@ -53,10 +60,19 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, *,
     for group in opt.param_groups:
         group["lr"] = lr
     opt.zero_grad(set_to_none=True)  # before the forward: the last step's gradients never meet its activations
-    loss = -model(x).mean() / (x[0].numel() * math.log(2))
-    loss.backward()  # on every rank, finite or not: DDP's all-reduce must meet on each of them
+    parts = x.split(micro) if 0 < micro < x.shape[0] else (x,)
+    no_sync = getattr(model, "no_sync", None)  # DDP's: no all-reduce in this backward
+    losses = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        with contextlib.nullcontext() if last or no_sync is None else no_sync():
+            part_loss = -model(part).mean() / (x[0].numel() * math.log(2))
+            if len(parts) > 1:
+                part_loss = part_loss * (part.shape[0] / x.shape[0])  # its share of the batch's mean
+            part_loss.backward()  # on every rank, finite or not: DDP's all-reduce must meet on each of them
+        losses.append(part_loss.detach().float())
+    loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
-    loss = loss.detach().float()
     finite = (torch.isfinite(loss) & torch.isfinite(grad_norm)).float()
     if world_rank_size()[1] > 1:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # on the loss's device: NCCL takes CUDA tensors only

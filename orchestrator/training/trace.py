@@ -1,8 +1,8 @@
 """An audit trail of the data plan: per step, the sample keys each rank trained on.
 
 With ``train.trace_dir`` set, every rank appends JSON lines to ``rank{r}.jsonl``: one per
-step (``step``, ``keys``, ``skipped``) and, at the end, a hash of its parameters and
-the device they lived on. Tests
+step (``step``, ``keys``, ``skipped``, ``world``) and, at the end, a hash of its parameters and
+the device they lived on; each with the rank, pid, node and wall-clock ``time``. Tests
 use it to show that a restarted run trains on exactly the samples it had not seen, and
 that every rank ends with the same weights.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 from torch import nn
@@ -30,7 +31,7 @@ class Trace:
             import ray
 
             self._node = ray.get_runtime_context().get_node_id()
-        record = {**record, "rank": self.rank, "pid": os.getpid(), "node": self._node}
+        record = {**record, "rank": self.rank, "pid": os.getpid(), "node": self._node, "time": time.time()}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -151,6 +151,19 @@ def test_train_dry_run_shows_the_spec_and_what_would_run(job, capsys, monkeypatc
     assert _plan(capsys.readouterr().out)["cluster"] == "http://127.0.0.1:8265 (RAY_ADDRESS)"
 
 
+def test_dry_run_of_an_elastic_job_shows_its_range_and_each_sizes_accumulation(job, capsys, monkeypatch):
+    _forbid_starting_anything(monkeypatch)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    args = ["train", job, "--dry-run", "--set", "scaling.num_workers=[2, 4]", "--set", "train.micro_batch_size=12"]
+    assert main(args) == 0
+    plan = _plan(capsys.readouterr().out)
+    assert plan["workers"].startswith("2 to 4 (elastic, a resize checked every 60 s); at most 4 x (6 CPU, 1 GPU)")
+    assert plan["batch"] == (
+        "72 global at every world size; 2 worker(s): 36 each as 3 x 12, 3 worker(s): 24 each as 2 x 12, "
+        "4 worker(s): 18 each as 2 x 9"
+    )
+
+
 def test_submit_dry_run_names_the_cluster_and_entrypoint_and_refuses_a_credential(job, capsys, monkeypatch):
     _forbid_starting_anything(monkeypatch)
     assert main(["submit", job, "--dry-run", "--set", "train.lr=0.001", "--new-run"]) == 0

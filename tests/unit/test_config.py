@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import JobSpecError, load_job, public_params, validate
+from orchestrator.config.spec import batching
 from tests.jobs import tiny_job
 
 pytestmark = pytest.mark.unit
@@ -61,6 +62,31 @@ def test_imagenet64_5bit_is_the_official_5_bit_recipe():
     assert spec.per_worker_batch * spec.scaling.num_workers == 60
 
 
+@pytest.mark.parametrize(
+    ("world", "micro", "want"),
+    [(1, None, (72, 72, 1)), (8, None, (9, 9, 1)), (8, 4, (9, 3, 3)), (1, 16, (72, 12, 6)), (3, 16, (24, 12, 2)),
+     (6, 5, (12, 4, 3)), (2, 1000, (36, 36, 1)), (4, 1, (18, 1, 18))],
+)  # fmt: skip
+def test_every_world_size_makes_the_global_batch_with_micro_batches_under_the_bound(world, micro, want):
+    """micro x steps x world == global at every size, each micro-batch at most the bound, the
+    fewest micro-batches that split a worker's share exactly."""
+    b = batching(72, world, micro)
+    assert (b.per_worker, b.micro, b.steps) == want
+    assert b.micro * b.steps * world == 72 and (micro is None or b.micro <= micro)
+
+
+def test_an_elastic_range_is_its_min_and_max_and_the_per_worker_batch_its_largest_size():
+    spec = validate(
+        tiny_job(Path("/tmp/t"), scaling__num_workers=[1, 4], train__global_batch_size=12, train__micro_batch_size=3)
+    )
+    s = spec.scaling
+    assert (s.min_workers, s.max_workers, s.elastic) == (1, 4, True)
+    assert spec.per_worker_batch == 3  # at the largest size
+    assert [(spec.batching(w).steps, spec.batching(w).micro) for w in (1, 2, 3, 4)] == [(4, 3), (2, 3), (2, 2), (1, 3)]
+    fixed = validate(tiny_job(Path("/tmp/t"), scaling__num_workers=2)).scaling
+    assert (fixed.min_workers, fixed.max_workers, fixed.elastic) == (2, 2, False)
+
+
 MISTAKES = {
     "unknown key": ("train: {lrr: 0.1}", "train.lrr: Extra inputs are not permitted"),
     "wrong type": ("train: {max_steps: lots}", "train.max_steps: Input should be a valid integer"),
@@ -71,6 +97,14 @@ MISTAKES = {
         "train: {global_batch_size: 10}\nscaling: {num_workers: 4}",
         "train.global_batch_size: 10 is not divisible by scaling.num_workers=4",
     ),
+    "elastic range that cannot split the batch": (
+        "scaling: {num_workers: [2, 8]}",
+        "scaling.num_workers: [2, 8] includes 5, 7 worker(s), which cannot split train.global_batch_size 72 "
+        "exactly; the sizes that can: 2, 3, 4, 6, 8",
+    ),
+    "elastic range upside down": ("scaling: {num_workers: [4, 2]}", "scaling.num_workers: Value error, [4, 2]: give"),
+    "elastic range of three": ("scaling: {num_workers: [1, 2, 3]}", "with 1 <= min <= max"),
+    "micro-batch of none": ("train: {micro_batch_size: 0}", "train.micro_batch_size: Input should be greater than"),
     "bad name": ("name: 'has spaces'", "name: String should match pattern"),
     "not a manifest": (
         "data: {train: s3://b/train/, valid: s3://b/v/manifest.json}",

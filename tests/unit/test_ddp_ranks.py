@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from flowpp import FlowPlusPlus
@@ -97,6 +98,50 @@ def test_parameters_buffers_and_ema_stay_equal_across_steps_and_a_resume(tmp_pat
     moved = [k for k in before if before[k].is_floating_point() and not torch.equal(before[k], after[k])]
     assert len(moved) > len(before) // 2  # the resumed steps trained
     assert all(bool(v) for k, v in after.items() if k.endswith("initialized"))
+
+
+def _accumulated_steps(rank: int, world: int, port: int, out: str) -> None:
+    """Steps of 6 images a rank, whole and as micro-batches of 2: DDP's all-reduce hook runs as often
+    either way (on the last micro-batch only), and the ranks end equal."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        calls = {}
+        for micro in (0, 2):
+            torch.manual_seed(0)
+            model = FlowPlusPlus(tiny_config(image_size=8))
+            data_dependent_init(model, random_images(4, 8) if rank == 0 else None)
+            ddp = DistributedDataParallel(model, **ddp_options())
+            count = [0]
+
+            def hook(state, bucket, count=count):
+                count[0] += 1
+                return default_hooks.allreduce_hook(dist.group.WORLD, bucket)
+
+            ddp.register_comm_hook(None, hook)
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            for step in range(STEPS):
+                x = random_images(6, 8, seed=10 * rank + step)
+                assert not train_step(ddp, opt, x, lr=1e-3, grad_clip=1.0, micro=micro).skipped
+            calls[micro] = count[0]
+            torch.save(model.state_dict(), f"{out}/micro{micro}-rank{rank}.pt")
+        torch.save(calls, f"{out}/calls-rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_accumulated_micro_batches_all_reduce_once_a_step_and_ranks_stay_equal(tmp_path):
+    mp.spawn(_accumulated_steps, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    load = lambda name: torch.load(tmp_path / name, weights_only=True)  # noqa: E731
+    calls = load("calls-rank0.pt")
+    assert calls[0] > 0 and calls[2] == calls[0], calls  # 3 micro-batches a step, one all-reduce round
+    for micro in (0, 2):
+        r0, r1 = load(f"micro{micro}-rank0.pt"), load(f"micro{micro}-rank1.pt")
+        assert all(torch.equal(r0[k], r1[k]) for k in r0), micro
+    whole, parts = load("micro0-rank0.pt"), load("micro2-rank0.pt")
+    for k in whole:
+        if whole[k].is_floating_point():
+            torch.testing.assert_close(parts[k], whole[k], rtol=0, atol=1e-4, msg=k)
 
 
 def _compiled_steps(rank: int, world: int, port: int, out: str) -> None:

@@ -61,6 +61,23 @@ def test_train_step_reports_bits_per_dim_and_clips_the_gradient():
     assert opt.param_groups[0]["lr"] == 1e-3
 
 
+def test_micro_batches_add_up_to_the_whole_batchs_step():
+    """8 images as micro-batches of 3, 3 and 2: the same loss, gradient norm and update as one batch
+    (each part's loss weighted by its share; the dequantization noise is drawn in the same order)."""
+    import copy
+
+    model, x = _model_and_batch(8)
+    whole, parts = copy.deepcopy(model), copy.deepcopy(model)
+    runs = []
+    for m, micro in ((whole, 0), (parts, 3)):
+        torch.manual_seed(5)
+        runs.append(train_step(m, torch.optim.Adam(m.parameters(), lr=1e-3), x, lr=1e-3, grad_clip=1e-3, micro=micro))
+    assert abs(runs[0].loss - runs[1].loss) < 1e-5 and runs[0].grad_norm == pytest.approx(runs[1].grad_norm, rel=1e-5)
+    for p, q in zip(whole.parameters(), parts.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), parts.parameters(), strict=True))
+
+
 def test_a_non_finite_loss_skips_the_step_and_leaves_the_weights():
     model, x = _model_and_batch(8)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)

@@ -89,8 +89,8 @@ def test_eta_is_in_days_from_24_hours_on(seconds, text):
     assert eta_text(seconds) == text
 
 
-def test_the_log_line_holds_rate_mfu_loader_wait_substituted_and_eta():
-    meter = Meter(step=0, world=2, device=torch.device("cpu"), usage=(1e9, 1e12))
+def test_the_log_line_holds_rate_mfu_world_loader_wait_substituted_and_eta():
+    meter = Meter(step=0, world=2, device=torch.device("cpu"), usage=(1e9, 1e12), accum=3)
     meter.since -= 2.0  # two seconds of steps since the last line
     meter.started -= 2.0
     for _ in range(4):
@@ -102,8 +102,9 @@ def test_the_log_line_holds_rate_mfu_loader_wait_substituted_and_eta():
     assert metrics["data_wait_pct"] == pytest.approx(100 * 0.5 / (2 * 2.0), rel=0.01)
     assert metrics["mfu_pct"] == pytest.approx(100 * 1e9 * 100 / 1e12, rel=0.01)  # per worker: 100 images/s
     assert metrics["substituted_samples"] == 3
+    assert (metrics["world_size"], metrics["accum_steps"]) == (2, 3)  # to MLflow with the rest
     assert "gpu_mem_peak_gib" not in metrics  # CUDA only
     line = meter.line(4, 1_000_000, metrics)
     for part in ("step 4/1000000", "bits/dim 4.0000", "images/s 200", "lr 1.00e-03", "grad_norm 0.500", "mfu 10.0%",
-                 "data_wait 12.5%", "substituted 3", "days"):  # fmt: skip
+                 "world 2 x accum 3", "data_wait 12.5%", "substituted 3", "days"):  # fmt: skip
         assert part in line, (part, line)
