@@ -48,7 +48,7 @@ def wait_for(condition, what: str, thread_alive, timeout_s: float = 300) -> None
 
 @pytest.mark.slow
 def test_a_run_rides_out_a_lost_node_a_new_node_and_a_preemption_at_the_same_global_batch(tmp_path):
-    """One elastic run ([1, 2] workers, two epochs), on a head and one more node:
+    """One elastic run ([1, 2] workers, three epochs), on a head and one more node:
 
     1. the second node is lost without notice: training goes on at 1 worker (a failure);
     2. a new node joins: the group grows back to 2;
@@ -73,9 +73,10 @@ def test_a_run_rides_out_a_lost_node_a_new_node_and_a_preemption_at_the_same_glo
         second = cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK)
         try:
             ray.init(address=cluster.address, _node_ip_address=LOOPBACK)
-            # 192 training images, 8 a step: 24 steps an epoch at any world size; 2 epochs. The
-            # scheduled checkpoints are every 16 steps: the notice's falls between them
-            tree = job(tmp_path, max_steps=48, checkpoint_every=16, eval_every=48, log_every=4, micro_batch_size=4)
+            # 192 training images, 8 a step: 24 steps an epoch at any world size; 3 epochs, so that a
+            # loaded machine still grows back before the end. The scheduled checkpoints are every 16
+            # steps: the notice's falls between them
+            tree = job(tmp_path, max_steps=72, checkpoint_every=16, eval_every=72, log_every=4, micro_batch_size=4)
             # a restart that first asks for a node just lost waits start_timeout_s, then starts smaller
             tree["scaling"].update(num_workers=[1, 2], resize_check_s=1.0, max_failures=1, start_timeout_s=10,
                                    preemption={"check_every_steps": 1})  # fmt: skip
@@ -105,16 +106,16 @@ def test_a_run_rides_out_a_lost_node_a_new_node_and_a_preemption_at_the_same_glo
             ray.shutdown()
             cluster.shutdown()
     auth.restore()
-    assert result.error is None and result.metrics["step"] == 48
-    assert 16 < noticed < 48 and noticed % 16  # at the step the notice came, not on the schedule
+    assert result.error is None and result.metrics["step"] == 72
+    assert 16 < noticed < 72 and noticed % 16  # at the step the notice came, not on the schedule
     runs = list(dict.fromkeys(r["pid"] for r in records()))  # rank 0's processes: one a worker group
     first_step = {pid: next(r for r in records() if r["pid"] == pid) for pid in runs}
     worlds = [first_step[pid]["world"] for pid in runs]
     assert worlds == [2, 1, 2, 1], worlds  # lost node, new node, preemption
     assert first_step[runs[3]]["step"] == noticed  # resumed from the notice's checkpoint
     steps = counted_steps(tmp_path)
-    assert sorted(steps) == list(range(48))  # no step lost
+    assert sorted(steps) == list(range(72))  # no step lost
     assert all(sum(len(r["keys"]) for r in records) == 8 for records in steps.values())  # the global batch
-    for epoch in (range(0, 24), range(24, 48)):  # every image exactly once an epoch, whatever the sizes
+    for epoch in (range(0, 24), range(24, 48), range(48, 72)):  # every image exactly once an epoch, whatever the sizes
         keys = Counter(k for s in epoch for r in steps[s] for k in r["keys"])
         assert len(keys) == 192 and set(keys.values()) == {1}, epoch

@@ -68,7 +68,9 @@ def test_a_failed_registration_is_done_by_resubmitting_without_training_again(ml
         assert trained == 10
 
         proxy.remaining = 0  # the server is healthy again
-        second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        # the same job, with a budget that a loaded machine's upload of the model cannot outrun
+        again = [*cmd, "--set", "mlflow.retry_budget_s=120"]
+        second = subprocess.run(again, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     finally:
         proxy.close()
     assert second.returncode == 0, second.stderr[-3000:]
