@@ -129,8 +129,22 @@ class MetricBuffer:
         op = _Op(f"metrics of step {step}", lambda: self.client.log_batch(self.run_id, metrics=batch), len(batch))
         self._put(op)
         if wait_s > 0:
-            with self._cond:
-                self._cond.wait_for(lambda: op.done or not self.healthy or self._stuck(wait_s), timeout=wait_s)
+            self._wait(op, wait_s)
+
+    def _wait(self, op: _Op, wait_s: float) -> None:
+        """Until ``op`` is sent, the server is found unhealthy, or a send is stuck, for ``wait_s`` at
+        most. A send turns stuck by the clock alone, with no notify: the wait wakes when it does
+        (a report that came while the previous one's send was still young waited its whole 2 s)."""
+        deadline = time.monotonic() + wait_s
+        with self._cond:
+            while not (op.done or not self.healthy or self._stuck(wait_s)):
+                now = time.monotonic()
+                left = deadline - now
+                if left <= 0:
+                    return
+                if self._inflight is not None:  # wake when the send in flight turns stuck
+                    left = min(left, self._inflight_since + wait_s - now + 0.001)
+                self._cond.wait(timeout=max(left, 0.001))
 
     def _stuck(self, after_s: float) -> bool:
         """A send has been waiting on the server for more than ``after_s`` (a hung server, before its

@@ -20,6 +20,7 @@ import pytest
 from bench.mlflow_outage import HungServer  # a socket that accepts and never answers
 from orchestrator import tracking
 from orchestrator.cli import main as cli
+from orchestrator.tracking.buffer import MetricBuffer
 from orchestrator.tracking.connection import HTTP_TIMEOUT_S
 from tests.helpers import initialized_model, tiny_config
 from tests.jobs import tiny_job, write_job
@@ -182,6 +183,24 @@ def test_reports_wait_on_a_hung_server_once_not_at_every_step(monkeypatch):
             logger.metrics({"train_bpd": 5.0}, step)
         assert time.monotonic() - started < 4.0  # the first report's 2 s, and no more
         logger.flush()
+    finally:
+        hung.close()
+
+
+def test_a_report_stops_waiting_when_the_send_in_flight_turns_stuck(monkeypatch):
+    """A report that comes while the previous send is 1 s into a hung request waits until that send
+    has been in flight for the report's 2 s, about 1 s: not its whole 2 s (the send turns stuck by
+    the clock, and nothing else would wake the wait)."""
+    for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(var, raising=False)
+    hung = HungServer()
+    try:
+        buffer = MetricBuffer(tracking.client_for(hung.uri), "0" * 32)
+        buffer.metrics({"train_bpd": 5.0}, 0, wait_s=1.0)  # its send now hangs, 1 s in
+        started = time.monotonic()
+        buffer.metrics({"train_bpd": 5.0}, 1, wait_s=2.0)
+        assert 0.5 < time.monotonic() - started < 1.6
+        buffer.close(timeout_s=0.2)
     finally:
         hung.close()
 
