@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.core.errors import FlowppError, UserError
+from orchestrator.tracking.buffer import with_retries
 from orchestrator.tracking.connection import NOT_FOUND, first_line, mlflow_for
 
 if TYPE_CHECKING:
@@ -146,6 +147,10 @@ def register(tracking_uri: str, model_uri: str, name: str, tags: dict[str, Any])
     return str(mv.version)
 
 
+DOWNLOAD_BUDGET_S = 60.0
+"""How long a model's download is retried on transient errors (a reset connection, a 5xx)."""
+
+
 def load_flow(model_uri: str, tracking_uri: str | None = None, device: str | torch.device = "cpu"):
     """FlowPlusPlus on ``device`` from a runs:/ or models:/ URI (e.g. models:/flowpp@champion), without pickle."""
     from mlflow.exceptions import MlflowException
@@ -153,7 +158,9 @@ def load_flow(model_uri: str, tracking_uri: str | None = None, device: str | tor
     mlflow = mlflow_for(tracking_uri) if tracking_uri else __import__("mlflow")
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+            # MLflow's own retries are off (connection.mlflow_for): a reset or a 5xx is retried here
+            fetch = lambda: mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)  # noqa: E731
+            local = Path(with_retries(f"{model_uri}: downloading its artifacts", fetch, DOWNLOAD_BUDGET_S))
         except MlflowException as exc:
             if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 raise ModelNotFoundError(f"{model_uri}: {first_line(exc.message)}") from None
