@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -105,6 +106,10 @@ def test_the_log_line_holds_rate_mfu_world_loader_wait_substituted_and_eta():
     assert (metrics["world_size"], metrics["accum_steps"]) == (2, 3)  # to MLflow with the rest
     assert "gpu_mem_peak_gib" not in metrics  # CUDA only
     line = meter.line(4, 1_000_000, metrics)
-    for part in ("step 4/1000000", "bits/dim 4.0000", "images/s 200", "lr 1.00e-03", "grad_norm 0.500", "mfu 10.0%",
+    for part in ("step 4/1000000", "bits/dim 4.0000", "lr 1.00e-03", "grad_norm 0.500", "mfu 10.0%",
                  "world 2 x accum 3", "data_wait 12.5%", "substituted 3", "days"):  # fmt: skip
         assert part in line, (part, line)
+    # the rate is the flushed figure to one decimal: the clock moved on a little past the two seconds
+    rate = re.search(r"images/s ([\d,.]+)", line)
+    assert rate and float(rate[1].replace(",", "")) == pytest.approx(200, rel=0.01), line
+    assert rate[1] == f"{metrics['images_per_s']:,.1f}", line
