@@ -46,7 +46,9 @@ def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
            "--workers", "1", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
            "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts"]  # fmt: skip
     log = open(folder / "server.log", "wb")  # noqa: SIM115  (the server's, for its life)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # without MLflow's job runner, as the local stack and the cluster run the server
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:

@@ -23,6 +23,12 @@ class MlflowServer:
     s3_endpoint: str
 
 
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+"""The environment of every MLflow server the tests start, as the local stack and the cluster's run
+theirs: without MLflow's job runner (its GenAI jobs, which the project never submits), whose
+consumers are eight more processes importing MLflow, about 25 CPU-seconds each start."""
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(s3_endpoint, tmp_path_factory):
     import boto3
@@ -38,7 +44,7 @@ def mlflow_server(s3_endpoint, tmp_path_factory):
     ).create_bucket(Bucket=bucket)
     state = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    env = {**os.environ, **creds, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
+    env = {**os.environ, **creds, **SERVER_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
     cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1", "--backend-store-uri", f"sqlite:///{state}/mlflow.db",
            "--artifacts-destination", f"s3://{bucket}/mlflow", "--serve-artifacts"]  # fmt: skip

@@ -102,15 +102,16 @@ def s3(s3_endpoint, aws_env):
 
 class FaultProxy:
     """Forwards HTTP to ``target``; the first ``failures`` requests (GETs, or ``methods``) whose path
-    contains ``match`` get ``mode``: ``503`` (SlowDown), ``500``, or ``reset`` (connection dropped).
+    contains ``match`` get ``mode``: ``503`` (SlowDown), ``500``, ``reset`` (connection dropped), or
+    ``slow`` (forwarded after ``delay_s``: a distant or loaded endpoint; ``failures=-1``: every one).
     With ``strip_conditions`` it drops the conditional headers of every request it forwards."""
 
     def __init__(self, target: str, match: str, failures: int, mode: str = "503", methods: tuple = ("GET",),
-                 strip_conditions: bool = False):  # fmt: skip
+                 strip_conditions: bool = False, delay_s: float = 0.0):  # fmt: skip
         self.target = target.split("://", 1)[1]
         self.strip_conditions = strip_conditions  # a store that ignores If-Match and If-None-Match
         self.methods = methods
-        self.match, self.remaining, self.mode = match, failures, mode
+        self.match, self.remaining, self.mode, self.delay_s = match, failures, mode, delay_s
         self.injected = 0
         self.lock = threading.Lock()
         proxy = self
@@ -121,12 +122,30 @@ class FaultProxy:
             def log_message(self, *args):
                 pass
 
+            def _body(self) -> bytes:
+                if "chunked" not in self.headers.get("Transfer-Encoding", "").lower():
+                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = b""  # HTTP chunks (the AWS C++ SDK streams a part's aws-chunked body this way)
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                            pass  # trailers
+                        return body
+                    body += self.rfile.read(size)
+                    self.rfile.readline()
+
             def _forward(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = self._body()
                 if self.command in proxy.methods and proxy.match in self.path and proxy._take():
-                    return self._fail()
+                    if proxy.mode != "slow":
+                        return self._fail()
+                    time.sleep(proxy.delay_s)
                 conn = http.client.HTTPConnection(proxy.target, timeout=30)
-                headers = dict(self.headers)
+                # the client's Expect: 100-continue was answered here, and its chunks read: neither is forwarded
+                hop = ("expect", "transfer-encoding", "content-length")  # the body goes on whole, with its length
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in hop}
+                headers["Content-Length"] = str(len(body))
                 if proxy.strip_conditions:
                     headers = {k: v for k, v in headers.items() if k.lower() not in ("if-match", "if-none-match")}
                 conn.request(self.command, self.path, body=body, headers=headers)
@@ -166,7 +185,7 @@ class FaultProxy:
         with self.lock:
             if self.remaining == 0:
                 return False
-            self.remaining -= 1
+            self.remaining -= 1 if self.remaining > 0 else 0  # -1: without end
             self.injected += 1
             return True
 

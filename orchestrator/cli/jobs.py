@@ -89,9 +89,29 @@ def _train_rows(spec: JobSpec, new_run: bool) -> list[tuple[str, str]]:
         ("workers", workers),
         ("batch", f"{spec.train.global_batch_size} global at every world size; " + _batch_sizes(spec)),
         ("steps", f"{spec.train.max_steps}"),
+        ("checkpoints", _checkpoints(spec)),
+        ("evaluation", _evaluation(spec)),
         ("run name", run),
         ("storage", f"{redact(spec.storage.path)}/<run name>"),
     ]
+
+
+def _checkpoints(spec: JobSpec) -> str:
+    t = spec.train
+    how = (f"uploaded in the background, at most {t.max_uploads_in_flight} in flight (train.async_uploads)"
+           if t.async_uploads else "each step waits for its upload (train.async_uploads: false)")  # fmt: skip
+    return f"every {t.checkpoint_every} steps, the last {t.keep_checkpoints} kept; {how}"
+
+
+def _evaluation(spec: JobSpec) -> str:
+    t, task = spec.train, spec.train.eval_task
+    final = f"; final bound with {t.final_eval_samples} samples an image" if t.final_eval_samples > 1 else ""
+    if task is None:
+        return f"every {t.eval_every} steps, in the training loop{final}"
+    gpus = f", {task.gpus:g} GPU" if task.gpus else ""
+    limits = f"timeout {task.timeout_s:g} s, final {task.final_timeout_s:g} s"
+    return (f"every {t.eval_every} steps, as validation tasks of {task.cpus:g} CPU{gpus} ({limits}){final}; "
+            "the version is registered once the final figure is in")  # fmt: skip
 
 
 def _batch_sizes(spec: JobSpec) -> str:

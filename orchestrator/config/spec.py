@@ -115,6 +115,21 @@ class DataSpec(SpecModel):
     """``flowpp prepare demo --grey``: train on the grey photographs too."""
 
 
+class EvalTaskSpec(SpecModel):
+    """Evaluation as Ray Train validation tasks: each evaluation step reports a checkpoint and the
+    workers train on while a task of its own scores it (``orchestrator.training.validation``)."""
+
+    cpus: float = Field(1.0, gt=0)
+    """CPUs of each validation task (its torch threads too)."""
+    gpus: float = Field(0.0, ge=0)
+    """GPUs of each validation task (a fraction shares a card with others)."""
+    timeout_s: float = Field(3600.0, gt=0, allow_inf_nan=False)
+    """A periodic evaluation cancelled past this: one line, no figure for that step, training goes on."""
+    final_timeout_s: float = Field(7200.0, gt=0, allow_inf_nan=False)
+    """The last step's task (with the importance-weighted bound over the whole split) cancelled past
+    this: the run ends without registering a version (its checkpoints are kept)."""
+
+
 class TrainSpec(SpecModel):
     global_batch_size: int = Field(72, ge=1)
     """Images per optimiser step across all workers (the official recipe: 72), the same at every
@@ -144,6 +159,10 @@ class TrainSpec(SpecModel):
     """Validation batches per rank at each evaluation (0: the whole split)."""
     eval_samples: int = Field(1, ge=1)
     """Dequantization samples per image at evaluation (>1: importance-weighted bound)."""
+    eval_task: EvalTaskSpec | None = None
+    """Evaluations (periodic and final) as validation tasks off the training workers, with resources
+    of their own; the driver registers the model once the final figure is in. None: the workers
+    evaluate in the loop, holding the step."""
     final_eval_samples: int = Field(16, ge=0)
     """At the end of the run, the EMA weights' importance-weighted bound over the whole validation
     split with this many dequantization samples an image, logged as ``val_bpd_iw`` (0 or 1: none)."""
@@ -154,6 +173,15 @@ class TrainSpec(SpecModel):
     """Images in the sample grid PNG at each evaluation (0: none)."""
     max_nonfinite_steps: int = Field(20, ge=1)
     """Consecutive non-finite losses that stop the run (each one is skipped and counted)."""
+    async_uploads: bool = True
+    """Checkpoints upload in the background (Ray Train's asynchronous upload mode): a rank stages its
+    part on local disk and trains on while it is copied to storage. A preemption notice's checkpoint
+    still waits for its upload (its node may be gone at the deadline). False: every checkpoint
+    step waits for its upload."""
+    max_uploads_in_flight: int = Field(2, ge=1)
+    """Asynchronous uploads: at most this many checkpoints staged and not yet in storage on a worker;
+    a checkpoint due while that many are still uploading waits for the oldest (local disk holds at
+    most this many). Ray Train keeps the last complete checkpoint until a newer one is uploaded."""
     trace_dir: str | None = None
     """A local directory where every rank appends, per step, the sample keys it trained on (an audit
     trail of the data plan across restarts) and, at the end, a hash of its parameters."""

@@ -343,6 +343,11 @@ class ShardStream:
             prefetch_factor=2,
             multiprocessing_context="fork",
             pin_memory=self.pin_memory,  # in the loader's own thread, off the training step's path
+            # Each new iterator draws its workers' base seed from this generator, not from torch's
+            # global one: a run resumed mid-epoch starts one more iterator than a run that never
+            # stopped, and a draw there would shift every later dequantization noise (the workers
+            # draw nothing random: the plan fixes the order)
+            generator=torch.Generator().manual_seed(0),
         )
         yield from loader
 

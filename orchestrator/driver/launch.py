@@ -236,6 +236,7 @@ def make_trainer(spec: JobSpec, run_id: str | None, callbacks: list | None = Non
 
     from orchestrator.training.loop import train_loop  # lazy: torch, for the workers
     from orchestrator.training.rendezvous import StoreOnMasterConfig  # lazy: torch
+    from orchestrator.training.validation import validation_config
 
     fs, path = storage.pyarrow_filesystem(spec.storage.path, spec.storage.options())
     resources = {"CPU": spec.scaling.cpus_per_worker}
@@ -271,6 +272,7 @@ def make_trainer(spec: JobSpec, run_id: str | None, callbacks: list | None = Non
             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
             callbacks=callbacks or None,
         ),
+        validation_config=validation_config(spec, run_id),
     )
 
 
@@ -327,6 +329,8 @@ def _train(spec: JobSpec, run: str):
     """One Ray Train run named ``run`` to its end (resuming from its last checkpoint)."""
     import ray.train
 
+    from orchestrator.training.validation import register_validated
+
     spec = resolve_paths(spec)
     if spec.mlflow.enabled:
         tracking.check_reachable(spec.mlflow.tracking_uri)  # before any data, Ray or GPU work
@@ -341,6 +345,8 @@ def _train(spec: JobSpec, run: str):
             init_ray(spec)
             with controller_settings(spec):
                 result = make_trainer(spec, run_id, run_name=run).fit()
+            if spec.train.eval_task is not None:  # the final figure came from a validation task: register here
+                register_validated(spec, run_id, result)
     except ray.train.TrainingFailedError as exc:
         raise _failure(spec.name, exc) from exc
     log.info("finished: %s; checkpoint %s", result.metrics, result.checkpoint.path if result.checkpoint else None)

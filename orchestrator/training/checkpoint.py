@@ -20,7 +20,9 @@ import io
 import json
 import logging
 import random
+import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -78,6 +80,50 @@ def staged(state: TrainState, rank: int) -> Iterator[str]:
     with tempfile.TemporaryDirectory() as tmp:
         save(Path(tmp), state, rank)
         yield tmp
+
+
+class Staging:
+    """Where a rank stages its parts of checkpoints for Ray Train's asynchronous upload: a folder a
+    checkpoint under a private root, which Ray Train deletes once that checkpoint is in storage.
+    ``stage`` waits while ``limit`` staged checkpoints are still waiting for their upload, so local
+    disk holds at most ``limit`` and the uploads never fall further behind than that."""
+
+    POLL_S = 0.02
+    WARN_EVERY_S = 60.0
+
+    def __init__(self, limit: int, root: Path | None = None):
+        self.limit = limit
+        self.root = Path(tempfile.mkdtemp(prefix="flowpp-staging-")) if root is None else root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.count = 0
+
+    def in_flight(self) -> list[Path]:
+        """The staged checkpoints not uploaded yet, oldest first."""
+        return sorted(p for p in self.root.iterdir() if p.is_dir())
+
+    def wait_for_room(self) -> float:
+        """Block until fewer than ``limit`` are in flight; the seconds waited."""
+        started = warned = time.monotonic()
+        while len(self.in_flight()) >= self.limit:
+            if time.monotonic() - warned > self.WARN_EVERY_S:
+                warned = time.monotonic()
+                log.warning("still waiting for %d checkpoint uploads after %.0f s (%s)", len(self.in_flight()),
+                            warned - started, ", ".join(p.name for p in self.in_flight()))  # fmt: skip
+            time.sleep(self.POLL_S)
+        return time.monotonic() - started
+
+    def stage(self, state: TrainState, rank: int) -> tuple[Path, float]:
+        """This rank's part of a checkpoint of ``state``, in a new folder once there is room; and
+        the seconds it waited for that room."""
+        waited = self.wait_for_room()
+        self.count += 1
+        directory = self.root / f"step-{state.step:010d}-{self.count:04d}"
+        save(directory, state, rank)
+        return directory, waited
+
+    def close(self) -> None:
+        """Remove the root and whatever an upload left there (a failed one)."""
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 # -- reading ------------------------------------------------------------------------------

@@ -46,6 +46,8 @@ from orchestrator.training.state import TrainState
 from orchestrator.training.step import StepResult, ddp_options, train_step
 from orchestrator.training.trace import Trace
 from orchestrator.training.tracker import Tracker
+from orchestrator.training.validation import REQUESTED
+from orchestrator.training.validation import task_config as validation_task
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,8 @@ class Worker:
     tracker: Tracker
     """A no-op on ranks > 0."""
     trace: Trace
+    staging: checkpoint.Staging | None = None
+    """Where checkpoints wait for their asynchronous upload (``train.async_uploads``); None: synchronous."""
 
     @property
     def batching(self) -> Batching:
@@ -181,11 +185,18 @@ def train_loop(config: dict) -> None:
     tracker: Tracker = RunLogger(tracking_uri, config.get("mlflow_run_id"), retry_budget_s=spec.mlflow.retry_budget_s)
     tracker.system_metrics(spec.mlflow)  # rank 0's machine: CPU, memory, GPUs; stopped by finish
     device = next(state.model.parameters()).device
-    w = Worker(spec, rank, world, device, valid, tracker, Trace(spec.train.trace_dir, rank))
+    staging = checkpoint.Staging(spec.train.max_uploads_in_flight) if spec.train.async_uploads else None
+    w = Worker(spec, rank, world, device, valid, tracker, Trace(spec.train.trace_dir, rank), staging)
     if tracker.enabled and state.step == 0:
         _log_run_inputs(w, state)
         log_samples(w, state.model, 0)  # the slider opens at step 0: the untrained model's samples
-    run(w, state)
+    try:
+        run(w, state)
+    finally:
+        if staging is not None and staging.in_flight():
+            # Ray Train finishes the uploads queued before it ends the worker; a failed one left its folder
+            log.info("rank %d: %d checkpoint upload(s) still in flight at the end of the loop", rank,
+                     len(staging.in_flight()))  # fmt: skip
     w.trace.final(state.step, state.model)
     if rank == 0:
         finish(w, state)
@@ -255,16 +266,23 @@ def _on_schedule(w: Worker, state: TrainState, meter: Meter) -> None:
         metrics = meter.flush(lr_at(step - 1, train), state.stats, substituted(state.train_stream))
         if w.rank == 0:
             log.info(meter.line(step, train.max_steps, metrics))
-    if step % train.eval_every == 0 or last:
+    evaluating, final = step % train.eval_every == 0 or last, last and train.final_eval_samples > 1
+    validation = None
+    if evaluating and train.eval_task is not None:  # a validation task scores this step's checkpoint
+        validation = validation_task(w.spec, step, final)
+        metrics[REQUESTED] = 2 if final else 1
+    elif evaluating:
         metrics["val_bpd"] = state.stats["val_bpd"] = evaluate_ema(w, state)
-    if last and train.final_eval_samples > 1:
-        metrics["val_bpd_iw"] = state.stats["val_bpd_iw"] = final_evaluation(w, state)
-    with_checkpoint = step % train.checkpoint_every == 0 or last
-    if preemption_notice(w, state) and not with_checkpoint:
-        with_checkpoint = True  # just in time: the drained node's workers may be gone at the deadline
+        if final:
+            metrics["val_bpd_iw"] = state.stats["val_bpd_iw"] = final_evaluation(w, state)
+    with_checkpoint = step % train.checkpoint_every == 0 or last or validation is not None
+    urgent = False
+    if preemption_notice(w, state):
+        # just in time, and uploaded before the step goes on: the drained node may be gone at the deadline
+        with_checkpoint = urgent = True
         metrics["preemption_notices"] = state.stats["preemption_notices"]
     if metrics or with_checkpoint:
-        report(w, state, metrics, with_checkpoint)
+        report(w, state, metrics, with_checkpoint, wait_for_upload=urgent, validation=validation)
 
 
 def preemption_notice(w: Worker, state: TrainState) -> bool:
@@ -334,19 +352,44 @@ def final_evaluation(w: Worker, state: TrainState) -> float:
     return bpd
 
 
-def report(w: Worker, state: TrainState, metrics: dict, with_checkpoint: bool) -> None:
-    """MLflow (rank 0), then ``ray.train.report`` on every rank, with this step's checkpoint if due."""
+def report(w: Worker, state: TrainState, metrics: dict, with_checkpoint: bool, wait_for_upload: bool = False,
+           validation=None) -> None:  # fmt: skip
+    """MLflow (rank 0), then ``ray.train.report`` on every rank, with this step's checkpoint if due
+    (and ``validation``, a ``ray.train.ValidationTaskConfig``, asking for a validation task on it).
+
+    With ``train.async_uploads`` every report goes through Ray Train's asynchronous mode, in order
+    behind the uploads in flight (a synchronous report would wait for them): the step goes on at
+    once, unless ``train.max_uploads_in_flight`` checkpoints are still uploading, or
+    ``wait_for_upload`` (a preemption notice's checkpoint) asks for this one to be in storage first.
+    """
     import ray.train
 
     w.tracker.metrics(metrics, state.step)
     metrics = {**metrics, "step": state.step}
-    if not with_checkpoint:
-        ray.train.report(metrics)
+    mode = ray.train.CheckpointUploadMode
+    if w.staging is None:  # synchronous: each checkpoint in storage before the step goes on
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        with checkpoint.staged(state, w.rank) as directory:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                             validation=validation or False)  # fmt: skip
+        if w.rank == 0:
+            log.info("step %d: checkpoint saved (keeping the last %d)", state.step, w.spec.train.keep_checkpoints)
         return
-    with checkpoint.staged(state, w.rank) as directory:
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    if not with_checkpoint:
+        ray.train.report(metrics, checkpoint_upload_mode=mode.ASYNC)
+        return
+    part, waited = w.staging.stage(state, w.rank)
+    state.stats["upload_wait_s"] = state.stats.get("upload_wait_s", 0.0) + waited
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(part)),
+                     checkpoint_upload_mode=mode.SYNC if wait_for_upload else mode.ASYNC,
+                     delete_local_checkpoint_after_upload=True, validation=validation or False)  # fmt: skip
     if w.rank == 0:
-        log.info("step %d: checkpoint saved (keeping the last %d)", state.step, w.spec.train.keep_checkpoints)
+        how = "uploaded" if wait_for_upload else "uploading in the background"
+        wait = f"; waited {waited:.1f} s for room among the uploads in flight" if waited >= 0.1 else ""
+        log.info("step %d: checkpoint %s (keeping the last %d%s)", state.step, how, w.spec.train.keep_checkpoints,
+                 wait)  # fmt: skip
 
 
 def substituted(stream: ShardStream) -> int:
@@ -375,6 +418,8 @@ def finish(w: Worker, state: TrainState) -> None:
     if not tracker.enabled:
         return
     tracker.flush()  # the metrics queued while MLflow was away, before anything else
+    if spec.train.eval_task is not None:  # the driver registers, once the final validation task is done
+        return
     if not spec.mlflow.register_model:  # a Tune trial: the search registers its best
         tracker.finish()
         return

@@ -64,6 +64,8 @@ class Meter:
             "world_size": self.world,
             "accum_steps": self.accum,
         }
+        if "upload_wait_s" in stats:  # asynchronous checkpoint uploads: what the steps waited for them, in all
+            metrics["upload_wait_s"] = stats["upload_wait_s"]
         utilisation = mfu(self.flops_per_image, images_s / self.world, self.peak)
         if utilisation is not None:
             metrics["mfu_pct"] = 100.0 * utilisation

@@ -129,3 +129,24 @@ def test_aws_token_check_rejects(breaks):
     raw = _raw()
     breaks(raw)
     assert aws_token_problems(raw)
+
+
+def test_a_spot_worker_type_of_one_gpu_holds_the_spot_jobs_worker_range():
+    import math
+
+    from orchestrator.config import load_job
+    from tests.infra.checks import JOB
+
+    config = prepared_aws_config(_raw())
+    spot = config["available_node_types"]["gpu_1x_spot"]
+    assert spot["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+    spec = load_job(JOB.parent / "imagenet64-spot.yaml")
+    eval_nodes = math.ceil(spec.train.eval_task.gpus) if spec.train.eval_task else 0
+    assert spot["resources"]["GPU"] == 1 and spot["resources"]["CPU"] >= spec.scaling.cpus_per_worker
+    assert spot["min_workers"] == 0 and spot["max_workers"] == spec.scaling.max_workers + eval_nodes
+    workers = [t for name, t in config["available_node_types"].items() if name != config["head_node_type"]]
+    assert sum(t["max_workers"] for t in workers) <= config["max_workers"]
+    # a node type's own setup list replaces the global ones: it keeps the token check, for one GPU
+    own = _raw()["available_node_types"]["gpu_1x_spot"]["worker_setup_commands"]
+    assert "chmod 600 ~/.ray/auth_token && test -s ~/.ray/auth_token" in own
+    assert any("n == 1" in c for c in own) and not any("n == 8" in c for c in own)

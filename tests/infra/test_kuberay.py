@@ -50,6 +50,11 @@ def test_crd_validation_rejects_broken_clusters(crd_schemas, breaks):
     assert crd_errors(crd_schemas, doc)
 
 
+def worker_group(cluster: dict, name: str) -> dict:
+    (group,) = [g for g in cluster["spec"]["workerGroupSpecs"] if g["groupName"] == name]
+    return group
+
+
 def test_raycluster_shape():
     (cluster,) = docs(INFRA / "kuberay" / "raycluster.yaml")
     spec = cluster["spec"]
@@ -57,7 +62,7 @@ def test_raycluster_shape():
     assert spec["rayVersion"] == dockerfile_arg("RAY_VERSION")
     head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in head["resources"]["limits"]
-    (group,) = spec["workerGroupSpecs"]
+    group = worker_group(cluster, "gpu-8x")
     assert 0 == group["minReplicas"] < group["maxReplicas"]
     pod = group["template"]["spec"]
     worker = pod["containers"][0]
@@ -85,7 +90,7 @@ def test_rayjob_runs_the_job_spec_on_the_cluster():
     assert yaml.safe_load(job["spec"]["runtimeEnvYAML"]) == {"working_dir": workdir}
     spec = load_job(JOB)
     assert job["spec"]["entrypointNumCpus"] == spec.ray.entrypoint_num_cpus
-    (group,) = cluster["spec"]["workerGroupSpecs"]
+    group = worker_group(cluster, "gpu-8x")
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
     workers_per_node = int(limits["nvidia.com/gpu"])
     assert spec.scaling.use_gpu and spec.scaling.num_workers <= workers_per_node * group["maxReplicas"]
@@ -111,3 +116,33 @@ def test_mlflow_uri_comes_from_config_and_names_the_mlflow_service():
     for container in containers(cluster):
         assert {"configMapRef": {"name": config["metadata"]["name"]}} in container["envFrom"]
     assert "${MLFLOW_TRACKING_URI" in yaml.safe_load(JOB.read_text())["mlflow"]["tracking_uri"]
+
+
+def test_the_spot_group_holds_the_spot_jobs_worker_range_one_gpu_a_node():
+    import math
+
+    from orchestrator.config import load_job
+
+    (cluster,) = docs(INFRA / "kuberay" / "raycluster.yaml")
+    group = worker_group(cluster, "gpu-1x-spot")
+    spec = load_job(JOB.parent / "imagenet64-spot.yaml")
+    assert spec.scaling.elastic and spec.scaling.use_gpu
+    pod = group["template"]["spec"]
+    limits = pod["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1"  # a reclaimed node costs one worker
+    assert spec.scaling.cpus_per_worker <= int(limits["cpu"])
+    eval_nodes = math.ceil(spec.train.eval_task.gpus) if spec.train.eval_task else 0
+    # on demand from 0 (an idle cluster holds no GPU) up to the job's maximum and its evaluation node
+    assert group["minReplicas"] == group["replicas"] == 0
+    assert group["maxReplicas"] == spec.scaling.max_workers + eval_nodes
+    assert spec.scaling.min_workers <= group["maxReplicas"]
+    # only spot nodes, which taint themselves: the pods tolerate the taint and select the capacity type
+    assert pod["nodeSelector"]["karpenter.sh/capacity-type"] == "spot"
+    assert {"key": "flowpp.io/spot", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    # the notice's time to drain: at least the job's grace, within the two minutes a cloud gives
+    assert spec.scaling.preemption.grace_s <= pod["terminationGracePeriodSeconds"] <= 120
+    # the same data volumes as the on-demand group: /dev/shm holds the object store
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    shm_gib = int(volume["emptyDir"]["sizeLimit"].removesuffix("Gi"))
+    assert shm_gib * 2**30 > int(group["rayStartParams"]["object-store-memory"])

@@ -24,6 +24,7 @@ from orchestrator.tracking.buffer import MetricBuffer
 from orchestrator.tracking.connection import HTTP_TIMEOUT_S
 from tests.helpers import initialized_model, tiny_config
 from tests.jobs import tiny_job, write_job
+from tests.mlflowfixtures import SERVER_ENV
 from tests.s3fixtures import _wait_http, free_port
 
 pytestmark = pytest.mark.integration
@@ -42,7 +43,8 @@ class Server:
                str(self.port), "--workers", "1", "--backend-store-uri", f"sqlite:///{self.state}/mlflow.db",
                "--artifacts-destination", f"file://{self.state}/artifacts", "--serve-artifacts"]  # fmt: skip
         log = open(self.state / "server.log", "ab")  # noqa: SIM115  (the child keeps it)
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**os.environ, **SERVER_ENV})  # fmt: skip
         log.close()
         _wait_http(f"{self.uri}/health", timeout=120)
 

@@ -25,6 +25,7 @@ from orchestrator.data.stream import ShardStream
 from tests.jobs import tiny_job, write_job
 from tests.rayauth import token_auth
 from tests.rayfixtures import local_ray as start_local_ray
+from tests.s3fixtures import ACCESS_KEY, SECRET, FaultProxy
 
 pytestmark = pytest.mark.integration
 
@@ -38,11 +39,21 @@ def job(tmp_path: Path, **train) -> dict:
 
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory):
-
+    """Ray of 3 CPUs whose workers have the moto endpoint's credentials in their environment, as a
+    cluster's workers have theirs (an instance role, or the variables)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    patch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        patch.delenv(var, raising=False)
     auth = token_auth(tmp_path_factory.mktemp("ray-auth"))
-    with start_local_ray(num_cpus=3):
-        yield
-    auth.restore()
+    try:
+        with start_local_ray(num_cpus=3):
+            yield
+    finally:
+        auth.restore()
+        patch.undo()
 
 
 def trace(tmp_path: Path, rank: int) -> list[dict]:
@@ -125,6 +136,21 @@ def test_killed_worker_restarts_from_the_last_checkpoint_without_skipping_data(t
         final = {r["step"]: r["keys"] for r in records}
         assert sorted(final) == list(range(40))
         assert [final[s] for s in range(40)] == expected_keys(spec, rank, 40)
+
+    # bit-identical to a run of the same spec that nothing interrupted: the restored RNG states give the
+    # same dequantization noise, the data plan the same batches, the checkpoint the same Adam and EMA state
+    twin_dir = tmp_path / "twin"
+    twin_dir.mkdir()
+    twin = job(twin_dir, max_steps=40)
+    twin["data"].update(train=spec.data.train, valid=spec.data.valid)
+    twin_result = run_training(validate(twin))
+    assert twin_result.error is None and twin_result.metrics["step"] == 40
+    killed, uninterrupted = (
+        [r for r in trace(where, rank) if "params_sha256" in r] for where, rank in ((tmp_path, 0), (twin_dir, 0))
+    )
+    assert killed[-1]["final_step"] == uninterrupted[-1]["final_step"] == 40
+    assert killed[-1]["params_sha256"] == uninterrupted[-1]["params_sha256"]
+    assert twin_result.metrics["val_bpd_iw"] == result.metrics["val_bpd_iw"]
 
 
 @pytest.mark.slow
@@ -290,3 +316,140 @@ def test_killed_driver_then_resubmitted_job_resumes(tmp_path):
     for part in ("images/s ", "lr ", "grad_norm ", "mfu ", "data_wait ", "substituted 0", "eta "):
         assert all(part in ln for ln in lines), (part, lines[-1])
     assert "Reporting training result" not in out.stderr + out.stdout
+
+
+# -- checkpoint uploads off the step ---------------------------------------------------
+DELAY_S = 1.0
+"""What the proxy adds to every write (PUT, POST) to the bucket: far more than a tiny step takes
+(and under the 3 s without a byte after which pyarrow's S3 client gives a request up)."""
+
+PARTS = {"state.pt", "meta.json", "rng-rank0.pt", "rng-rank1.pt"}
+"""The files of one complete checkpoint of 2 workers."""
+
+
+def complete_checkpoints(client, bucket: str, prefix: str) -> set[str]:
+    """The checkpoint folders under ``prefix`` that hold every part."""
+    parts: dict[str, set[str]] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            folder, _, name = obj["Key"].rpartition("/")
+            if "/checkpoint_" in f"/{folder}":
+                parts.setdefault(folder, set()).add(name)
+    return {folder for folder, names in parts.items() if names >= PARTS}
+
+
+def step_gap(tmp_path: Path, step: int) -> float:
+    """Seconds between rank 0's records of ``step - 1`` and ``step``: the step that follows the
+    report of a checkpoint taken after ``step`` steps."""
+    at = {r["step"]: r["time"] for r in trace(tmp_path, 0) if "step" in r}
+    return at[step] - at[step - 1]
+
+
+@pytest.mark.slow
+def test_a_slow_store_holds_up_no_step_and_a_complete_checkpoint_is_always_kept(tmp_path, s3_endpoint, local_ray):
+    """Every checkpoint write held DELAY_S: synchronous uploads would hold the checkpoint's step up
+    that long at least (``bench/checkpoint_upload.py`` measures both modes); in the background the
+    step takes no longer than another."""
+    import boto3
+
+    from orchestrator.driver.launch import run_training
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id=ACCESS_KEY,
+                          aws_secret_access_key=SECRET)  # fmt: skip
+    bucket = f"uploads-{tmp_path.name[-8:].lower().replace('_', '-')}"
+    client.create_bucket(Bucket=bucket)
+    # the writes of checkpoints (folders checkpoint_<date>), not of the lock or Ray Train's snapshot
+    proxy = FaultProxy(s3_endpoint, "/checkpoint_2", failures=-1, mode="slow", methods=("PUT", "POST"), delay_s=DELAY_S)
+    tree = job(tmp_path, max_steps=20, checkpoint_every=10, keep_checkpoints=1, eval_every=20, log_every=10,
+               final_eval_samples=0, sample_grid=0, async_uploads=True)  # fmt: skip
+    tree["storage"] = {"path": f"s3://{bucket}/runs", "endpoint_url": proxy.endpoint}
+    seen: list[set[str]] = []
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.append(complete_checkpoints(client, bucket, "runs/"))
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        result = run_training(validate(tree))
+    finally:
+        done.set()
+        watcher.join(timeout=30)
+        proxy.close()
+    assert result.error is None and result.metrics["step"] == 20, result.error
+    assert proxy.injected >= 2 * len(PARTS)  # both checkpoints' writes were held
+    # the step after the checkpoint's report takes no longer than a step (a write takes 1 s)
+    assert step_gap(tmp_path, 10) < DELAY_S / 2
+    assert result.metrics["upload_wait_s"] < DELAY_S / 2  # the bound of uploads in flight was never met
+    # from the first complete checkpoint on, one is always there (keep_checkpoints: 1): the older is
+    # deleted only once the newer is complete in storage
+    first = next(i for i, s in enumerate(seen) if s)
+    assert all(seen[first:]), [len(s) for s in seen]
+    assert len(complete_checkpoints(client, bucket, "runs/")) == 1
+
+
+# -- evaluation as validation tasks -------------------------------------------------------
+def task_job(tmp_path: Path, **eval_task) -> dict:
+    """20 steps, an evaluation at 10 and 20 (with the final bound) as validation tasks of 1 CPU."""
+    tree = job(tmp_path, max_steps=20, checkpoint_every=20, eval_every=10, log_every=10, keep_checkpoints=2,
+               sample_grid=2, final_eval_samples=2)  # fmt: skip
+    tree["train"]["eval_task"] = {"cpus": 1, **eval_task}
+    return tree
+
+
+@pytest.mark.slow
+def test_evaluations_run_as_validation_tasks_logged_at_their_steps_and_the_final_figure_registers(
+    tmp_path, local_ray, caplog
+):
+    import mlflow
+
+    from orchestrator.driver.launch import run_training
+
+    spec = validate(task_job(tmp_path))
+    with caplog.at_level("INFO"):
+        result = run_training(spec)
+    assert result.error is None and result.metrics["step"] == 20
+    # the workers never evaluated: the figures came from the tasks, into the checkpoints' metrics
+    kept = {m["step"]: m for _, m in result.best_checkpoints}
+    assert sorted(kept) == [10, 20] and kept[10]["eval_requested"] == 1 and kept[20]["eval_requested"] == 2
+    assert 0 < kept[10]["val_bpd"] < 16 and 0 < kept[20]["val_bpd_iw"] < 16
+    client = mlflow.MlflowClient(tracking_uri=spec.mlflow.tracking_uri)
+    (version,) = client.search_model_versions(f"name='{spec.mlflow.registered_model}'")
+    run = client.get_run(version.run_id)
+    # MLflow has each figure at the step it belongs to, and the sample grids by step
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_bpd")] == [
+        (10, pytest.approx(kept[10]["val_bpd"])),
+        (20, pytest.approx(kept[20]["val_bpd"])),
+    ]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_bpd_iw")] == [20]
+    # registered once the final figure was in, with it; the run closed by the driver
+    assert float(version.tags["val_bpd_iw"]) == pytest.approx(kept[20]["val_bpd_iw"], abs=1e-6)
+    assert run.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_validation_tasks_that_time_out_cost_their_figures_never_the_training_and_register_nothing(
+    tmp_path, local_ray, caplog
+):
+    import mlflow
+
+    from orchestrator.driver.launch import run_training
+    from orchestrator.training.validation import FinalFigureMissing
+
+    spec = validate(task_job(tmp_path, timeout_s=0.001, final_timeout_s=0.001))  # no task can finish
+    with caplog.at_level("INFO"), pytest.raises(FinalFigureMissing) as missing:
+        run_training(spec)
+    assert str(missing.value).startswith("step 20: the final evaluation gave no val_bpd_iw")
+    assert "is not registered; the run's checkpoints are kept" in str(missing.value)
+    # training went on to the end: both checkpoints reported, without figures
+    assert max(r["step"] for r in trace(tmp_path, 0) if "step" in r) == 19
+    lines = [r.getMessage() for r in caplog.records if "no validation figure" in r.getMessage()]
+    assert [line.split(":")[0] for line in lines] == ["step 10", "step 20"], lines
+    client = mlflow.MlflowClient(tracking_uri=spec.mlflow.tracking_uri)
+    assert client.search_model_versions(f"name='{spec.mlflow.registered_model}'") == []
+    exp = client.get_experiment_by_name(spec.mlflow.experiment)
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FAILED"

@@ -130,3 +130,42 @@ def test_new_state_travels_by_naming_it_in_the_state_record_alone(tmp_path):
     checkpoint.save(tmp_path / "old", plain, rank=0)
     with pytest.raises(checkpoint.CheckpointError, match="no 'scaler' state"):
         checkpoint.load(tmp_path / "old", fresh, rank=0)
+
+
+def test_staging_holds_at_most_its_limit_and_waits_for_the_oldest_upload(tmp_path):
+    import threading
+    import time
+
+    staging = checkpoint.Staging(limit=2, root=tmp_path / "staging")
+    state = trained_state(steps=1)
+    first, waited_first = staging.stage(state, rank=0)
+    second, waited_second = staging.stage(state, rank=0)
+    assert waited_first < 0.1 and waited_second < 0.1  # room for two: no wait
+    assert staging.in_flight() == [first, second] and (first / "state.pt").is_file()
+    # the uploader (Ray Train's thread) deletes the first part once it is in storage, 0.3 s from now
+    timer = threading.Timer(0.3, lambda: __import__("shutil").rmtree(first))
+    started = time.monotonic()
+    timer.start()
+    third, waited = staging.stage(state, rank=0)
+    assert 0.25 <= waited <= time.monotonic() - started  # it waited for room, and says so
+    assert staging.in_flight() == [second, third]
+    staging.close()
+    assert not staging.root.exists()
+
+
+def test_a_validation_task_that_fails_is_one_line_naming_its_step_then_raised(tmp_path, caplog):
+    from ray.train import Checkpoint
+
+    from orchestrator.config import validate
+    from orchestrator.core.errors import FlowppError
+    from orchestrator.training.validation import validate_checkpoint
+    from tests.jobs import tiny_job
+
+    checkpoint.save(tmp_path / "ckpt", trained_state(), rank=0)
+    tree = tiny_job(tmp_path, train__eval_task={"cpus": 1})  # its validation split was never prepared
+    with caplog.at_level("INFO"), pytest.raises(FlowppError):
+        validate_checkpoint(Checkpoint.from_directory(str(tmp_path / "ckpt")), job=validate(tree).model_dump(),
+                            run_id=None, step=10, final=False)  # fmt: skip
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert line.startswith("validation of the checkpoint at step 10 failed: ") and "\n" not in line
+    assert "valid" in line and "training goes on" in line

@@ -27,7 +27,9 @@ def _write(tmp_path, text):
 def test_every_job_file_validates(path):
     spec = load_job(path)
     assert spec.model.flow_config() is not None
-    assert spec.train.global_batch_size % spec.scaling.num_workers == 0
+    for world in range(spec.scaling.min_workers, spec.scaling.max_workers + 1):
+        b = spec.batching(world)  # every size of the range makes the global batch exactly
+        assert b.micro * b.steps * world == spec.train.global_batch_size, (world, b)
 
 
 def test_shipped_jobs_that_share_a_registered_model_model_the_same_images():
