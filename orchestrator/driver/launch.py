@@ -236,7 +236,7 @@ def make_trainer(spec: JobSpec, run_id: str | None, callbacks: list | None = Non
 
     from orchestrator.training.loop import train_loop  # lazy: torch, for the workers
     from orchestrator.training.rendezvous import StoreOnMasterConfig  # lazy: torch
-    from orchestrator.training.validation import validation_config
+    from orchestrator.training.validation import validation_config  # lazy: torch
 
     fs, path = storage.pyarrow_filesystem(spec.storage.path, spec.storage.options())
     resources = {"CPU": spec.scaling.cpus_per_worker}
@@ -329,7 +329,7 @@ def _train(spec: JobSpec, run: str):
     """One Ray Train run named ``run`` to its end (resuming from its last checkpoint)."""
     import ray.train
 
-    from orchestrator.training.validation import register_validated
+    from orchestrator.training.validation import register_validated  # lazy: torch, for a run that trains
 
     spec = resolve_paths(spec)
     if spec.mlflow.enabled:

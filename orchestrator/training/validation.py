@@ -23,7 +23,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orchestrator.config import JobSpec
 from orchestrator.core.errors import FlowppError
+from orchestrator.core.logs import setup_logging
+from orchestrator.core.redact import without_env_vars
+from orchestrator.data.stream import for_job
+from orchestrator.evaluation.evaluate import evaluate, periodic_batches
+from orchestrator.evaluation.images import sample_grid
+from orchestrator.tracking import RunLogger
+from orchestrator.training.checkpoint import load_ema_model
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +60,6 @@ def validation_config(spec, run_id: str | None):
         return None
     import ray.train
 
-    from orchestrator.core.redact import without_env_vars
-
     resources: dict[str, Any] = {"num_cpus": task.cpus, "max_retries": 0}
     if task.gpus:
         resources["num_gpus"] = task.gpus
@@ -71,9 +77,6 @@ def validate_checkpoint(checkpoint, **kwargs: Any) -> dict:
     split as the loop would score them (``val_bpd``; with ``final``, also ``val_bpd_iw``), logged to
     MLflow at ``step``; returned for the checkpoint's metrics. A failure is one line, then raised.
     ``kwargs``: ``job`` (the spec), ``run_id`` (MLflow's), ``step`` and ``final``."""
-    from orchestrator.config import JobSpec
-    from orchestrator.core.logs import setup_logging
-
     if not logging.getLogger().handlers:  # a task's own process: its lines reach the driver's log
         setup_logging("INFO")
     spec = JobSpec.model_validate(kwargs["job"])
@@ -93,11 +96,6 @@ def validate_checkpoint(checkpoint, **kwargs: Any) -> dict:
 
 def _score(spec, checkpoint, step: int, final: bool, run_id: str | None) -> dict[str, float]:
     import torch
-
-    from orchestrator.data.stream import for_job
-    from orchestrator.evaluation.evaluate import evaluate, periodic_batches
-    from orchestrator.tracking import RunLogger
-    from orchestrator.training.checkpoint import load_ema_model
 
     train = spec.train
     device = torch.device("cuda") if spec.train.eval_task.gpus and torch.cuda.is_available() else torch.device("cpu")
@@ -122,8 +120,6 @@ def _score(spec, checkpoint, step: int, final: bool, run_id: str | None) -> dict
     if tracker.enabled:
         tracker.metrics(figures, step)
         if train.sample_grid:
-            from orchestrator.evaluation.images import sample_grid
-
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / f"samples-{step:08d}.png"
                 sample_grid(model, train.sample_grid, path, seed=train.seed)
@@ -138,9 +134,6 @@ def register_validated(spec, run_id: str | None, result) -> str | None:
     """The driver's end of a run with ``train.eval_task``: one line for each kept checkpoint that
     asked for a figure and got none; then, if the last checkpoint has its final figure, the EMA
     model registered from it (the version), else nothing registered (None), with the reason."""
-    from orchestrator.tracking import RunLogger
-    from orchestrator.training.checkpoint import load_ema_model
-
     kept = sorted(result.best_checkpoints or [], key=lambda pair: pair[1].get("step", -1))
     for _, metrics in kept:
         if metrics.get(REQUESTED) and "val_bpd" not in metrics:

@@ -381,8 +381,9 @@ def test_a_slow_store_holds_up_no_step_and_a_complete_checkpoint_is_always_kept(
         proxy.close()
     assert result.error is None and result.metrics["step"] == 20, result.error
     assert proxy.injected >= 2 * len(PARTS)  # both checkpoints' writes were held
-    # the step after the checkpoint's report takes no longer than a step (a write takes 1 s)
-    assert step_gap(tmp_path, 10) < DELAY_S / 2
+    # the step after the checkpoint's report is not held up by a single write (each is held 1 s; on
+    # the step, rank 0's three would hold it that long at least)
+    assert step_gap(tmp_path, 10) < DELAY_S
     assert result.metrics["upload_wait_s"] < DELAY_S / 2  # the bound of uploads in flight was never met
     # from the first complete checkpoint on, one is always there (keep_checkpoints: 1): the older is
     # deleted only once the newer is complete in storage
