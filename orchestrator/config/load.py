@@ -122,6 +122,11 @@ def semantic_problems(spec: JobSpec) -> list[str]:
         problems.append("train.warmup_steps: not used by train.schedule.kind=piecewise; put the warm-up in its phases")
     if spec.tune is not None:
         problems += tune_problems(spec)
+        if spec.train.eval_task is not None:
+            problems.append(
+                "train.eval_task: a search ranks its trials by the figure each report carries; validation "
+                "tasks give it later, off the report: evaluate in the loop (no eval_task)"
+            )
     return problems
 
 

@@ -185,7 +185,9 @@ def train_loop(config: dict) -> None:
     tracker: Tracker = RunLogger(tracking_uri, config.get("mlflow_run_id"), retry_budget_s=spec.mlflow.retry_budget_s)
     tracker.system_metrics(spec.mlflow)  # rank 0's machine: CPU, memory, GPUs; stopped by finish
     device = next(state.model.parameters()).device
-    staging = checkpoint.Staging(spec.train.max_uploads_in_flight) if spec.train.async_uploads else None
+    staging = None
+    if spec.train.async_uploads:  # the same folder at every attempt of this rank: a restart clears it
+        staging = checkpoint.Staging.for_rank(spec.train.max_uploads_in_flight, spec.name, spec.storage.path, rank)
     w = Worker(spec, rank, world, device, valid, tracker, Trace(spec.train.trace_dir, rank), staging)
     if tracker.enabled and state.step == 0:
         _log_run_inputs(w, state)

@@ -91,8 +91,13 @@ def registered_step(tmp_path: Path) -> int:
 
 
 def ray_train_workers() -> list[psutil.Process]:
-    me = psutil.Process()
-    return [p for p in me.children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
+    def cmdline(p: psutil.Process) -> str:
+        try:
+            return " ".join(p.cmdline())
+        except psutil.Error:  # exited meanwhile, or a zombie not yet reaped (a Ray worker that just ended)
+            return ""
+
+    return [p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in cmdline(p)]
 
 
 @pytest.mark.slow

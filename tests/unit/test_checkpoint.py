@@ -169,3 +169,22 @@ def test_a_validation_task_that_fails_is_one_line_naming_its_step_then_raised(tm
     (line,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert line.startswith("validation of the checkpoint at step 10 failed: ") and "\n" not in line
     assert "valid" in line and "training goes on" in line
+
+
+def test_a_restarted_ranks_staging_clears_the_parts_its_previous_attempt_never_uploaded(tmp_path, caplog, monkeypatch):
+    root = tmp_path / "flowpp-staging-job-rank0"
+    first = checkpoint.Staging(limit=2, root=root)
+    left, _ = first.stage(trained_state(steps=1), rank=0)  # its upload never happened: the worker died
+    assert left.is_dir()
+    with caplog.at_level("WARNING"):
+        again = checkpoint.Staging(limit=2, root=root)  # the same rank's next attempt
+    assert again.in_flight() == [] and not left.exists()
+    assert any("never uploaded" in r.getMessage() and left.name in r.getMessage() for r in caplog.records)
+    # one folder a job, storage and rank on a node, whatever characters the job's name holds
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    a = checkpoint.Staging.for_rank(2, "imagenet64 spot/1", "s3://runs/a", 3).root
+    assert a.parent == tmp_path and a.name.startswith("flowpp-staging-imagenet64_spot_1-") and a.name.endswith("-rank3")
+    assert checkpoint.Staging.for_rank(2, "imagenet64 spot/1", "s3://runs/a", 3).root == a  # the next attempt's
+    assert checkpoint.Staging.for_rank(2, "imagenet64 spot/1", "s3://runs/b", 3).root != a  # another job's

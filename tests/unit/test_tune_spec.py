@@ -54,6 +54,13 @@ def test_every_mistake_in_the_space_is_named():
     assert "tune.space.model.dropout: give exactly one of" in found
 
 
+def test_a_search_refuses_evaluations_as_validation_tasks():
+    found = problems(lambda t: t["train"].update(eval_task={"cpus": 1}))
+    assert any(
+        p.startswith("train.eval_task: a search ranks its trials by the figure each report carries") for p in found
+    )
+
+
 def test_grid_values_take_the_fields_types():
     t = tree()
     t["tune"]["space"]["train.lr"] = {"grid": ["1e-6", 0.003]}  # how YAML reads 1e-6
