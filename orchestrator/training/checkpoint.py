@@ -16,6 +16,7 @@ whose ``format_version`` this code does not know is refused with a message namin
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -112,8 +113,6 @@ class Staging:
         same folder at every attempt, so that a restart clears what the one before it left. The
         workers of a node share its temporary directory; a job's rank is one worker at a time (the
         job's lock keeps a second driver of the same job and storage out)."""
-        import hashlib
-
         name = "".join(c if c.isalnum() or c in "-_." else "_" for c in job)
         where = hashlib.sha256(storage_path.encode()).hexdigest()[:8]
         return cls(limit, Path(tempfile.gettempdir()) / f"flowpp-staging-{name}-{where}-rank{rank}")
