@@ -201,6 +201,10 @@ class PreemptionSpec(SpecModel):
     a barrier over the workers: 4.5 ms on 2 CPU workers (bench/preemption_check.py), 1.2% of a
     CPU test step but a few percent of a fast GPU step, so every 10 steps by default; a notice gives
     30 s to 2 minutes, and 10 steps take seconds."""
+    poll_interval_s: float = Field(2.0, gt=0, le=60, allow_inf_nan=False)
+    """How often Ray Train's watcher asks Ray's control store for drains of this run's nodes (Ray's
+    default is 5 s). A notice reaches the workers this late at most, then their next check: of a
+    30 s notice, 5 s was a sixth gone before the checkpoint began."""
     max_restarts: int = Field(-1, ge=-1)
     """Restarts after a preemption, counted apart from ``scaling.max_failures`` (-1: no limit)."""
     grace_s: float = Field(0.0, ge=0, allow_inf_nan=False)

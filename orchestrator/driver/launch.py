@@ -276,24 +276,27 @@ def make_trainer(spec: JobSpec, run_id: str | None, callbacks: list | None = Non
     )
 
 
-START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
-"""Ray Train's worker-group start timeout; it passes this variable of the driver's environment on
-to its controller."""
+CONTROLLER_VARS = ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S")
+"""Ray Train's worker-group start timeout and its preemption watcher's poll interval: it passes
+these variables of the driver's environment on to its controller."""
 
 
 @contextmanager
 def controller_settings(spec: JobSpec) -> Iterator[None]:
-    """The job's settings for Ray Train's controller, in this process's environment while it runs
-    (``scaling.start_timeout_s``); put back afterwards."""
-    saved = os.environ.get(START_TIMEOUT_VAR)
-    os.environ[START_TIMEOUT_VAR] = f"{spec.scaling.start_timeout_s:g}"
+    """The job's settings for Ray Train's controller (``scaling.start_timeout_s``,
+    ``scaling.preemption.poll_interval_s``), in this process's environment while it runs; put back
+    afterwards."""
+    values = (spec.scaling.start_timeout_s, spec.scaling.preemption.poll_interval_s)
+    saved = {name: os.environ.get(name) for name in CONTROLLER_VARS}
+    os.environ.update({name: f"{value:g}" for name, value in zip(CONTROLLER_VARS, values, strict=True)})
     try:
         yield
     finally:
-        if saved is None:
-            os.environ.pop(START_TIMEOUT_VAR, None)
-        else:
-            os.environ[START_TIMEOUT_VAR] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def run_training(spec: JobSpec, new_run: bool = False, lock: bool = True):

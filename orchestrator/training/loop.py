@@ -283,7 +283,11 @@ def _on_schedule(w: Worker, state: TrainState, meter: Meter) -> None:
         # just in time, and uploaded before the step goes on: the drained node may be gone at the deadline
         with_checkpoint = urgent = True
         metrics["preemption_notices"] = state.stats["preemption_notices"]
-    if metrics or with_checkpoint:
+    w.tracker.metrics(metrics, step)  # MLflow (rank 0): every log step
+    # Ray Train only what it acts on: a checkpoint, or a figure a search ranks trials on. Its
+    # controller takes one report a rank per poll (2 s), so a report at every log step queued up
+    # behind each other, and a checkpoint waited its turn behind them (one lost with its node)
+    if with_checkpoint or evaluating:
         report(w, state, metrics, with_checkpoint, wait_for_upload=urgent, validation=validation)
 
 
@@ -356,8 +360,8 @@ def final_evaluation(w: Worker, state: TrainState) -> float:
 
 def report(w: Worker, state: TrainState, metrics: dict, with_checkpoint: bool, wait_for_upload: bool = False,
            validation=None) -> None:  # fmt: skip
-    """MLflow (rank 0), then ``ray.train.report`` on every rank, with this step's checkpoint if due
-    (and ``validation``, a ``ray.train.ValidationTaskConfig``, asking for a validation task on it).
+    """``ray.train.report`` on every rank, with this step's checkpoint if due (and ``validation``, a
+    ``ray.train.ValidationTaskConfig``, asking for a validation task on it).
 
     With ``train.async_uploads`` every report goes through Ray Train's asynchronous mode, in order
     behind the uploads in flight (a synchronous report would wait for them): the step goes on at
@@ -366,7 +370,6 @@ def report(w: Worker, state: TrainState, metrics: dict, with_checkpoint: bool, w
     """
     import ray.train
 
-    w.tracker.metrics(metrics, state.step)
     metrics = {**metrics, "step": state.step}
     mode = ray.train.CheckpointUploadMode
     if w.staging is None:  # synchronous: each checkpoint in storage before the step goes on

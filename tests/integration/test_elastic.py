@@ -26,6 +26,8 @@ from tests.rayfixtures import LOOPBACK, loopback
 
 pytestmark = pytest.mark.integration
 
+MAX_STEPS = 192  # eight epochs of 24 steps
+
 
 def counted_steps(tmp_path: Path, ranks: int = 2) -> dict[int, list[dict]]:
     """Per step, the records of the attempt that counted (the last one to train it): for each rank
@@ -47,15 +49,15 @@ def wait_for(condition, what: str, thread_alive, timeout_s: float = 300) -> None
 
 
 @pytest.mark.slow
-def test_a_run_rides_out_a_lost_node_a_new_node_and_a_preemption_at_the_same_global_batch(tmp_path):
-    """One elastic run ([1, 2] workers, three epochs), on a head and one more node:
+def test_a_run_rides_out_a_lost_node_a_new_node_and_a_preemption_at_the_same_global_batch(tmp_path, monkeypatch):
+    """One elastic run ([1, 2] workers, eight epochs), on a head and one more node:
 
     1. the second node is lost without notice: training goes on at 1 worker (a failure);
     2. a new node joins: the group grows back to 2;
-    3. that node is drained for preemption (6 s notice): a checkpoint at once; at the deadline the
+    3. that node is drained for preemption (4 s notice): a checkpoint at once; at the deadline the
        group restarts, the node is reclaimed, and training goes on on the head alone from that
-       checkpoint (a preemption: with ``max_failures: 1`` spent on the lost node, a restart counted
-       as a failure would end the run).
+       checkpoint, or a scheduled one after it (a preemption: with ``max_failures: 1`` spent on the
+       lost node, a restart counted as a failure would end the run).
 
     At every step the two or one workers train on 8 images in all; over each epoch every image once.
     """
@@ -68,18 +70,23 @@ def test_a_run_rides_out_a_lost_node_a_new_node_and_a_preemption_at_the_same_glo
     from orchestrator.driver.launch import run_training
 
     auth = token_auth(tmp_path)
+    # Ray Train's controller takes in a report a rank each poll (every 2 s by default): at 1 s the
+    # notice's checkpoint is surely registered within the short notice of a test
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1")
     with loopback():
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": LOOPBACK})
         second = cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK)
         try:
             ray.init(address=cluster.address, _node_ip_address=LOOPBACK)
-            # 192 training images, 8 a step: 24 steps an epoch at any world size; 3 epochs, so that a
-            # loaded machine still grows back before the end. The scheduled checkpoints are every 16
+            # 192 training images, 8 a step: 24 steps an epoch at any world size. Eight epochs: the
+            # group grows back after 50 to 80 steps on one worker, and the notice and its deadline (4 s,
+            # 40 steps at 2 workers) must fall before the end. The scheduled checkpoints are every 16
             # steps: the notice's falls between them
-            tree = job(tmp_path, max_steps=72, checkpoint_every=16, eval_every=72, log_every=4, micro_batch_size=4)
+            tree = job(tmp_path, max_steps=MAX_STEPS, checkpoint_every=16, eval_every=MAX_STEPS, log_every=4,
+                       micro_batch_size=4)  # fmt: skip
             # a restart that first asks for a node just lost waits start_timeout_s, then starts smaller
             tree["scaling"].update(num_workers=[1, 2], resize_check_s=1.0, max_failures=1, start_timeout_s=10,
-                                   preemption={"check_every_steps": 1})  # fmt: skip
+                                   preemption={"check_every_steps": 1, "poll_interval_s": 0.5})  # fmt: skip
             spec = validate(tree)
             box: dict = {}
             thread = threading.Thread(target=lambda: box.update(result=run_training(spec)))
@@ -93,12 +100,14 @@ def test_a_run_rides_out_a_lost_node_a_new_node_and_a_preemption_at_the_same_glo
             wait_for(lambda: any(r["world"] == 2 for r in records()[grown:]), "2 workers again", thread.is_alive)
             gcs = ray._raylet.GcsClient(address=cluster.address)
             reason = autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION")
-            deadline = time.time() + 6.0  # 3. the cloud's notice
+            deadline = time.time() + 4.0  # 3. the cloud's notice
             accepted, why = gcs.drain_node(spot.node_id, reason, "spot reclaim (test)", int(deadline * 1000))
             assert accepted, why
-            wait_for(lambda: registered_step(tmp_path) % 16, "the just-in-time checkpoint", thread.is_alive)
+            jit = lambda: (step := registered_step(tmp_path)) % 16 and step < MAX_STEPS  # noqa: E731 (not the last step's)
+            wait_for(jit, "the just-in-time checkpoint", thread.is_alive)
             noticed = registered_step(tmp_path)
             time.sleep(max(0.0, deadline + 0.2 - time.time()))
+            reclaimed = registered_step(tmp_path)  # the notice's checkpoint, or a scheduled one after it
             cluster.remove_node(spot)  # reclaimed at its deadline
             thread.join(timeout=600)
             result = box["result"]
@@ -106,16 +115,16 @@ def test_a_run_rides_out_a_lost_node_a_new_node_and_a_preemption_at_the_same_glo
             ray.shutdown()
             cluster.shutdown()
     auth.restore()
-    assert result.error is None and result.metrics["step"] == 72
-    assert 16 < noticed < 72 and noticed % 16  # at the step the notice came, not on the schedule
+    assert result.error is None and result.metrics["step"] == MAX_STEPS
+    assert 16 < noticed < MAX_STEPS and noticed % 16  # at the step the notice came, not on the schedule
     runs = list(dict.fromkeys(r["pid"] for r in records()))  # rank 0's processes: one a worker group
     first_step = {pid: next(r for r in records() if r["pid"] == pid) for pid in runs}
     worlds = [first_step[pid]["world"] for pid in runs]
     assert worlds == [2, 1, 2, 1], worlds  # lost node, new node, preemption
-    assert first_step[runs[3]]["step"] == noticed  # resumed from the notice's checkpoint
+    assert noticed <= reclaimed <= first_step[runs[3]]["step"]  # resumed from the newest checkpoint
     steps = counted_steps(tmp_path)
-    assert sorted(steps) == list(range(72))  # no step lost
+    assert sorted(steps) == list(range(MAX_STEPS))  # no step lost
     assert all(sum(len(r["keys"]) for r in records) == 8 for records in steps.values())  # the global batch
-    for epoch in (range(0, 24), range(24, 48), range(48, 72)):  # every image exactly once an epoch, whatever the sizes
+    for epoch in (range(start, start + 24) for start in range(0, MAX_STEPS, 24)):  # each image once an epoch
         keys = Counter(k for s in epoch for r in steps[s] for k in r["keys"])
         assert len(keys) == 192 and set(keys.values()) == {1}, epoch

@@ -1,5 +1,6 @@
 """The job spec: every file in jobs/ validates; bad specs list every problem with its path."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -276,3 +277,18 @@ def test_workers_that_share_a_gpu_talk_over_gloo(tmp_path, scaling, backend):
 def test_a_fraction_of_gpus_above_one_is_named(tmp_path):
     with pytest.raises(JobSpecError, match=r"scaling.gpus_per_worker: 1.5 GPUs; Ray takes a fraction under 1"):
         validate(tiny_job(tmp_path, scaling__use_gpu=True, scaling__gpus_per_worker=1.5))
+
+
+def test_the_controller_gets_the_start_timeout_and_the_preemption_poll_interval_while_the_run_lasts(tmp_path,
+                                                                                                     monkeypatch):  # fmt: skip
+    from orchestrator.driver.launch import CONTROLLER_VARS, controller_settings
+
+    timeout, poll = CONTROLLER_VARS
+    monkeypatch.setenv(timeout, "600")
+    monkeypatch.delenv(poll, raising=False)
+    spec = validate(tiny_job(tmp_path, scaling__start_timeout_s=10, scaling__preemption={"poll_interval_s": 0.5}))
+    with controller_settings(spec):
+        assert (os.environ[timeout], os.environ[poll]) == ("10", "0.5")
+    assert os.environ[timeout] == "600" and poll not in os.environ  # put back as they were
+    with pytest.raises(JobSpecError, match=r"scaling.preemption.poll_interval_s"):
+        validate(tiny_job(tmp_path, scaling__preemption={"poll_interval_s": 0}))
