@@ -279,8 +279,7 @@ def test_a_fraction_of_gpus_above_one_is_named(tmp_path):
         validate(tiny_job(tmp_path, scaling__use_gpu=True, scaling__gpus_per_worker=1.5))
 
 
-def test_the_controller_gets_the_start_timeout_and_the_preemption_poll_interval_while_the_run_lasts(tmp_path,
-                                                                                                     monkeypatch):  # fmt: skip
+def test_the_controller_gets_the_start_timeout_and_the_preemption_poll_interval_while_it_runs(tmp_path, monkeypatch):
     from orchestrator.driver.launch import CONTROLLER_VARS, controller_settings
 
     timeout, poll = CONTROLLER_VARS
