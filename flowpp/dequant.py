@@ -25,8 +25,14 @@ def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
 
 
 class UniformDequantizer(nn.Module):
-    def forward(self, x: torch.Tensor, dtype=torch.float32):
-        u = torch.rand(x.shape, device=x.device, dtype=dtype)
+    @staticmethod
+    def draw(shape, *, device=None, dtype=torch.float32, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The noise ``forward`` takes: u ~ U[0, 1)."""
+        return torch.rand(shape, device=device, dtype=dtype, generator=generator)
+
+    def forward(self, x: torch.Tensor, dtype=torch.float32, noise: torch.Tensor | None = None):
+        """u ~ U[0, 1) (``noise``, or drawn from torch's generator), log q = 0."""
+        u = self.draw(x.shape, device=x.device, dtype=dtype) if noise is None else noise.to(dtype)
         return u, u.new_zeros(x.shape[0])
 
 
@@ -53,9 +59,15 @@ class VariationalDequantizer(nn.Module):
         """u in (0, 1) (B, C, H, W) -> eps."""
         return self.flow.inverse(torch.log(u) - torch.log1p(-u), context)
 
-    def forward(self, x: torch.Tensor, dtype=torch.float32):
-        """Sample u ~ q(u | x); returns (u, log q(u | x))."""
-        eps = torch.randn(x.shape, device=x.device, dtype=dtype)
+    @staticmethod
+    def draw(shape, *, device=None, dtype=torch.float32, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The noise ``forward`` takes: eps ~ N(0, I)."""
+        return torch.randn(shape, device=device, dtype=dtype, generator=generator)
+
+    def forward(self, x: torch.Tensor, dtype=torch.float32, noise: torch.Tensor | None = None):
+        """Sample u ~ q(u | x) from ``noise`` (eps ~ N(0, I); drawn from torch's generator if
+        None); returns (u, log q(u | x))."""
+        eps = self.draw(x.shape, device=x.device, dtype=dtype) if noise is None else noise.to(dtype)
         u, logdet = self.transform(eps, self.context(x, dtype))
         return u, standard_normal_log_prob(eps) - logdet
 

@@ -77,7 +77,7 @@ def build_steps(stages, shape, cfg: FlowConfig, net: NetConfig, context_channels
     return steps, shape
 
 
-def build_dequantizer(cfg: FlowConfig) -> nn.Module:
+def build_dequantizer(cfg: FlowConfig) -> UniformDequantizer | VariationalDequantizer:
     """q(u | x): its context net sees the two stripe halves of x side by side, (B, 2C, H, W/2),
     and conditions every coupling net of the dequantizer's flow steps."""
     dq = cfg.dequant
@@ -96,7 +96,7 @@ class FlowPlusPlus(nn.Module):
         super().__init__()
         self.config = config
         self.num_levels = config.num_levels
-        self.dequantizer = build_dequantizer(config)
+        self.dequantizer: UniformDequantizer | VariationalDequantizer = build_dequantizer(config)
         steps, self.latent_shape = build_steps(config.stages, config.shape, config, config.net)
         self.flow = InvertibleSequential([LogitPreprocess(config.num_levels), *steps])
 
@@ -140,17 +140,20 @@ class FlowPlusPlus(nn.Module):
                 + (f"; reduce 8-bit pixels with x >> {8 - bits} first" if bits < 8 and hi < 256 else "")
             )
 
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+    def log_prob(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """One-sample dequantization lower bound on log P(x), per image (B,), in nats.
 
-        ``x``: integer pixels (B, C, H, W) in [0, 2**num_bits), any integer dtype.
+        ``x``: integer pixels (B, C, H, W) in [0, 2**num_bits), any integer dtype. ``noise``: the
+        dequantizer's noise for ``x`` (``dequantizer.draw``), or None to draw it from torch's
+        generator; a caller that fixes it per image makes the bound independent of how the
+        images are batched.
         """
         self.check_pixels(x)
-        u, log_q = self.dequantizer(x, dtype=self._dtype())
+        u, log_q = self.dequantizer(x, dtype=self._dtype(), noise=noise)
         return self.log_density(x.to(u.dtype) + u) - log_q
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.log_prob(x)
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        return self.log_prob(x, noise)
 
     def bits_per_dim(self, x: torch.Tensor) -> torch.Tensor:
         """-log2 P(x) / D per image, on the 2**num_bits scale."""

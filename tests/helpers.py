@@ -47,3 +47,11 @@ def jacobian_logdet(fn, x: torch.Tensor) -> torch.Tensor:
     sign, logabsdet = torch.linalg.slogdet(jac)
     assert sign != 0, "Jacobian is singular"
     return logabsdet
+
+
+def rendezvous(tmp_path) -> str:
+    """A fresh file store for a gloo process group of spawned ranks: a TCP port picked free and
+    bound later by rank 0 can be taken in between by another test's process (CI: a rank aborted)."""
+    import uuid
+
+    return f"file://{tmp_path}/store-{uuid.uuid4().hex}"

@@ -88,6 +88,7 @@ def _train_rows(spec: JobSpec, new_run: bool) -> list[tuple[str, str]]:
     return [
         ("workers", workers),
         ("batch", f"{spec.train.global_batch_size} global at every world size; " + _batch_sizes(spec)),
+        ("data order", _data_order(spec)),
         ("steps", f"{spec.train.max_steps}"),
         ("checkpoints", _checkpoints(spec)),
         ("evaluation", _evaluation(spec)),
@@ -122,6 +123,18 @@ def _batch_sizes(spec: JobSpec) -> str:
         b = spec.batching(world)
         out.append(f"{world} worker(s): {b.per_worker} each" + (f" as {b.steps} x {b.micro}" if b.steps > 1 else ""))
     return ", ".join(out)
+
+
+def _data_order(spec: JobSpec) -> str:
+    """The training epoch's strands (``orchestrator/data/plan.py``), which every world size shares."""
+    from orchestrator.data.plan import default_strands  # lazy: numpy, for this row alone
+
+    s = spec.scaling
+    strands = default_strands(range(s.min_workers, s.max_workers + 1), spec.train.global_batch_size,
+                              spec.data.num_workers)  # fmt: skip
+    each = spec.train.global_batch_size // strands
+    return (f"the epoch in {strands} strands, {each} image(s) from each a step: the same images at a step "
+            "at every world size")  # fmt: skip
 
 
 def _tune_rows(spec: JobSpec) -> list[tuple[str, str]]:

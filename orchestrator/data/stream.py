@@ -35,7 +35,7 @@ from orchestrator.core import storage
 from orchestrator.core.errors import FlowppError
 from orchestrator.core.redact import printable
 from orchestrator.data.manifest import ManifestError, load_manifest
-from orchestrator.data.plan import Plan
+from orchestrator.data.plan import Plan, default_strands
 
 if TYPE_CHECKING:
     from orchestrator.config import JobSpec
@@ -115,14 +115,16 @@ def decode_image(sample: dict, fmt: str, size: int) -> np.ndarray:
 
 
 class _WorkerReader:
-    """Reads one (rank, worker)'s chunks and yields its batches, from ``skip`` on."""
+    """Reads one (rank, worker)'s strands and yields its part of each step's batch, from step
+    ``skip`` on (nothing when the rank has fewer strands than loader workers)."""
 
     def __init__(self, manifest, plan: Plan, rank, worker, skip, verify, options):
         self.manifest, self.plan, self.rank, self.worker = manifest, plan, rank, worker
         self.skip, self.verify, self.options = skip, verify, options
         self.fmt, self.size = manifest["format"], manifest["image_size"]
         self.stats: Counter[str] = Counter()
-        self._cache: tuple[int, list, bool] | None = None
+        self._cache: dict[int, tuple[list, bool]] = {}  # shard -> parsed: one a strand in reading, and the next
+        self._strands = len(plan.worker_strands(rank, worker))
         self._last_good: np.ndarray | bytes | None = None  # an image, or a raw payload
         self._next: dict[int, int] = {}  # shard -> the shard this reader needs after it
         self._ahead: tuple[int, Future] | None = None
@@ -161,7 +163,7 @@ class _WorkerReader:
         return data
 
     def _shard(self, idx: int):
-        if self._cache is None or self._cache[0] != idx:
+        if idx not in self._cache:
             entry = self.manifest["shards"][idx]
             data = self._fetch_ahead(idx)
             samples, truncated = parse_shard(data, entry["url"])
@@ -181,13 +183,16 @@ class _WorkerReader:
             self.stats["shards_read"] += 1
             if truncated:
                 self.stats["truncated_shards"] += 1
-            self._cache = (idx, samples, truncated)
-        return self._cache
+            if len(self._cache) > self._strands:  # a worker reads its strands side by side
+                del self._cache[next(iter(self._cache))]
+            self._cache[idx] = (samples, truncated)
+        self._cache[idx] = self._cache.pop(idx)  # the most recently used last
+        return self._cache[idx]
 
     def _sample(self, shard_idx: int, offset: int):
         """(key, image or None if unusable, label). Raw images come as their payload bytes,
         decoded a batch at a time by ``_images``."""
-        _, samples, _ = self._shard(shard_idx)
+        samples, _ = self._shard(shard_idx)
         if offset >= len(samples):
             self.stats["truncated_samples"] += 1
             return f"{self.manifest['shards'][shard_idx]['url']}#{offset}", None, -1
@@ -203,8 +208,10 @@ class _WorkerReader:
         return key, img, label
 
     def batches(self):
-        b = self.plan.batch_size
-        order = self.plan.sample_order(self.rank, self.worker)[self.skip * b :]
+        b = self._strands * self.plan.strand_batch
+        if b == 0:
+            return
+        order = self.plan.worker_order(self.rank, self.worker, self.skip)
         shards = list(dict.fromkeys(shard for shard, _ in order))
         self._next = dict(zip(shards, shards[1:], strict=False))
         try:
@@ -250,9 +257,9 @@ class _WorkerReader:
 
 
 class _ShardDataset(IterableDataset):
-    def __init__(self, manifest, plan_dict, rank, skips, verify, options):
+    def __init__(self, manifest, plan_dict, rank, skip, verify, options):
         self.manifest, self.plan_dict, self.rank = manifest, plan_dict, rank
-        self.skips, self.verify, self.options = skips, verify, options
+        self.skip, self.verify, self.options = skip, verify, options
 
     def __iter__(self):
         info = get_worker_info()
@@ -263,7 +270,7 @@ class _ShardDataset(IterableDataset):
             # each, and a copy-on-write fault on every page it touches).
             gc.freeze()
         plan = Plan.from_dict([s["num_samples"] for s in self.manifest["shards"]], self.plan_dict)
-        reader = _WorkerReader(self.manifest, plan, self.rank, worker, self.skips[worker], self.verify, self.options)
+        reader = _WorkerReader(self.manifest, plan, self.rank, worker, self.skip, self.verify, self.options)
         yield from reader.batches()
 
 
@@ -286,6 +293,7 @@ class ShardStream:
         manifest: dict | None = None,
         pin_memory: bool = False,
         allow_external: bool = False,
+        strands: int = 0,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -298,6 +306,9 @@ class ShardStream:
         self.num_workers, self.shuffle_buffer, self.verify = num_workers, shuffle_buffer, verify
         self.pin_memory = pin_memory
         """Batches in page-locked memory, for ``to_device``'s asynchronous copy to a GPU."""
+        self.strands = strands
+        """The epoch's strands (``plan.py``): the same at every world size the job may run at, so
+        that a step holds the same images at each (0: one a loader worker of every rank)."""
         self.counts = [s["num_samples"] for s in self.manifest["shards"]]
         self.plan = self._new_plan(seed, epoch)
         self.consumed = 0
@@ -316,6 +327,7 @@ class ShardStream:
             self.batch_size,
             self.num_workers,
             self.shuffle_buffer,
+            strands=self.strands,
             **kw,
         )
 
@@ -327,14 +339,13 @@ class ShardStream:
         """Batches left in the current epoch."""
         return self.plan.num_batches - self.consumed
 
-    def _loader_batches(self, skips):
+    def _loader_batches(self, skip):
         if self.num_workers == 0:
-            plan = self.plan
-            readers = [_WorkerReader(self.manifest, plan, self.rank, 0, skips[0], self.verify, self.options)]
-            for batch in readers[0].batches():
+            reader = _WorkerReader(self.manifest, self.plan, self.rank, 0, skip, self.verify, self.options)
+            for batch in reader.batches():
                 yield {**batch, "images": batch["images"].pin_memory()} if self.pin_memory else batch
             return
-        ds = _ShardDataset(self.manifest, self.plan.to_dict(), self.rank, skips, self.verify, self.options)
+        ds = _ShardDataset(self.manifest, self.plan.to_dict(), self.rank, skip, self.verify, self.options)
         loader = DataLoader(
             ds,
             batch_size=None,
@@ -352,23 +363,25 @@ class ShardStream:
         yield from loader
 
     def __iter__(self):
-        schedule = self.plan.schedule()
-        skips = self.plan.consumed_per_worker(self.consumed)
+        """A step's batch: each reading worker's part of it, in worker order (its strands')."""
+        workers = [w for w in range(max(1, self.num_workers)) if self.plan.worker_strands(self.rank, w)]
         waiting: dict[tuple[int, int], dict] = {}
         last_stats: dict[int, dict] = {}
-        source = self._loader_batches(skips)
-        while self.consumed < len(schedule):
-            want = schedule[self.consumed]
-            while want not in waiting:
-                batch = next(source)
-                waiting[(batch["worker"], batch["index"])] = batch
-            batch = waiting.pop(want)
-            self._account(batch, last_stats)
+        source = self._loader_batches(self.consumed)
+        while self.consumed < self.plan.num_batches:
+            parts = []
+            for want in ((w, self.consumed) for w in workers):
+                while want not in waiting:
+                    batch = next(source)
+                    waiting[(batch["worker"], batch["index"])] = batch
+                parts.append(waiting.pop(want))
+                self._account(parts[-1], last_stats)
             self.consumed += 1
+            one = len(parts) == 1
             yield {
-                "images": batch["images"],
-                "labels": torch.tensor(batch["labels"], dtype=torch.int64),
-                "keys": batch["keys"],
+                "images": parts[0]["images"] if one else torch.cat([p["images"] for p in parts]),
+                "labels": torch.tensor([label for p in parts for label in p["labels"]], dtype=torch.int64),
+                "keys": [k for p in parts for k in p["keys"]],
             }
         self._next_epoch()
 
@@ -387,7 +400,7 @@ class ShardStream:
     def state_dict(self) -> dict:
         """Identical on every rank (ranks move in lockstep): rank 0's copy is enough."""
         return {
-            "version": 1,
+            "version": 2,
             "plan": self.plan.to_dict(),
             "consumed": self.consumed,
             "stats": dict(self.stats),
@@ -401,9 +414,12 @@ class ShardStream:
                 f"but {self.manifest_url} has {sum(self.counts)}"
             )
         saved = Plan.from_dict(self.counts, state["plan"])
-        layout = (self.world_size, self.batch_size, self.num_workers, self.shuffle_buffer)
-        if (saved.world_size, saved.batch_size, saved.num_workers, saved.shuffle_buffer) == layout:
-            self.plan, self.consumed = saved, state["consumed"]
+        here = (self.plan.strands, self.plan.strand_batch, self.shuffle_buffer)
+        if isinstance(saved, Plan) and (saved.strands, saved.strand_batch, saved.shuffle_buffer) == here:
+            # the same strands and steps on this world size and worker count: the epoch reads on
+            self.plan = saved.relaid(world_size=self.world_size, batch_size=self.batch_size,
+                                     num_workers=self.num_workers)  # fmt: skip
+            self.consumed = state["consumed"]
         else:
             self.plan = saved.replan(
                 state["consumed"],
@@ -411,6 +427,7 @@ class ShardStream:
                 batch_size=self.batch_size,
                 num_workers=self.num_workers,
                 shuffle_buffer=self.shuffle_buffer,
+                strands=self.strands,
             )
             self.consumed = 0
             log.info(
@@ -438,21 +455,27 @@ def for_job(spec: JobSpec, split: Literal["train", "valid"], *, rank: int = 0, w
     ``world``, with the job's storage options, checksum choice and seed.
 
     Defaults by split: the training split at a worker's share of the global batch at ``world``
-    workers, loader workers and shuffle buffer; the validation split at the micro-batch, in order
-    (no shuffle, no loader workers).
+    workers, loader workers and shuffle buffer, in strands that every world size of the job's
+    range shares (a step trains on the same images at each); the validation split at the
+    micro-batch, in order (no shuffle, no loader workers).
     """
     train = split == "train"
+    workers = (spec.data.num_workers if train else 0) if num_workers is None else num_workers
+    # the training split's strands are the same at every world size of the job's range (a batch
+    # other than a worker's share of the global one has the default layout)
+    sizes = range(spec.scaling.min_workers, spec.scaling.max_workers + 1)
     return ShardStream(
         spec.data.train if train else spec.data.valid,
         batch_size=_default_batch(spec, train, world) if batch_size is None else batch_size,
         rank=rank,
         world_size=world,
         seed=spec.train.seed if seed is None else seed,
-        num_workers=(spec.data.num_workers if train else 0) if num_workers is None else num_workers,
+        num_workers=workers,
         shuffle_buffer=(spec.data.shuffle_buffer if train else 1) if shuffle_buffer is None else shuffle_buffer,
         verify=spec.data.verify,
         options=spec.storage.options(),
         manifest=manifest,
         pin_memory=pin_memory,
         allow_external=spec.data.allow_external_shards,
+        strands=default_strands(sizes, spec.train.global_batch_size, workers) if train and batch_size is None else 0,
     )

@@ -43,7 +43,7 @@ from orchestrator.training import checkpoint
 from orchestrator.training.meter import Meter
 from orchestrator.training.mfu import device_peak_flops
 from orchestrator.training.state import TrainState
-from orchestrator.training.step import StepResult, ddp_options, train_step
+from orchestrator.training.step import StepResult, ddp_options, step_noise, train_step
 from orchestrator.training.trace import Trace
 from orchestrator.training.tracker import Tracker
 from orchestrator.training.validation import REQUESTED
@@ -222,6 +222,7 @@ def run(w: Worker, state: TrainState) -> None:
     """Train to ``train.max_steps``, logging, evaluating and checkpointing on schedule."""
     train = w.spec.train
     meter = Meter(state.step, w.world, w.device, usage_of(w, state.model), accum=w.batching.steps)
+    noise = torch.Generator(device=w.device)  # the dequantization noise's, seeded afresh each step
     while state.step < train.max_steps:
         batches = iter(state.train_stream)
         while state.step < train.max_steps:
@@ -231,8 +232,10 @@ def run(w: Worker, state: TrainState) -> None:
                 break  # the epoch is over: the stream goes on with the next one
             x = to_device(batch["images"], w.device, state.model.config.num_bits)
             meter.data_wait += time.perf_counter() - waited
+            eps = step_noise(state.model, x, seed=train.seed, step=state.step, rank=w.rank, world=w.world,
+                             generator=noise)  # fmt: skip
             out = train_step(state.ddp_model, state.opt, x, lr=lr_at(state.step, train), grad_clip=train.grad_clip,
-                             micro=w.batching.micro if w.batching.steps > 1 else 0)  # fmt: skip
+                             micro=w.batching.micro if w.batching.steps > 1 else 0, noise=eps)  # fmt: skip
             w.trace.write(step=state.step, keys=batch["keys"], skipped=out.skipped, world=w.world)
             _account(w, state, out, meter, x.shape[0])
             state.step += 1

@@ -21,7 +21,7 @@ import pytest
 
 from orchestrator.config import validate
 from orchestrator.config.spec import TrainSpec
-from orchestrator.data.stream import ShardStream
+from orchestrator.data.stream import for_job as stream_for_job
 from tests.jobs import tiny_job, write_job
 from tests.rayauth import token_auth
 from tests.rayfixtures import local_ray as start_local_ray
@@ -63,15 +63,7 @@ def trace(tmp_path: Path, rank: int) -> list[dict]:
 
 def expected_keys(spec, rank: int, steps: int) -> list[list[str]]:
     """The batches an uninterrupted run would train on, epoch after epoch."""
-    s = ShardStream(
-        spec.data.train,
-        batch_size=spec.per_worker_batch,
-        rank=rank,
-        world_size=2,
-        seed=spec.train.seed,
-        num_workers=spec.data.num_workers,
-        shuffle_buffer=spec.data.shuffle_buffer,
-    )
+    s = stream_for_job(spec, "train", rank=rank, world=2)
     out = []
     while len(out) < steps:
         out.extend(b["keys"] for b in s)

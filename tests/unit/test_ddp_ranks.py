@@ -6,7 +6,6 @@ compiles no extra graph on the ranks that did not run the init."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -23,17 +22,11 @@ from flowpp.distributed import data_dependent_init
 from flowpp.ema import EMA
 from orchestrator.training import checkpoint
 from orchestrator.training.state import TrainState
-from orchestrator.training.step import ddp_options, train_step
-from tests.helpers import random_images, tiny_config
+from orchestrator.training.step import ddp_options, step_noise, train_step
+from tests.helpers import random_images, rendezvous, tiny_config
 
 pytestmark = pytest.mark.unit
 STEPS = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Position:
@@ -63,8 +56,8 @@ def _train(state: TrainState, rank: int) -> None:
         state.step += 1
 
 
-def _steps_and_resume(rank: int, world: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _steps_and_resume(rank: int, world: int, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     try:
         torch.manual_seed(rank)
         model = FlowPlusPlus(tiny_config(image_size=8))
@@ -87,7 +80,7 @@ def _steps_and_resume(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_parameters_buffers_and_ema_stay_equal_across_steps_and_a_resume(tmp_path):
-    mp.spawn(_steps_and_resume, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_steps_and_resume, args=(2, rendezvous(tmp_path), str(tmp_path)), nprocs=2, join=True)
     load = lambda name: torch.load(tmp_path / name, weights_only=True)  # noqa: E731
     for stage in ("before", "after"):
         r0, r1 = load(f"{stage}-rank0.pt"), load(f"{stage}-rank1.pt")
@@ -100,10 +93,10 @@ def test_parameters_buffers_and_ema_stay_equal_across_steps_and_a_resume(tmp_pat
     assert all(bool(v) for k, v in after.items() if k.endswith("initialized"))
 
 
-def _accumulated_steps(rank: int, world: int, port: int, out: str) -> None:
+def _accumulated_steps(rank: int, world: int, store: str, out: str) -> None:
     """Steps of 6 images a rank, whole and as micro-batches of 2: DDP's all-reduce hook runs as often
     either way (on the last micro-batch only), and the ranks end equal."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     try:
         calls = {}
         for micro in (0, 2):
@@ -131,7 +124,7 @@ def _accumulated_steps(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_accumulated_micro_batches_all_reduce_once_a_step_and_ranks_stay_equal(tmp_path):
-    mp.spawn(_accumulated_steps, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_accumulated_steps, args=(2, rendezvous(tmp_path), str(tmp_path)), nprocs=2, join=True)
     load = lambda name: torch.load(tmp_path / name, weights_only=True)  # noqa: E731
     calls = load("calls-rank0.pt")
     assert calls[0] > 0 and calls[2] == calls[0], calls  # 3 micro-batches a step, one all-reduce round
@@ -144,10 +137,10 @@ def test_accumulated_micro_batches_all_reduce_once_a_step_and_ranks_stay_equal(t
             torch.testing.assert_close(parts[k], whole[k], rtol=0, atol=1e-4, msg=k)
 
 
-def _compiled_steps(rank: int, world: int, port: int, out: str) -> None:
+def _compiled_steps(rank: int, world: int, store: str, out: str) -> None:
     from torch._dynamo.utils import counters
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     try:
         torch.manual_seed(rank)
         model = FlowPlusPlus(tiny_config(image_size=8))
@@ -167,7 +160,49 @@ def _compiled_steps(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_a_compiled_model_traces_alike_on_every_rank(tmp_path):
-    mp.spawn(_compiled_steps, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_compiled_steps, args=(2, rendezvous(tmp_path), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"compiled-rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["graph_break"] == 0 and r1["graph_break"] == 0, (r0, r1)
     assert r0["graphs"] > 0 and r1["graphs"] == r0["graphs"], (r0, r1)  # no recompile on rank 1
+
+
+def _global_batch_steps(rank: int, world: int, store: str, out: str) -> None:
+    """STEPS steps of the same global batches of 8 images: each rank its place's share, the
+    dequantization noise from ``step_noise`` (and, for the control, from each rank's own generator)."""
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
+    try:
+        for fixed in (True, False):
+            torch.manual_seed(0)
+            model = FlowPlusPlus(tiny_config(image_size=8))
+            data_dependent_init(model, random_images(4, 8) if rank == 0 else None)
+            ddp = DistributedDataParallel(model, **ddp_options())
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            generator, share = torch.Generator(), 8 // world
+            torch.manual_seed(100 + rank)
+            for step in range(STEPS):
+                x = random_images(8, 8, seed=step)[rank * share : (rank + 1) * share]
+                eps = step_noise(model, x, seed=5, step=step, rank=rank, world=world, generator=generator)
+                out_ = train_step(ddp, opt, x, lr=1e-3, grad_clip=1.0, micro=4, noise=eps if fixed else None)
+                assert not out_.skipped
+            if rank == 0:
+                torch.save(model.state_dict(), f"{out}/world{world}-{'fixed' if fixed else 'own'}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_train_as_one_rank_does_on_the_same_global_batches_with_the_step_noise(tmp_path):
+    """What a resume on another world size rests on: the same images at a step (the data plan's
+    strands) and the same noise for each (``step_noise``) give the same weights on 2 ranks as on 1
+    rank that accumulates 2 micro-batches, within the order of float sums; noise drawn by each rank
+    from its own generator does not."""
+    for world in (2, 1):
+        mp.spawn(_global_batch_steps, args=(world, rendezvous(tmp_path), str(tmp_path)), nprocs=world, join=True)
+    load = lambda name: torch.load(tmp_path / name, weights_only=True)  # noqa: E731
+    two, one = load("world2-fixed.pt"), load("world1-fixed.pt")
+    for k in two:
+        if two[k].is_floating_point():
+            torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5, msg=k)
+    own2, own1 = load("world2-own.pt"), load("world1-own.pt")
+    gap = max((own2[k] - own1[k]).abs().max().item() for k in own2 if own2[k].is_floating_point())
+    assert gap > 1e-4, gap  # the control: without the step's noise the sizes part

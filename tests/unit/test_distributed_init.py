@@ -2,8 +2,6 @@
 seed, only rank 0 reading a batch, must end with identical parameters (rank 0's). And
 ``all_sum`` over the same group, from a list or from a tensor left where it is."""
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -12,19 +10,13 @@ import torch.multiprocessing as mp
 from flowpp import FlowPlusPlus
 from flowpp.distributed import data_dependent_init
 from orchestrator.training.step import all_sum
-from tests.helpers import random_images, tiny_config
+from tests.helpers import random_images, rendezvous, tiny_config
 
 pytestmark = pytest.mark.unit
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _worker(rank, world, store, out_dir):
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     try:
         torch.manual_seed(100 + rank)  # different random init per rank
         model = FlowPlusPlus(tiny_config(image_size=8))
@@ -39,7 +31,7 @@ def _worker(rank, world, port, out_dir):
 
 @pytest.mark.slow
 def test_two_gloo_ranks_end_identical(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, rendezvous(tmp_path), str(tmp_path)), nprocs=2, join=True)
     s0 = torch.load(tmp_path / "rank0.pt")
     s1 = torch.load(tmp_path / "rank1.pt")
     assert s0.keys() == s1.keys()
