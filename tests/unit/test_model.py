@@ -111,3 +111,22 @@ def test_log_prob_is_the_elbo_of_its_parts():
 def test_smooth_images_fixture_is_structured():
     x = smooth_images(4, 16)
     assert x.shape == (4, 3, 16, 16) and x.min() >= 0 and x.max() <= 255
+
+
+@pytest.mark.parametrize("kind", ["variational", "uniform"])
+def test_given_noise_fixes_each_images_bound_whatever_the_batch_it_is_in(kind):
+    """What a resize rests on: an image's bound depends on its own noise alone, so the same noise
+    gives the same figure in a batch of 8 or in its half; each dequantizer draws the noise it takes."""
+    cfg = tiny_config(image_size=8)
+    cfg = cfg.replace(dequant=cfg.dequant.__class__(**{**cfg.dequant.__dict__, "kind": kind}))
+    model = initialized_model(cfg).eval()
+    x = random_images(8, 8, seed=1)
+    draw = lambda seed: model.dequantizer.draw(
+        x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
+    )  # noqa: E731
+    noise = draw(7)
+    assert (noise.min() < 0) == (kind == "variational") and torch.equal(draw(7), noise)
+    with torch.no_grad():
+        whole = model.log_prob(x, noise)
+        torch.testing.assert_close(model.log_prob(x[4:], noise[4:]), whole[4:], rtol=1e-9, atol=1e-9)
+        assert not torch.allclose(model.log_prob(x, draw(8)), whole)  # other noise, other bound
