@@ -127,11 +127,9 @@ def _batch_sizes(spec: JobSpec) -> str:
 
 def _data_order(spec: JobSpec) -> str:
     """The training epoch's strands (``orchestrator/data/plan.py``), which every world size shares."""
-    from orchestrator.data.plan import default_strands  # lazy: numpy, for this row alone
+    from orchestrator.data.plan import job_strands  # lazy: numpy, for this row alone
 
-    s = spec.scaling
-    strands = default_strands(range(s.min_workers, s.max_workers + 1), spec.train.global_batch_size,
-                              spec.data.num_workers)  # fmt: skip
+    strands = job_strands(spec)
     each = spec.train.global_batch_size // strands
     return (f"the epoch in {strands} strands, {each} image(s) from each a step: the same images at a step "
             "at every world size")  # fmt: skip

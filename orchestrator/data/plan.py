@@ -29,8 +29,12 @@ import bisect
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from orchestrator.config import JobSpec
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,13 @@ def default_strands(world_sizes: Iterable[int], global_batch: int, num_workers: 
         for k in range(1, global_batch // base + 1)
         if global_batch % (k * base) == 0 and k * base <= max(most, base)
     )
+
+
+def job_strands(spec: JobSpec) -> int:
+    """A job's training strands: every world size of its range shares them."""
+    s = spec.scaling
+    return default_strands(range(s.min_workers, s.max_workers + 1), spec.train.global_batch_size,
+                           spec.data.num_workers)  # fmt: skip
 
 
 @dataclass

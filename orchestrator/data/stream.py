@@ -35,7 +35,7 @@ from orchestrator.core import storage
 from orchestrator.core.errors import FlowppError
 from orchestrator.core.redact import printable
 from orchestrator.data.manifest import ManifestError, load_manifest
-from orchestrator.data.plan import Plan, default_strands
+from orchestrator.data.plan import Plan, job_strands
 
 if TYPE_CHECKING:
     from orchestrator.config import JobSpec
@@ -463,7 +463,7 @@ def for_job(spec: JobSpec, split: Literal["train", "valid"], *, rank: int = 0, w
     workers = (spec.data.num_workers if train else 0) if num_workers is None else num_workers
     # the training split's strands are the same at every world size of the job's range (a batch
     # other than a worker's share of the global one has the default layout)
-    sizes = range(spec.scaling.min_workers, spec.scaling.max_workers + 1)
+    strands = job_strands(spec) if train and batch_size is None else 0
     return ShardStream(
         spec.data.train if train else spec.data.valid,
         batch_size=_default_batch(spec, train, world) if batch_size is None else batch_size,
@@ -477,5 +477,5 @@ def for_job(spec: JobSpec, split: Literal["train", "valid"], *, rank: int = 0, w
         manifest=manifest,
         pin_memory=pin_memory,
         allow_external=spec.data.allow_external_shards,
-        strands=default_strands(sizes, spec.train.global_batch_size, workers) if train and batch_size is None else 0,
+        strands=strands,
     )
