@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import apply_overrides
+from tests.mlflowstore import fresh_sqlite
 
 SHRINK_DEMO = {
     "model.image_size": 16,
@@ -62,7 +63,10 @@ def tiny_job(tmp_path: Path, **overrides: Any) -> dict:
         "storage": {"path": str(tmp_path / "runs")},
         "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "t", "registered_model": "t"},
     }
-    return apply_overrides(tree, _dotted(overrides))
+    tree = apply_overrides(tree, _dotted(overrides))
+    if tree["mlflow"]["tracking_uri"] == f"sqlite:///{tmp_path}/mlflow.db":
+        fresh_sqlite(tmp_path / "mlflow.db")  # migrated already: whichever process opens it first
+    return tree
 
 
 def write_job(tree: dict, path: Path) -> Path:

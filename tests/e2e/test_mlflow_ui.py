@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
 from orchestrator import tracking
 from tests.browser import render, text_has
@@ -71,30 +72,50 @@ def shots(tmp_path) -> Path:
 
 def test_the_run_page_shows_metric_charts_sample_grids_by_step_and_system_metrics(mlflow_server, tmp_path,  # noqa: F811
                                                                                   shots):  # fmt: skip
-    if shutil.which("chromium") is None:
-        pytest.skip("chromium not installed: apt-get install chromium")
+    """Also what the short run logs, checked before the browser (and where Chromium is missing):
+    its grids by step, its system metrics and its resolved spec (a ``--set`` override, a
+    ``${VAR}`` expanded, the password in the tracking URI masked)."""
     experiment = "ui-" + uuid.uuid4().hex[:8]
+    password = "pw-" + uuid.uuid4().hex
     tree = tiny_job(
         tmp_path,
         scaling__num_workers=1,
-        train__max_steps=20,
+        train__max_steps=30,
         train__log_every=5,
         train__checkpoint_every=20,
         train__eval_every=10,
         train__sample_grid=16,
-        mlflow__tracking_uri=mlflow_server.uri,
-        mlflow__experiment=experiment,
         mlflow__registered_model=experiment,
         mlflow__system_metrics_interval_s=1,
     )
-    out = run_train(write_job(tree, tmp_path / "job.yaml"), tmp_path)
+    tree["mlflow"]["experiment"] = "${FLOWPP_TEST_EXPERIMENT}"
+    tree["mlflow"]["tracking_uri"] = mlflow_server.uri.replace("http://", f"http://flowpp:{password}@")
+    path = write_job(tree, tmp_path / "job.yaml")
+    out = run_train(path, tmp_path, "--set", "train.max_steps=20", env={"FLOWPP_TEST_EXPERIMENT": experiment})
     assert out.returncode == 0, out.stderr[-3000:]
     client = tracking.client_for(mlflow_server.uri)
-    exp_id = client.get_experiment_by_name(experiment).experiment_id
+    exp = client.get_experiment_by_name(experiment)
+    assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
     run_id = tracking.find_run(mlflow_server.uri, experiment, tree["name"])
-    link = tracking.run_page(mlflow_server.uri, exp_id, run_id)
-    assert f"MLflow run page: {link}" in out.stderr  # the job prints the link it opens
-    assert image_steps(client, run_id, "samples") == [0, 10, 20]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    link = tracking.run_page(mlflow_server.uri, exp.experiment_id, run_id)
+    assert f"MLflow run page: {link}" in out.stderr  # the job prints the link it opens, without the password
+    assert password not in out.stdout + out.stderr
+    assert image_steps(client, run_id, "samples") == [0, 10, 20]  # the untrained model, then every evaluation
+    assert not client.list_artifacts(run_id, "samples")  # no second copy as a plain artifact
+    system = {k for k in run.data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system
+    (tmp_path / "dl").mkdir()
+    text = Path(client.download_artifacts(run_id, "job.yaml", str(tmp_path / "dl"))).read_text()
+    spec = yaml.safe_load(text)
+    assert spec["train"]["max_steps"] == 20  # the --set override, not the file's 30
+    assert spec["mlflow"]["experiment"] == experiment  # ${FLOWPP_TEST_EXPERIMENT}, expanded
+    assert spec["mlflow"]["tracking_uri"] == mlflow_server.uri.replace("http://", "http://***@")
+    assert password not in text
+
+    if shutil.which("chromium") is None:
+        pytest.skip("chromium not installed: apt-get install chromium (the run's checks above passed)")
     base, query = link.split("?")
     profile = tmp_path / "chromium"
 

@@ -1,24 +1,21 @@
 """MLflow through the project: a Flow++ model logged and loaded (safetensors + code, never a
-pickle), runs and experiments, sample grids as images by step, system metrics, and what a
-short real training run leaves in its run."""
+pickle), runs and experiments, sample grids as images by step, system metrics. What a short real
+training run leaves in its run is checked by the e2e test of the MLflow UI, on that run."""
 
 import pickle
 import time
-import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from flowpp import FlowPlusPlus
 from orchestrator import tracking
 from orchestrator.config import MlflowSpec
 from tests.helpers import initialized_model, random_images, tiny_config
 from tests.integration.test_mlflow_faults import Server
-from tests.jobs import tiny_job, write_job
-from tests.mlflowfixtures import image_steps, run_train
+from tests.mlflowfixtures import image_steps
+from tests.mlflowstore import fresh_sqlite
 from tests.s3fixtures import free_port
 
 pytestmark = pytest.mark.integration
@@ -26,7 +23,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def store(tmp_path):
-    return f"sqlite:///{tmp_path}/mlflow.db"
+    return fresh_sqlite(tmp_path / "mlflow.db")
 
 
 def _no_pickle(monkeypatch):
@@ -205,45 +202,3 @@ def test_system_metrics_never_hold_up_a_run_whose_server_is_down(monkeypatch):
     logger.stop_system_metrics()
     assert time.perf_counter() - started < 1.0
     assert logger.flush() >= 2  # bounded: what could not be sent is counted, nothing raised
-
-
-# -- a short real run ---------------------------------------------------------------------
-@pytest.mark.slow
-def test_a_short_run_logs_its_grids_by_step_system_metrics_and_its_resolved_spec(mlflow_server, tmp_path):  # noqa: F811
-    experiment = "short-" + uuid.uuid4().hex[:8]
-    password = "pw-" + uuid.uuid4().hex
-    tree = tiny_job(
-        tmp_path,
-        scaling__num_workers=1,
-        train__max_steps=30,
-        train__log_every=5,
-        train__checkpoint_every=20,
-        train__eval_every=10,
-        train__sample_grid=4,
-        mlflow__registered_model=experiment,
-        mlflow__system_metrics_interval_s=1,
-    )
-    tree["mlflow"]["experiment"] = "${FLOWPP_TEST_EXPERIMENT}"
-    tree["mlflow"]["tracking_uri"] = mlflow_server.uri.replace("http://", f"http://flowpp:{password}@")
-    path = write_job(tree, tmp_path / "job.yaml")
-    env = {"FLOWPP_TEST_EXPERIMENT": experiment}
-    out = run_train(path, tmp_path, "--set", "train.max_steps=20", env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-
-    client = tracking.client_for(mlflow_server.uri)
-    exp = client.get_experiment_by_name(experiment)
-    assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
-    run_id = tracking.find_run(mlflow_server.uri, experiment, tree["name"])
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED"
-    assert image_steps(client, run_id, "samples") == [0, 10, 20]  # the untrained model, then every evaluation
-    assert not client.list_artifacts(run_id, "samples")  # no second copy as a plain artifact
-    system = {k for k in run.data.metrics if k.startswith("system/")}
-    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system
-    (tmp_path / "dl").mkdir()
-    text = Path(client.download_artifacts(run_id, "job.yaml", str(tmp_path / "dl"))).read_text()
-    spec = yaml.safe_load(text)
-    assert spec["train"]["max_steps"] == 20  # the --set override, not the file's 30
-    assert spec["mlflow"]["experiment"] == experiment  # ${FLOWPP_TEST_EXPERIMENT}, expanded
-    assert spec["mlflow"]["tracking_uri"] == mlflow_server.uri.replace("http://", "http://***@")
-    assert password not in text
