@@ -9,6 +9,11 @@ the ``services`` lane takes everything else, so a new test file lands there. Eac
 pytest session with its own fixtures (its own S3 endpoint and MLflow server, its own loopback
 watch), so nothing is shared between them but the machine.
 
+Each lane's processes (pytest and what it starts) run torch on one thread (``OMP_NUM_THREADS=1``,
+unless set): two lanes of two threads each on 2 cores spin against each other, and a test that
+trains or evaluates in the pytest process (the promotion models, above all) then took 2 to 6 times
+as long.
+
 The ``services`` lane writes to the terminal as it goes; the ``stack`` lane's output is kept and
 printed when both are done. Then the 10 slowest tests of the two (setup, call and teardown together,
 from each lane's JUnit XML), so that drift shows in every CI log.
@@ -33,6 +38,7 @@ from pathlib import Path
 STACK = (
     "tests/e2e",
     "tests/integration/test_tune.py",
+    "tests/integration/test_secret_leak.py",
     "tests/integration/test_registration_resume.py",
     "tests/integration/test_multinode.py",
     "tests/integration/test_elastic.py",
@@ -85,7 +91,10 @@ def main(argv: list[str]) -> int:
         args, xml = lane_args(name, argv, work / f"{name}.xml")
         log = None if i == 0 else work / f"{name}.log"
         out = None if log is None else open(log, "wb")  # noqa: SIM115  (closed after the wait)
-        env = dict(os.environ)
+        # one torch thread a lane process, as in the unit phase: the two lanes' thread pools of two would
+        # spin against each other on 2 cores (Ray Train workers and validation tasks set theirs from
+        # their CPUs whatever this says)
+        env = {"OMP_NUM_THREADS": "1", **os.environ}
         if "COVERAGE_FILE" in env:
             env["COVERAGE_FILE"] = f"{env['COVERAGE_FILE']}.{name}"
         proc = subprocess.Popen([*base, *paths, *args], cwd=root, stdout=out, stderr=subprocess.STDOUT if out else None,

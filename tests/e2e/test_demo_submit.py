@@ -31,19 +31,29 @@ def _env_file(path: Path) -> dict[str, str]:
     return env
 
 
-def bucket_keys(env: dict, prefix: str) -> list[str]:
-    """Keys under ``prefix`` in the stack's bucket ``e2e``."""
+def bucket(env: dict):
+    """An S3 client of the stack's endpoint, with its credentials."""
     import boto3
 
-    s3 = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=env["FLOWPP_S3_ENDPOINT"],
         region_name="us-east-1",
         aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
     )
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket="e2e", Prefix=prefix)
+
+
+def bucket_keys(env: dict, prefix: str) -> list[str]:
+    """Keys under ``prefix`` in the stack's bucket ``e2e``."""
+    pages = bucket(env).get_paginator("list_objects_v2").paginate(Bucket="e2e", Prefix=prefix)
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def bucket_json_lines(env: dict, key: str) -> list[dict]:
+    """The JSON lines of object ``key`` in the stack's bucket."""
+    body = bucket(env).get_object(Bucket="e2e", Key=key)["Body"].read().decode()
+    return [json.loads(line) for line in body.splitlines() if line.strip()]
 
 
 DEMO_SETS = dict(
@@ -299,15 +309,20 @@ def test_a_second_submission_of_a_running_job_is_refused(local_stack):
 
 
 def test_ray_job_submit_runs_a_tune_search_and_registers_its_best(local_stack):
+    """A search of four trials, two at a time, whose two of learning rate 1e-6 lag: ASHA stops
+    laggards, each trial is a child run with its own params and curve, the printed table agrees with
+    Tune's results, and the best trial by what Tune saw is registered."""
     state, env = local_stack
     sets = shrunk_demo(
         name="e2e-tune",
-        train__max_steps=20,
+        train__max_steps=30,
         train__eval_every=10,
-        train__eval_batches=1,
-        tune__space={"model.num_components": {"grid": [2, 4]}},
-        tune__scheduler__max_t=20,
+        train__eval_batches=2,
+        train__ema_decay=0.9,
+        tune__space={"model.num_components": {"grid": [2, 4]}, "train.lr": {"grid": [3e-3, 1e-6]}},
+        tune__scheduler__max_t=30,
         tune__scheduler__grace_period=10,
+        tune__scheduler__reduction_factor=2,
         mlflow__registered_model="flowpp-e2e-tune",
     )
     entrypoint = ["python", "-m", "orchestrator", "tune", "jobs/tune-mixtures.yaml", *sets]
@@ -315,13 +330,50 @@ def test_ray_job_submit_runs_a_tune_search_and_registers_its_best(local_stack):
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
-    assert "search e2e-tune: 2 trials" in log and "registered flowpp-e2e-tune version 1" in log
+    assert "search e2e-tune: 4 trials" in log and "registered flowpp-e2e-tune version 1" in log, log[-4000:]
+    assert "| trial | components | lr | best val bits/dim | steps | wall time (s) | status |" in log
 
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    version = client.get_model_version("flowpp-e2e-tune", "1")
-    assert version.tags["flowpp.trial"] and version.tags["flowpp.search"]
+    exp = client.get_experiment_by_name("flowpp-tune").experiment_id
+    (parent,) = client.search_runs([exp], "tags.`flowpp.job` = 'e2e-tune'")
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 4
+    status = {c.data.tags["flowpp.trial"]: c.data.tags["flowpp.trial_status"] for c in children}
+    assert "stopped early" in status.values() and "complete" in status.values(), status
+    assert "error" not in status.values()
+    curves = {c.data.tags["flowpp.trial"]: client.get_metric_history(c.info.run_id, "val_bpd") for c in children}
+    for c in children:  # each trial is a child run with its own params and metric curve
+        assert c.data.params["model.num_components"] in ("2", "4")
+        assert c.data.params["train.lr"] in ("0.003", "1e-06")  # the trial's point of the space
+        assert c.data.tags["spec.model.num_components"] == c.data.params["model.num_components"]
+        if status[c.data.tags["flowpp.trial"]] == "complete":
+            assert curves[c.data.tags["flowpp.trial"]][-1].step == 30
+    # the printed table agrees: stopped trials end before max_t in Tune's own results
+    rows = [line.split(" | ") for line in log.splitlines() if line.startswith("| ") and "_0000" in line]
+    assert len(rows) == 4, log[-4000:]
+    assert all((int(r[4]) < 30) == (r[6].rstrip(" |") == "stopped early") for r in rows), rows
+
     # the search and its trials live in the job's storage path, in the bucket
     keys = bucket_keys(env, "runs/e2e-tune/")
     assert any(k.startswith("runs/e2e-tune/trials/") and k.endswith("state.pt") for k in keys), keys[:20]
+    assert any(k.startswith("runs/e2e-tune/experiment_state") and k.endswith(".json") for k in keys), keys[:20]
+    result_files = [k for k in keys if re.fullmatch(r"runs/e2e-tune/run_trial_[^/]+/result\.json", k)]
+    results = [bucket_json_lines(env, k) for k in result_files]
+    assert len(results) == 4, keys[:40]
+    # trials overlapped in time: the search ran two at once, without deadlock. A trial's span, from
+    # Tune's own results: its start (the first result's timestamp less the trial's running time then,
+    # so worker start-up counts) to its last result. Training alone is a few seconds of a trial, so
+    # spans of metric timestamps can miss trials that ran together
+    spans = sorted((r[0]["timestamp"] - r[0]["time_total_s"], r[-1]["timestamp"]) for r in results)
+    assert any(b_start < a_end for (_, a_end), (b_start, _) in zip(spans, spans[1:], strict=False)), spans
+    # the best trial by what Tune saw (a stopped trial may log a step or two more to MLflow before the
+    # stop reaches it): its last reported validation bits/dim
+    seen = {r[-1]["trial_id"]: r[-1]["val_bpd"] for r in results}
+    best = min(seen, key=seen.get)
+    assert parent.data.tags["flowpp.best_trial"] == best
+    version = client.get_model_version("flowpp-e2e-tune", "1")
+    assert parent.data.tags["flowpp.registered_version"] == "1"
+    assert version.tags["flowpp.trial"] == best and version.tags["flowpp.search"] == parent.info.run_id
+    assert abs(float(version.tags["val_bpd"]) - seen[best]) < 1e-6
