@@ -3,8 +3,8 @@ that only takes the CPU they leave idle.
 
 One test at a time, that phase keeps the 2 cores 63% busy: Ray and the services start, workers
 import torch, subprocesses wait on each other. A second process fills the gaps. The ``stack`` lane
-takes the e2e tier (the local stack and its Ray head, which it starts once), the Tune searches, the
-two-node and elastic clusters and the registration resume; the ``services`` lane takes everything
+takes the e2e tier (the local stack and its Ray head, which it starts once), the Tune search, the
+elastic cluster and the registration resume; the ``services`` lane takes everything
 else but the ``cpu`` lane's, so a new test file lands there. Each lane is its own
 pytest session with its own fixtures (its own S3 endpoint and MLflow server, its own loopback
 watch), so nothing is shared between them but the machine.
@@ -45,7 +45,6 @@ STACK = (
     "tests/e2e",
     "tests/integration/test_tune.py",
     "tests/integration/test_registration_resume.py",
-    "tests/integration/test_multinode.py",
     "tests/integration/test_elastic.py",
 )
 """The ``stack`` lane's paths; the ``services`` lane runs the rest of ``tests`` but ``CPU``'s."""
