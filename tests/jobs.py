@@ -33,6 +33,7 @@ def _dotted(overrides: dict[str, Any]) -> dict[str, Any]:
 
 def tiny_job(tmp_path: Path, **overrides: Any) -> dict:
     data = f"file://{tmp_path}/data"
+    store = f"sqlite:///{tmp_path}/mlflow.db"
     tree = {
         "name": "t-" + tmp_path.name[-12:].replace("_", "-").strip("-") or "t",
         "model": {"preset": "debug"},
@@ -61,10 +62,10 @@ def tiny_job(tmp_path: Path, **overrides: Any) -> dict:
         },
         "scaling": {"num_workers": 2, "cpus_per_worker": 1, "max_failures": 2},
         "storage": {"path": str(tmp_path / "runs")},
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "t", "registered_model": "t"},
+        "mlflow": {"tracking_uri": store, "experiment": "t", "registered_model": "t"},
     }
     tree = apply_overrides(tree, _dotted(overrides))
-    if tree["mlflow"]["tracking_uri"] == f"sqlite:///{tmp_path}/mlflow.db":
+    if tree["mlflow"]["tracking_uri"] == store:
         fresh_sqlite(tmp_path / "mlflow.db")  # migrated already: whichever process opens it first
     return tree
 

@@ -17,8 +17,8 @@ those of a niced process, long by design.
 
 Each lane's processes (pytest and what it starts) run torch on one thread (``OMP_NUM_THREADS=1``,
 unless set): two lanes of two threads each on 2 cores spin against each other, and a test that
-trains or evaluates in the pytest process (the promotion models, above all) then took 2 to 6 times
-as long.
+trains or evaluates in the pytest process then takes far longer (the promotion models' fixture beside
+a torch process: 68 s on two threads, 23 s on one).
 
 The ``services`` lane writes to the terminal as it goes; the others' output is kept and printed when
 all are done. Then the 10 slowest tests of the two lanes that are not niced (setup, call and teardown

@@ -9,6 +9,8 @@ own migrations give it.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import shutil
 import sqlite3
 import tempfile
@@ -22,7 +24,9 @@ def _made_once() -> Path:
     if _template is None:
         import mlflow
 
-        path = Path(tempfile.mkdtemp(prefix="mlflow-template-")) / "mlflow.db"
+        folder = Path(tempfile.mkdtemp(prefix="mlflow-template-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        path = folder / "mlflow.db"
         mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()  # creates and migrates it
         _template = path
     return _template
@@ -38,7 +42,7 @@ def fresh_sqlite(path: Path) -> str:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(_made_once(), path)
-        with sqlite3.connect(path) as db:
+        with contextlib.closing(sqlite3.connect(path)) as db, db:  # committed, then closed
             db.execute(
                 "UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
                 (str((path.parent / "mlruns" / "0").resolve()),),

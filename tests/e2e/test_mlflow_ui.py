@@ -85,11 +85,11 @@ def test_the_run_page_shows_metric_charts_sample_grids_by_step_and_system_metric
         train__checkpoint_every=20,
         train__eval_every=10,
         train__sample_grid=16,
+        mlflow__tracking_uri=mlflow_server.uri.replace("http://", f"http://flowpp:{password}@"),
         mlflow__registered_model=experiment,
         mlflow__system_metrics_interval_s=1,
     )
     tree["mlflow"]["experiment"] = "${FLOWPP_TEST_EXPERIMENT}"
-    tree["mlflow"]["tracking_uri"] = mlflow_server.uri.replace("http://", f"http://flowpp:{password}@")
     path = write_job(tree, tmp_path / "job.yaml")
     out = run_train(path, tmp_path, "--set", "train.max_steps=20", env={"FLOWPP_TEST_EXPERIMENT": experiment})
     assert out.returncode == 0, out.stderr[-3000:]
